@@ -1,0 +1,75 @@
+"""Atomic file writes: a file either holds its complete content or does not exist.
+
+Every artefact the pipeline writes goes through here (write to a temporary name in the same folder,
+fsync-free rename), so an interrupted run never leaves a truncated PNG or JSON that a later run or
+``dvc`` would take for finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8/uint16 image (grey, or RGB in RGB order) as PNG, atomically."""
+    image = np.ascontiguousarray(image)
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = image[..., ::-1]  # OpenCV encodes BGR
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    write_bytes(path, buf.tobytes())
+
+
+def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
+    """Move a fully written temporary folder onto ``final_dir`` (replacing an older one)."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old)
+    else:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_dir, final_dir)

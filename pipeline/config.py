@@ -1,0 +1,182 @@
+"""Typed view of ``datasets.yaml``: where data lives, which sequences exist, split rules, settings.
+
+The YAML file is the single place users edit; this module turns it into frozen dataclasses and
+rejects unknown keys or wrong types with an :class:`InputError` that names the file, so a typo
+never silently falls back to a default. Relative paths are resolved against the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import InputError
+
+DEFAULT_CONFIG = Path("datasets.yaml")
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """One DSEC sequence and the frame range its test labels cover (inclusive)."""
+
+    labelled: tuple[int, int] = (0, -1)
+
+
+@dataclass(frozen=True)
+class DsecConfig:
+    root: Path = Path("data/sample/DSEC_Night")
+    out: Path = Path("data/processed/dsec")
+    # Test frames: every `label_every`-th frame from `label_first`, inside the labelled range.
+    label_first: int = 2
+    label_every: int = 18
+    # Train frames: after the labelled range, >= train_min_frame, even numbers only if train_even_only.
+    train_min_frame: int = 2
+    train_even_only: bool = True
+    sequences: dict[str, SequenceSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Representation:
+    """Voxel-grid settings. CMDA trains on 1 bin; DSEC/ESS baselines use 5 or 15."""
+
+    bins: int = 1
+    height: int = 480
+    width: int = 640
+    # Events read from HDF5 per streaming step: bounds peak memory whatever the sequence length.
+    chunk_events: int = 4_000_000
+    # Blosc/zstd level for the voxel chunks (1 = fast; the pipeline should be bound by reading).
+    clevel: int = 1
+
+
+@dataclass(frozen=True)
+class CityscapesConfig:
+    root: Path = Path("data/sample/cityscapes")
+    out: Path = Path("data/processed/cityscapes")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Size of the synthetic tree written by ``cmda sample`` (kept small so CI runs it in seconds)."""
+
+    seed: int = 0
+    frames: int = 60
+    event_rate: float = 400_000.0  # events per second (real DSEC night: ~6.6 M/s)
+    cityscapes_train: int = 12
+    cityscapes_val: int = 4
+
+
+@dataclass(frozen=True)
+class DatasetsConfig:
+    dsec: DsecConfig = field(default_factory=DsecConfig)
+    representation: Representation = field(default_factory=Representation)
+    cityscapes: CityscapesConfig = field(default_factory=CityscapesConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    source: Path = DEFAULT_CONFIG
+
+    # ------------------------------------------------------------------ sequences
+    def sequence(self, name: str) -> str:
+        """Canonical sequence name for ``name``; accepts ``zurich_city_09a`` for ``zurich_city_09_a``."""
+        wanted = _squash(name)
+        for seq in self.dsec.sequences:
+            if _squash(seq) == wanted:
+                return seq
+        known = ", ".join(self.dsec.sequences) or "(none)"
+        raise InputError(self.source, f"sequence {name!r} is not listed under dsec.sequences (known: {known})")
+
+
+def _squash(name: str) -> str:
+    return name.replace("_", "").replace("-", "").lower()
+
+
+def _build(cls: type, data: Any, where: str, source: Path) -> Any:
+    """Recursively build dataclass ``cls`` from YAML data, rejecting unknown keys and bad types."""
+    if not isinstance(data, dict):
+        raise InputError(source, f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(source, f"unknown key(s) under {where}: {', '.join(unknown)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}", source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str, source: Path) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where, source)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise InputError(source, f"{where} must be a mapping")
+        return {str(k): _convert(vt, v if v is not None else {}, f"{where}.{k}", source) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise InputError(source, f"{where} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) != len(value):
+            raise InputError(source, f"{where} must have {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, where, source) for a, v in zip(args, value, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, where, source)
+    if tp is Path:
+        if not isinstance(value, str):
+            raise InputError(source, f"{where} must be a path string, got {value!r}")
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(source, f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(source, f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(source, f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _resolve(cfg: DatasetsConfig, base: Path) -> DatasetsConfig:
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else base / p
+
+    return dataclasses.replace(
+        cfg,
+        dsec=dataclasses.replace(cfg.dsec, root=rel(cfg.dsec.root), out=rel(cfg.dsec.out)),
+        cityscapes=dataclasses.replace(cfg.cityscapes, root=rel(cfg.cityscapes.root), out=rel(cfg.cityscapes.out)),
+    )
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
+    """Read and validate ``datasets.yaml``; paths in it are relative to the file's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "configuration file not found (run from the repository root or pass --config)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"not valid YAML: {exc}") from None
+    data = {k: v for k, v in data.items() if k != "source"}
+    cfg = _build(DatasetsConfig, data, "datasets.yaml", path)
+    cfg = dataclasses.replace(cfg, source=path)
+    rep = cfg.representation
+    if rep.bins < 1:
+        raise InputError(path, f"representation.bins must be >= 1, got {rep.bins}")
+    for name, spec in cfg.dsec.sequences.items():
+        lo, hi = spec.labelled
+        if hi < lo and hi != -1:
+            raise InputError(path, f"dsec.sequences.{name}.labelled must be [first, last], got {list(spec.labelled)}")
+    return _resolve(cfg, path.parent)

@@ -1,0 +1,260 @@
+"""Reading one DSEC sequence: the raw ``events.h5``, ``rectify_map.h5``, image timestamps and paths.
+
+Thin classes around files, in the spirit of DSEC's EventSlicer: they validate the schema once on
+open (so a wrong dtype or a missing dataset is reported with the file name, not as a NumPy error
+deep inside a kernel) and hand out plain NumPy arrays. Nothing here loads a whole sequence: event
+reads are by index range, so callers stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc filter DSEC compresses with)
+import numpy as np
+
+from pipeline.errors import InputError
+
+SENSOR_HEIGHT = 480
+SENSOR_WIDTH = 640
+
+# DSEC's events.h5 schema: dataset -> dtype. All 1-D and of equal length except ms_to_idx/t_offset.
+EVENT_FIELDS = {"events/x": np.uint16, "events/y": np.uint16, "events/p": np.uint8, "events/t": np.uint32}
+MS_TO_IDX_DTYPE = np.uint64
+T_OFFSET_DTYPE = np.int64
+
+
+@dataclass(frozen=True)
+class SequencePaths:
+    """Where DSEC keeps the files of one sequence under a DSEC root."""
+
+    root: Path
+    name: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def events(self) -> Path:
+        return self.dir / "events" / "left" / "events.h5"
+
+    @property
+    def rectify_map(self) -> Path:
+        return self.dir / "events" / "left" / "rectify_map.h5"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.dir / "images" / "left" / "rectified"
+
+    @property
+    def timestamps(self) -> Path:
+        return self.dir / "images" / "timestamps.txt"
+
+    @property
+    def calibration(self) -> Path:
+        return self.dir / "calibration" / "cam_to_cam.yaml"
+
+    @property
+    def labels_dir(self) -> Path:
+        return self.dir / "labels"
+
+    def image(self, frame: int) -> Path:
+        return self.images_dir / f"{frame:06d}.png"
+
+    def label(self, frame: int) -> Path:
+        return self.labels_dir / f"{self.name}_{frame:06d}_grey_gtFine_labelTrainIds.png"
+
+
+class EventFile:
+    """An open, validated DSEC ``events.h5``.
+
+    ``t`` stays uint32 relative to ``t_offset`` on disk; every method that compares with absolute
+    microseconds widens to int64 first (adding ``t_offset`` to uint32 would wrap).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(self.path, "events file not found")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise InputError(self.path, f"not a readable HDF5 file ({exc})") from None
+        try:
+            self._validate()
+        except Exception:
+            self._h5.close()
+            raise
+
+    # ------------------------------------------------------------------ validation
+    def _dataset(self, name: str) -> h5py.Dataset:
+        obj = self._h5.get(name)
+        if not isinstance(obj, h5py.Dataset):
+            raise InputError(self.path, f"missing dataset '{name}' (DSEC events.h5 needs events/x, events/y, "
+                             "events/p, events/t, ms_to_idx, t_offset)")
+        return obj
+
+    def _validate(self) -> None:
+        length = None
+        for name, dtype in EVENT_FIELDS.items():
+            ds = self._dataset(name)
+            if ds.dtype != dtype:
+                raise InputError(self.path, f"dataset '{name}' has dtype {ds.dtype}, expected {np.dtype(dtype)}")
+            if ds.ndim != 1:
+                raise InputError(self.path, f"dataset '{name}' has shape {ds.shape}, expected 1-D")
+            if length is None:
+                length = ds.shape[0]
+            elif ds.shape[0] != length:
+                raise InputError(self.path, f"dataset '{name}' has {ds.shape[0]} entries, events/x has {length}")
+        ms = self._dataset("ms_to_idx")
+        if ms.dtype != MS_TO_IDX_DTYPE or ms.ndim != 1:
+            raise InputError(self.path, f"dataset 'ms_to_idx' is {ms.dtype}{ms.shape}, expected 1-D uint64")
+        off = self._dataset("t_offset")
+        if off.dtype != T_OFFSET_DTYPE or off.shape not in ((), (1,)):
+            raise InputError(self.path, f"dataset 't_offset' is {off.dtype}{off.shape}, expected an int64 scalar")
+        self.n_events = int(length or 0)
+        self.t_offset = int(np.asarray(off[()]).reshape(()))
+        self.ms_to_idx = ms[:].astype(np.int64)
+        self._t = self._h5["events/t"]
+        self._x = self._h5["events/x"]
+        self._y = self._h5["events/y"]
+        self._p = self._h5["events/p"]
+        if self.n_events:
+            self.t_first = int(self._t[0])
+            self.t_last = int(self._t[self.n_events - 1])
+        else:
+            self.t_first = self.t_last = 0
+        if self.ms_to_idx.size and (np.any(np.diff(self.ms_to_idx) < 0) or self.ms_to_idx[-1] > self.n_events):
+            raise InputError(self.path, "ms_to_idx is not a non-decreasing index into the events")
+
+    # ------------------------------------------------------------------ context manager
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> EventFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Events ``start .. stop-1`` as arrays x, y (uint16), p (uint8), t (uint32, relative)."""
+        start = max(0, int(start))
+        stop = min(self.n_events, int(stop))
+        if stop <= start:
+            return {"x": np.empty(0, np.uint16), "y": np.empty(0, np.uint16),
+                    "p": np.empty(0, np.uint8), "t": np.empty(0, np.uint32)}
+        return {"x": self._x[start:stop], "y": self._y[start:stop],
+                "p": self._p[start:stop], "t": self._t[start:stop]}
+
+    def read_t(self, start: int, stop: int) -> np.ndarray:
+        start = max(0, int(start))
+        stop = min(self.n_events, int(stop))
+        return self._t[start:stop] if stop > start else np.empty(0, np.uint32)
+
+    def index_of_time(self, t_abs: np.ndarray | list[int]) -> np.ndarray:
+        """For each absolute time (us): index of the LAST event with ``t + t_offset <= t_abs``.
+
+        -1 where the time lies outside the event stream (before the first or after the last event).
+        Uses ``ms_to_idx`` to narrow each search to one millisecond of events, then a binary search.
+        """
+        t_abs = np.asarray(t_abs, dtype=np.int64)
+        out = np.full(t_abs.shape, -1, dtype=np.int64)
+        if self.n_events == 0:
+            return out
+        rel = t_abs - np.int64(self.t_offset)
+        inside = (rel >= self.t_first) & (rel <= self.t_last)
+        n_ms = self.ms_to_idx.size
+        for k in np.flatnonzero(inside):
+            r = int(rel[k])
+            m = r // 1000
+            lo = int(self.ms_to_idx[m]) if m < n_ms else self.n_events
+            hi = int(self.ms_to_idx[m + 1]) if m + 1 < n_ms else self.n_events
+            # Guard against a stale ms_to_idx: fall back to searching the whole stream.
+            lo = min(lo, self.n_events)
+            ts = self.read_t(lo, hi).astype(np.int64)
+            if lo > 0 and int(self._t[lo - 1]) > r or (hi < self.n_events and int(self._t[hi]) <= r):
+                raise InputError(self.path, f"ms_to_idx[{m}] is inconsistent with events/t")
+            out[k] = lo + int(np.searchsorted(ts, r, side="right")) - 1
+        return out
+
+    def fingerprint(self) -> dict[str, int | str]:
+        """Cheap identity of the file: enough to tell a re-exported or different sequence apart."""
+        digest = hashlib.blake2b(self.ms_to_idx.tobytes(), digest_size=16)
+        digest.update(self.read_t(0, 4096).tobytes())
+        digest.update(self.read_t(self.n_events - 4096, self.n_events).tobytes())
+        return {
+            "path": str(self.path),
+            "size": self.path.stat().st_size,
+            "n_events": self.n_events,
+            "t_offset": self.t_offset,
+            "digest": digest.hexdigest(),
+        }
+
+
+def load_rectify_map(path: str | Path, height: int = SENSOR_HEIGHT, width: int = SENSOR_WIDTH) -> np.ndarray:
+    """The DSEC rectify map: float32 (H, W, 2), distorted pixel (y, x) -> rectified (x, y)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "rectify map not found")
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f.get("rectify_map")
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(path, f"missing dataset 'rectify_map' (found: {', '.join(f.keys()) or 'nothing'})")
+            if ds.dtype != np.float32:
+                raise InputError(path, f"dataset 'rectify_map' has dtype {ds.dtype}, expected float32")
+            if ds.shape != (height, width, 2):
+                raise InputError(path, f"dataset 'rectify_map' has shape {ds.shape}, expected {(height, width, 2)}")
+            rmap = ds[:]
+    except OSError as exc:
+        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    if not np.all(np.isfinite(rmap)):
+        raise InputError(path, "rectify_map contains NaN or inf")
+    return rmap
+
+
+def load_timestamps(path: str | Path) -> np.ndarray:
+    """Image timestamps (int64 us, absolute, one per line); must be strictly increasing."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "image timestamps file not found")
+    values = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            values.append(int(line))
+        except ValueError:
+            raise InputError(path, f"line {lineno}: {line!r} is not an integer timestamp") from None
+    ts = np.asarray(values, dtype=np.int64)
+    if ts.size == 0:
+        raise InputError(path, "no timestamps")
+    bad = np.flatnonzero(np.diff(ts) <= 0)
+    if bad.size:
+        raise InputError(path, f"timestamps not strictly increasing at line {bad[0] + 2}")
+    return ts
+
+
+def window_bounds(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CMDA's event window of image i: events ``index[i-1] .. index[i]`` inclusive.
+
+    Returns (start, stop_inclusive, valid). Frame 0 has no previous image and images with index -1
+    have no window; both are invalid (start = stop = -1).
+    """
+    index = np.asarray(index, dtype=np.int64)
+    start = np.full_like(index, -1)
+    stop = np.full_like(index, -1)
+    if index.size > 1:
+        prev, cur = index[:-1], index[1:]
+        ok = (prev >= 0) & (cur >= 0)
+        start[1:] = np.where(ok, prev, -1)
+        stop[1:] = np.where(ok, cur, -1)
+    valid = start >= 0
+    return start, stop, valid

@@ -1,0 +1,26 @@
+"""One error type for bad input, so the CLI can report it in one line and exit with code 2.
+
+Every check that rejects a user's file raises :class:`InputError` with the offending path and a
+sentence that says what is wrong; the CLI prints ``error: <path>: <problem>`` and no traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """A file or setting the user supplied is missing or malformed."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """Return ``path`` as a Path, or raise InputError if it does not exist."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, f"{what} not found")
+    return p

@@ -1,0 +1,20 @@
+"""Shared fixtures. Real-data tests read ../shared only where it exists and skip visibly elsewhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CMDA_SHARED", REPO.parent / "shared"))
+REAL = SHARED / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    """The real DSEC calibration and Prophesee recording; skipped where ../shared is absent."""
+    if not (REAL / "prophesee_gen3_vga" / "events.h5").exists():
+        pytest.skip(f"real data not available: {REAL} is absent (set CMDA_SHARED to the shared folder)")
+    return REAL
