@@ -31,6 +31,12 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path, typer.Option("--config", help="datasets.yaml to read (paths in it are relative to it).")]
+SeqOpt = Annotated[list[str] | None, typer.Option("--seq", help="Sequence name, e.g. zurich_city_09a (repeatable).")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every sequence listed in datasets.yaml.")]
+SchedulerOpt = Annotated[
+    str | None, typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786 (default: local threads).")
+]
+WorkersOpt = Annotated[int, typer.Option(help="Local threads (0 = one per core).")]
 
 
 def reports_input_errors(fn: F) -> F:
@@ -58,11 +64,11 @@ def _sequences(cfg: Any, seq: list[str] | None, all_: bool) -> list[str]:
 @app.command()
 @reports_input_errors
 def preprocess(
-    seq: Annotated[list[str] | None, typer.Option("--seq", help="Sequence name, e.g. zurich_city_09a (repeatable).")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Every sequence listed in datasets.yaml.")] = False,
+    seq: SeqOpt = None,
+    all_: AllOpt = False,
     config: ConfigOpt = Path("datasets.yaml"),
-    scheduler: Annotated[str | None, typer.Option(help="Address of a dask.distributed scheduler; default: local threads.")] = None,
-    workers: Annotated[int, typer.Option(help="Local threads (0 = one per core).")] = 0,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = 0,
 ) -> None:
     """Voxelise a sequence's events into a Zarr store (index, counts, rectified voxel grids).
 

@@ -178,7 +178,7 @@ class EventFile:
             # Guard against a stale ms_to_idx: fall back to searching the whole stream.
             lo = min(lo, self.n_events)
             ts = self.read_t(lo, hi).astype(np.int64)
-            if lo > 0 and int(self._t[lo - 1]) > r or (hi < self.n_events and int(self._t[hi]) <= r):
+            if (lo > 0 and int(self._t[lo - 1]) > r) or (hi < self.n_events and int(self._t[hi]) <= r):
                 raise InputError(self.path, f"ms_to_idx[{m}] is inconsistent with events/t")
             out[k] = lo + int(np.searchsorted(ts, r, side="right")) - 1
         return out
