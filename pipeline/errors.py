@@ -6,6 +6,7 @@ sentence that says what is wrong; the CLI prints ``error: <path>: <problem>`` an
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -24,3 +25,11 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     if not p.exists():
         raise InputError(p, f"{what} not found")
     return p
+
+
+def warn(path: str | Path | None, message: str) -> None:
+    """Print a one-line warning naming the file, without breaking progress bars."""
+    from tqdm import tqdm
+
+    where = f"{path}: " if path is not None else ""
+    tqdm.write(f"warning: {where}{message}", file=sys.stderr)

@@ -1,0 +1,219 @@
+"""``cmda preprocess``: one DSEC sequence -> its Zarr store of rectified voxel grids.
+
+Plan: compute each image's event index from the timestamps (``ms_to_idx`` + binary search), turn
+indices into CMDA windows (events ``idx[i-1] .. idx[i]``), then cut the frames into batches whose
+events span at most ``chunk_events`` (and whose output grids fit a memory budget). Each batch is an
+independent task: read its event span once, check timestamps are ordered, run the Numba kernel for
+all its frames, write one Zarr chunk per frame, drop a progress marker. Tasks run on dask threads
+(HDF5 reads serialise on h5py's lock while other threads run the nogil kernel and compression) or
+on a dask.distributed cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline import store as zstore
+from pipeline.atomic import write_text
+from pipeline.config import DatasetsConfig
+from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps, window_bounds
+from pipeline.errors import InputError, warn
+from pipeline.parallel import run_tasks
+from pipeline.voxel import accumulate_voxels, split_map
+
+GRID_BUDGET_BYTES = 192 * 2**20  # output grids held in memory by one task
+WINDOW_RULE = "cmda: events idx[i-1]..idx[i] inclusive; idx = last event with t + t_offset <= image timestamp"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Frames ``frames[0]..frames[-1]`` (consecutive valid ones) and the event span they need."""
+
+    frames: tuple[int, ...]
+    first_event: int
+    stop_event: int  # exclusive
+
+
+def store_path(cfg: DatasetsConfig, seq: str) -> Path:
+    return cfg.dsec.out / seq / "events.zarr"
+
+
+def plan_batches(
+    start: np.ndarray, stop: np.ndarray, todo: np.ndarray, max_events: int, max_frames: int
+) -> list[Batch]:
+    """Group frames to do into batches of consecutive frames with bounded event span and count.
+
+    A single window longer than ``max_events`` becomes a batch of its own; the task then streams
+    it in pieces (see :func:`_run_batch`), so memory stays bounded in every case.
+    """
+    batches: list[Batch] = []
+    cur: list[int] = []
+    lo = hi = 0
+    for i in np.flatnonzero(todo):
+        i = int(i)
+        a, b = int(start[i]), int(stop[i]) + 1
+        contiguous = bool(cur) and i == cur[-1] + 1
+        if cur and (not contiguous or max(hi, b) - lo > max_events or len(cur) >= max_frames):
+            batches.append(Batch(tuple(cur), lo, hi))
+            cur = []
+        if not cur:
+            lo, hi = a, b
+        cur.append(i)
+        hi = max(hi, b)
+    if cur:
+        batches.append(Batch(tuple(cur), lo, hi))
+    return batches
+
+
+def _check_ordered(path: Path, t: np.ndarray, offset: int) -> None:
+    bad = np.flatnonzero(t[1:] < t[:-1])
+    if bad.size:
+        k = offset + int(bad[0]) + 1
+        raise InputError(path, f"events/t is not monotonic: event {k} ({int(t[bad[0] + 1])} us) comes before "
+                         f"event {k - 1} ({int(t[bad[0]])} us)")
+
+
+def _run_batch(
+    batch: Batch,
+    *,
+    events_path: Path,
+    store: Path,
+    maps: tuple[np.ndarray, np.ndarray],
+    start: np.ndarray,
+    stop: np.ndarray,
+    bins: int,
+    height: int,
+    width: int,
+    chunk_events: int,
+) -> int:
+    """Voxelise one batch and write its frames. Returns the number of events read."""
+    frames = np.asarray(batch.frames)
+    grids = np.zeros((len(frames), bins, height, width), dtype=np.float32)
+    w_start = start[frames]
+    w_stop = stop[frames] + 1  # exclusive
+    read = 0
+    with EventFile(events_path) as ef:
+        span = batch.stop_event - batch.first_event
+        if span <= chunk_events:
+            ev = ef.read(batch.first_event, batch.stop_event)
+            _check_ordered(events_path, ev["t"], batch.first_event)
+            t = ev["t"].astype(np.int64)
+            lo, hi = w_start - batch.first_event, w_stop - batch.first_event
+            accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], maps, lo, hi, t[lo], t[hi - 1], grids)
+            read = span
+        else:
+            # One window longer than a streaming chunk (plan_batches isolates those): stream it in
+            # pieces, normalising time with the window's own first and last event times.
+            t_first = ef.read_t(batch.first_event, batch.first_event + 1).astype(np.int64)
+            t_last = ef.read_t(batch.stop_event - 1, batch.stop_event).astype(np.int64)
+            prev_t = None
+            for pos in range(batch.first_event, batch.stop_event, chunk_events):
+                end = min(pos + chunk_events, batch.stop_event)
+                ev = ef.read(pos, end)
+                if prev_t is not None and ev["t"][0] < prev_t:
+                    _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
+                _check_ordered(events_path, ev["t"], pos)
+                prev_t = ev["t"][-1]
+                accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], maps, np.zeros(1, np.int64),
+                                  np.full(1, end - pos, np.int64), t_first, t_last, grids)
+                read += end - pos
+    if _bad_coordinates(grids):
+        raise InputError(events_path, "voxel grid holds NaN/inf: corrupt events or rectify map")
+    arr = zarr.open_array(store / "voxels", mode="r+")
+    for k, frame in enumerate(frames):
+        arr[int(frame)] = grids[k]
+    zstore.mark_done(store, int(frames[0]), int(frames[-1]))
+    return read
+
+
+def _bad_coordinates(grids: np.ndarray) -> bool:
+    return not bool(np.isfinite(grids).all())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def preprocess_sequence(
+    cfg: DatasetsConfig,
+    seq: str,
+    *,
+    scheduler: str | None = None,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Build (or resume) the voxel store of sequence ``seq``. Returns the store's summary."""
+    paths = SequencePaths(cfg.dsec.root, seq)
+    rep = cfg.representation
+    out = store_path(cfg, seq)
+
+    timestamps = load_timestamps(paths.timestamps)
+    rmap = load_rectify_map(paths.rectify_map, rep.height, rep.width)
+    with EventFile(paths.events) as ef:
+        index = ef.index_of_time(timestamps)
+        fingerprint = ef.fingerprint()
+        n_events = ef.n_events
+    fingerprint["path"] = str(paths.events)
+
+    outside = np.flatnonzero(index < 0)
+    if outside.size:
+        listed = ", ".join(f"{i:06d}" for i in outside[:8]) + (" ..." if outside.size > 8 else "")
+        warn(paths.timestamps, f"{outside.size} image(s) lie outside the event stream (index -1), skipped: {listed}")
+    start, stop, valid = window_bounds(index)
+    count = np.where(valid, stop - start + 1, 0)
+
+    settings = {"bins": rep.bins, "height": rep.height, "width": rep.width, "window": WINDOW_RULE,
+                "time": "tau = (t - t_first) / (t_last - t_first) in float32, tn = (bins-1) tau",
+                "corner": "trunc toward zero"}
+    identity = {
+        "settings": settings,
+        "source": {
+            "events": fingerprint,
+            "rectify_map": _digest(rmap.tobytes()),
+            "timestamps": _digest(timestamps.tobytes()),
+        },
+    }
+    frames = len(timestamps)
+    group, done, complete = zstore.open_for_writing(
+        out, identity, frames=frames, bins=rep.bins, height=rep.height, width=rep.width, clevel=rep.clevel
+    )
+    summary = {
+        "sequence": seq,
+        "frames": frames,
+        "frames_with_window": int(valid.sum()),
+        "frames_outside_stream": int(outside.size),
+        "events_in_file": n_events,
+        "events_in_windows": int(count.sum()),
+    }
+    if complete:
+        return summary
+    zstore.write_index_arrays(group, {
+        "timestamps": timestamps, "event_index": index, "window_start": start,
+        "window_stop": stop, "event_count": count, "valid": valid,
+    })
+
+    frame_bytes = rep.bins * rep.height * rep.width * 4
+    todo = valid & ~done
+    batches = plan_batches(start, stop, todo, rep.chunk_events, max(1, GRID_BUDGET_BYTES // frame_bytes))
+    task = functools.partial(
+        _run_batch, events_path=paths.events, store=out, maps=split_map(rmap), start=start, stop=stop,
+        bins=rep.bins, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
+    )
+    run_tasks(
+        [functools.partial(task, b) for b in batches],
+        desc=f"preprocess {seq}",
+        unit="frame",
+        weights=[len(b.frames) for b in batches],
+        scheduler=scheduler,
+        workers=workers,
+    )
+    # The CMDA-compatible per-sequence index file sits beside the store.
+    write_text(out.parent / "images_to_events_index.txt", "".join(f"{int(v)}\n" for v in index))
+    zstore.mark_complete(group, out, summary)
+    return summary

@@ -1,0 +1,149 @@
+"""The per-sequence Zarr store of voxel grids: layout, resumable writing, validated reading.
+
+Layout of ``<out>/<sequence>/events.zarr`` (Zarr v3 group)::
+
+    voxels        float32 (frames, bins, H, W), one frame per chunk, Blosc/zstd
+    timestamps    int64  (frames,)  image timestamps, absolute us
+    event_index   int64  (frames,)  index of the last event at or before the image (-1: outside)
+    window_start  int64  (frames,)  first event of the image's window (-1: no window)
+    window_stop   int64  (frames,)  last event of the window, inclusive (-1: no window)
+    event_count   int64  (frames,)  events in the window (0: no window)
+    valid         bool   (frames,)  the frame has a window (and a voxel grid)
+    attrs         settings, source identity, and ``complete`` once every frame is written
+
+Resumability: chunk files are written atomically by Zarr's local store; after a task has written
+its frames it drops a marker file in a progress folder beside the store. A rerun with the same
+settings and source skips marked frames; the store is declared ``complete`` (and the progress
+folder removed) only after the last frame, so the finished store is byte-identical whether or not
+the run was interrupted. A store built with other settings is rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.atomic import write_text
+from pipeline.errors import InputError
+
+STORE_FORMAT = 1
+INDEX_ARRAYS = ("timestamps", "event_index", "window_start", "window_stop", "event_count", "valid")
+
+
+def progress_dir(store_path: Path) -> Path:
+    return store_path.with_name(f".{store_path.name}.progress")
+
+
+def _read_attrs(store_path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(zarr.open_group(store_path, mode="r").attrs)
+    except Exception:  # missing or unreadable: treat as absent
+        return None
+
+
+def open_for_writing(
+    store_path: Path,
+    identity: dict[str, Any],
+    *,
+    frames: int,
+    bins: int,
+    height: int,
+    width: int,
+    clevel: int,
+) -> tuple[zarr.Group, np.ndarray, bool]:
+    """Open (resume) or create the store. Returns (group, done mask, already_complete).
+
+    ``identity`` (settings + source fingerprint) decides whether existing content may be reused.
+    """
+    attrs = _read_attrs(store_path) if store_path.exists() else None
+    marks = progress_dir(store_path)
+    if attrs is not None and attrs.get("identity") == identity:
+        group = zarr.open_group(store_path, mode="r+")
+        done = np.zeros(frames, dtype=bool)
+        if attrs.get("complete"):
+            done[:] = True
+            return group, done, True
+        if marks.exists():
+            for marker in marks.glob("*.done"):
+                first, last = (int(v) for v in marker.stem.split("-"))
+                done[first : last + 1] = True
+        return group, done, False
+    # Fresh build: nothing of an older store (other settings, other source, or corrupt) survives.
+    if store_path.exists():
+        shutil.rmtree(store_path)
+    if marks.exists():
+        shutil.rmtree(marks)
+    group = zarr.open_group(store_path, mode="w", attributes={"format": STORE_FORMAT, "identity": identity})
+    group.create_array(
+        "voxels",
+        shape=(frames, bins, height, width),
+        chunks=(1, bins, height, width),
+        dtype="float32",
+        fill_value=0.0,
+        compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle"),
+    )
+    return group, np.zeros(frames, dtype=bool), False
+
+
+def write_index_arrays(group: zarr.Group, arrays: dict[str, np.ndarray]) -> None:
+    """Write the small per-frame arrays (deterministic, so rewriting them on resume is harmless)."""
+    for name in INDEX_ARRAYS:
+        values = np.asarray(arrays[name])
+        arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                 fill_value=0, overwrite=True)
+        arr[...] = values
+
+
+def mark_done(store_path: Path, first: int, last: int) -> None:
+    """Record that frames ``first..last`` are written (atomic marker file)."""
+    write_text(progress_dir(store_path) / f"{first:06d}-{last:06d}.done", "")
+
+
+def mark_complete(group: zarr.Group, store_path: Path, summary: dict[str, Any]) -> None:
+    group.attrs.update({"summary": summary, "complete": True})
+    marks = progress_dir(store_path)
+    if marks.exists():
+        shutil.rmtree(marks)
+
+
+@dataclass
+class VoxelStore:
+    """Read side of a finished store, as the training loaders use it."""
+
+    path: Path
+    group: zarr.Group
+
+    @classmethod
+    def open(cls, path: str | Path, *, bins: int | None = None) -> VoxelStore:
+        """Open a complete store; with ``bins`` given, insist it was built with that many bins."""
+        path = Path(path)
+        if not path.exists():
+            raise InputError(path, "voxel store not found (run `cmda preprocess` or `dvc repro`)")
+        try:
+            group = zarr.open_group(path, mode="r")
+        except Exception as exc:
+            raise InputError(path, f"not a readable Zarr store ({exc})") from None
+        attrs = dict(group.attrs)
+        if not attrs.get("complete"):
+            raise InputError(path, "voxel store is incomplete (an interrupted `cmda preprocess`: rerun it to resume)")
+        settings = attrs.get("identity", {}).get("settings", {})
+        if bins is not None and settings.get("bins") != bins:
+            raise InputError(path, f"store was built with bins={settings.get('bins')}, the config asks for {bins}: "
+                             "rerun `cmda preprocess` (or `dvc repro`)")
+        return cls(path, group)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.group.attrs["identity"]["settings"])
+
+    def index(self, name: str) -> np.ndarray:
+        return np.asarray(self.group[name][...])
+
+    def voxels(self, frame: int) -> np.ndarray:
+        return np.asarray(self.group["voxels"][frame])

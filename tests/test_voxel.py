@@ -1,0 +1,207 @@
+"""The voxel kernel and events_norm against slow, obviously-correct NumPy references of FACTS §3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.dsec import EventFile, load_rectify_map
+from pipeline.voxel import accumulate_voxels, events_norm, split_map, voxel_grid
+
+H, W = 480, 640
+
+
+def reference_voxels(x, y, p, t, rmap, bins, height=H, width=W):
+    """FACTS §3 literally, with np.add.at, float64 weights."""
+    xf = rmap[y.astype(np.int64), x.astype(np.int64), 0].astype(np.float64)
+    yf = rmap[y.astype(np.int64), x.astype(np.int64), 1].astype(np.float64)
+    t64 = t.astype(np.int64)
+    span = np.float32(t64[-1] - t64[0])
+    if span > 0:
+        tau = (t64 - t64[0]).astype(np.float32) / span
+    else:
+        tau = np.zeros(len(t), np.float32)
+    tn = (np.float32(bins - 1) * tau).astype(np.float64)
+    value = 2.0 * p.astype(np.float64) - 1.0
+    x0, y0, t0 = np.trunc(xf), np.trunc(yf), np.trunc(tn)
+    grid = np.zeros(bins * height * width, np.float64)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dt in (0, 1):
+                xl, yl, tl = x0 + dx, y0 + dy, t0 + dt
+                w = value * (1 - np.abs(xl - xf)) * (1 - np.abs(yl - yf)) * (1 - np.abs(tl - tn))
+                ok = (xl >= 0) & (xl < width) & (yl >= 0) & (yl < height) & (tl >= 0) & (tl < bins)
+                flat = (tl[ok] * height + yl[ok]) * width + xl[ok]
+                np.add.at(grid, flat.astype(np.int64), w[ok])
+    return grid.reshape(bins, height, width)
+
+
+def reference_norm(grid, n):
+    """FACTS §3.4 literally, float64, including CMDA's min-max with 1e-8."""
+    g = grid.astype(np.float64)
+    clip = n / 500000 * 1.5
+    nz = g != 0
+    if nz.sum():
+        mean = g.sum() / nz.sum()
+        std = np.sqrt((g**2).sum() / nz.sum() - mean**2)
+        g = nz * (g - mean) / (std + 1e-8)
+    pos = np.clip(g, 0, clip)
+    neg = np.clip(g, -clip, 0)
+    out = np.zeros_like(g)
+    if (pos > 0).any():
+        out += (pos - pos.min()) / (pos.max() - pos.min() + 1e-8)
+    if (neg < 0).any():
+        out += (neg - neg.min()) / (neg.max() - neg.min() + 1e-8) - 1
+    return out
+
+
+def assert_close_on_conditioned(got, ref, atol=1e-4, floor=1e-5):
+    mask = np.abs(ref) >= floor
+    assert mask.sum() > 0
+    err = np.abs(got.astype(np.float64) - ref)[mask]
+    assert err.max() <= atol, f"max error {err.max():.3g} on {mask.sum()} cells"
+    # Cells below the floor must stay tiny too (no stray contributions).
+    assert np.abs(got[~mask]).max(initial=0) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def real_events(real_dir):
+    with EventFile(real_dir / "prophesee_gen3_vga" / "events.h5") as ef:
+        ev = ef.read(0, ef.n_events)
+    rmap = load_rectify_map(real_dir / "prophesee_gen3_vga" / "rectify_map.h5")
+    return ev, rmap
+
+
+@pytest.mark.parametrize("bins", [1, 5, 15])
+@pytest.mark.parametrize("window", [(0, 1_000), (100_000, 150_001), (200_000, 460_000)])
+def test_kernel_matches_reference_on_real_recording(real_events, bins, window):
+    ev, rmap = real_events
+    a, b = window
+    x, y, p, t = (ev[k][a:b] for k in "xypt")
+    got = voxel_grid(x, y, p, t, rmap, bins)
+    ref = reference_voxels(x, y, p, t, rmap, bins)
+    assert got.shape == (bins, H, W) and got.dtype == np.float32
+    assert_close_on_conditioned(got, ref)
+    # Polarity sum is preserved where no corner falls off the grid: a sanity check of the weights.
+    assert abs(got.sum() - ref.sum()) < 1e-2 * max(1.0, abs(ref.sum()))
+
+
+@pytest.mark.parametrize("bins", [1, 5, 15])
+def test_events_norm_matches_reference_on_real_recording(real_events, bins):
+    ev, rmap = real_events
+    x, y, p, t = (ev[k][50_000:300_000] for k in "xypt")
+    grid = voxel_grid(x, y, p, t, rmap, bins)
+    ref_grid = reference_voxels(x, y, p, t, rmap, bins)
+    n = len(t)
+    got = events_norm(grid, n)
+    ref = reference_norm(ref_grid, n)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert got.min() >= -1 - 1e-6 and got.max() <= 1 + 1e-6
+    mask = np.abs(ref_grid) >= 1e-5
+    assert np.abs(got[mask] - ref[mask]).max() <= 1e-4
+
+
+def _synthetic(n, seed, bins_t=3_000):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, W, n).astype(np.uint16)
+    y = rng.integers(0, H, n).astype(np.uint16)
+    p = rng.integers(0, 2, n).astype(np.uint8)
+    t = np.sort(rng.integers(0, bins_t, n)).astype(np.uint32)
+    return x, y, p, t
+
+
+def _distorted_map(seed=0):
+    """A map with sub-pixel offsets and some negative / out-of-range coordinates, like DSEC's."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    rmap = np.stack([xx * 1.03 - 12 + rng.random((H, W), np.float32),
+                     yy * 1.02 - 4 + rng.random((H, W), np.float32)], axis=-1)
+    return rmap.astype(np.float32)
+
+
+@pytest.mark.parametrize("bins", [1, 5, 15])
+def test_kernel_matches_reference_on_synthetic(bins):
+    x, y, p, t = _synthetic(200_000, seed=bins)
+    rmap = _distorted_map()
+    assert_close_on_conditioned(voxel_grid(x, y, p, t, rmap, bins), reference_voxels(x, y, p, t, rmap, bins))
+
+
+def test_truncation_toward_zero_not_floor():
+    # One event at rectified x = -0.5: trunc gives corners 0 and 1 (weights 0.5 and -0.5), floor
+    # would give corners -1 (off-grid) and 0 (weight 0.5). CMDA truncates; so do we.
+    rmap = np.zeros((H, W, 2), np.float32)
+    rmap[0, 0] = (-0.5, 10.0)
+    one = np.zeros(1, np.uint16)
+    grid = voxel_grid(one, one, np.ones(1, np.uint8), np.zeros(1, np.uint32), rmap, 1)
+    assert grid[0, 10, 0] == pytest.approx(0.5)
+    assert grid[0, 10, 1] == pytest.approx(-0.5)
+    assert np.count_nonzero(grid) == 2
+    ref = reference_voxels(one, one, np.ones(1, np.uint8), np.zeros(1, np.uint32), rmap, 1)
+    np.testing.assert_allclose(grid, ref, atol=1e-6)
+
+
+def test_all_equal_timestamps_no_nan():
+    x, y, p, _ = _synthetic(5_000, seed=3)
+    t = np.full(5_000, 123_456, np.uint32)
+    rmap = _distorted_map()
+    for bins in (1, 5):
+        grid = voxel_grid(x, y, p, t, rmap, bins)
+        assert np.isfinite(grid).all()
+        assert np.abs(grid[1:]).max(initial=0) == 0  # tau = 0: everything in the first bin
+        assert_close_on_conditioned(grid, reference_voxels(x, y, p, t, rmap, bins))
+        assert np.isfinite(events_norm(grid, 5_000)).all()
+
+
+def test_empty_window_is_zero_grid():
+    empty = np.zeros(0, np.uint16)
+    grid = voxel_grid(empty, empty, np.zeros(0, np.uint8), np.zeros(0, np.uint32), _distorted_map(), 5)
+    assert grid.shape == (5, H, W) and not grid.any()
+    normed = events_norm(grid, 0)
+    assert np.isfinite(normed).all() and not normed.any()
+    # CMDA's own formula turns an empty window into -1 everywhere; the flag keeps that behaviour.
+    assert np.all(events_norm(grid, 0, cmda_empty_part=True) == -1)
+
+
+def test_windows_fed_in_pieces_equal_one_piece():
+    x, y, p, t = _synthetic(100_000, seed=7, bins_t=50_000)
+    rmap = _distorted_map()
+    maps = split_map(rmap)
+    t64 = t.astype(np.int64)
+    whole = np.zeros((1, 5, H, W), np.float32)
+    accumulate_voxels(x, y, p, t, maps, np.array([0]), np.array([100_000]), t64[:1], t64[-1:], whole)
+    pieces = np.zeros_like(whole)
+    for a in range(0, 100_000, 30_000):
+        b = min(a + 30_000, 100_000)
+        accumulate_voxels(x[a:b], y[a:b], p[a:b], t[a:b], maps, np.array([0]), np.array([b - a]),
+                          t64[:1], t64[-1:], pieces)
+    np.testing.assert_allclose(pieces, whole, atol=1e-4)
+
+
+def test_many_windows_in_one_call_match_separate_calls():
+    x, y, p, t = _synthetic(60_000, seed=11, bins_t=60_000)
+    rmap = _distorted_map()
+    edges = np.array([0, 10_000, 10_000, 35_000, 60_000])  # includes an empty window
+    starts, stops = edges[:-1], edges[1:]
+    t64 = t.astype(np.int64)
+    for bins in (1, 5):
+        grids = np.zeros((4, bins, H, W), np.float32)
+        tf = t64[np.minimum(starts, len(t) - 1)]
+        tl = t64[np.maximum(stops - 1, 0)]
+        accumulate_voxels(x, y, p, t, split_map(rmap), starts, stops, tf, tl, grids)
+        for k in range(4):
+            a, b = starts[k], stops[k]
+            if a == b:
+                assert not grids[k].any()
+                continue
+            np.testing.assert_allclose(grids[k], voxel_grid(x[a:b], y[a:b], p[a:b], t[a:b], rmap, bins), atol=1e-4)
+
+
+def test_accumulate_rejects_bad_arguments():
+    x, y, p, t = _synthetic(10, seed=0)
+    maps = split_map(_distorted_map())
+    with pytest.raises(ValueError):
+        accumulate_voxels(x, y, p, t, maps, np.array([0]), np.array([11]), np.zeros(1), np.zeros(1),
+                          np.zeros((1, 1, H, W), np.float32))
+    with pytest.raises(ValueError):
+        accumulate_voxels(x, y, p, t, maps, np.array([0]), np.array([10]), np.zeros(1), np.zeros(1),
+                          np.zeros((1, 1, H, W), np.float64))
