@@ -1,0 +1,1 @@
+"""Training side: models, data loading, losses and the DACS self-training loop."""
