@@ -39,6 +39,11 @@ SchedulerOpt = Annotated[
 WorkersOpt = Annotated[int, typer.Option(help="Local threads (0 = one per core).")]
 
 
+@app.callback()
+def _root() -> None:
+    """cmda: nighttime semantic segmentation with images and events."""
+
+
 def reports_input_errors(fn: F) -> F:
     """Turn InputError into 'error: <file>: <problem>' and exit code 2."""
 
@@ -82,6 +87,40 @@ def preprocess(
     cfg = load_config(config)
     for name in _sequences(cfg, seq, all_):
         preprocess_sequence(cfg, name, scheduler=scheduler, workers=workers)
+
+
+@app.command()
+@reports_input_errors
+def cityscapes(
+    config: ConfigOpt = Path("datasets.yaml"),
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = 0,
+    cmda_compat: Annotated[
+        bool,
+        typer.Option(
+            "--cmda-compat",
+            help="IC1 exactly as CMDA: a frame pair with no darkening gets -1 everywhere (default: 0 there).",
+        ),
+    ] = False,
+) -> None:
+    """Convert Cityscapes (cityscapes.root) into cityscapes.out: trainId labels, IC1 images, RCS statistics.
+
+    Writes gtFine/{split}/<city>/<name>_gtFine_labelTrainIds.png from the polygons,
+    leftImg8bit_IC1/{split}/... from each annotated frame and its previous frame (leftImg8bit_sequence),
+    train.txt/val.txt and DAFormer's three RCS JSON files (train split). The raw root is never written;
+    finished files are skipped, so an interrupted run resumes.
+    """
+    from pipeline.cityscapes import convert_cityscapes
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    summary = convert_cityscapes(
+        cfg.cityscapes.root, cfg.cityscapes.out, scheduler=scheduler, workers=workers, cmda_compat=cmda_compat
+    )
+    typer.echo(
+        f"cityscapes: {summary.train} train + {summary.val} val samples in {summary.seconds:.1f} s "
+        f"({summary.files_per_s:.1f} files/s) -> {cfg.cityscapes.out}"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -17,10 +17,7 @@ def reference_voxels(x, y, p, t, rmap, bins, height=H, width=W):
     yf = rmap[y.astype(np.int64), x.astype(np.int64), 1].astype(np.float64)
     t64 = t.astype(np.int64)
     span = np.float32(t64[-1] - t64[0])
-    if span > 0:
-        tau = (t64 - t64[0]).astype(np.float32) / span
-    else:
-        tau = np.zeros(len(t), np.float32)
+    tau = (t64 - t64[0]).astype(np.float32) / span if span > 0 else np.zeros(len(t), np.float32)
     tn = (np.float32(bins - 1) * tau).astype(np.float64)
     value = 2.0 * p.astype(np.float64) - 1.0
     x0, y0, t0 = np.trunc(xf), np.trunc(yf), np.trunc(tn)
