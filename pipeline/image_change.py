@@ -166,12 +166,11 @@ def isr_reference(rgb: np.ndarray, params: IsrParams, direction: str = "rightdow
 
 def ic1_reference(now_rgb: np.ndarray, prev_rgb: np.ndarray, cmda_compat: bool = False) -> np.ndarray:
     """IC1 of one frame pair (uint8 RGB) -> float32 [H, W] in [-1, 1], literal: ``log(I + 50)`` per pixel."""
+
     def to_log(g: np.ndarray) -> np.ndarray:
         return np.log(np.asarray(g, dtype=np.float32) + np.float32(IC1_LOG_ADD))
 
-    return ic_reference(
-        to_log(_pil_grey(prev_rgb)), to_log(_pil_grey(now_rgb)), IC1_THRESHOLD, IC1_CLIP, cmda_compat
-    )
+    return ic_reference(to_log(_pil_grey(prev_rgb)), to_log(_pil_grey(now_rgb)), IC1_THRESHOLD, IC1_CLIP, cmda_compat)
 
 
 # ----------------------------------------------------------------------------- fast IC1 (pipeline)
