@@ -32,7 +32,11 @@ class SequenceSpec:
 class DsecConfig:
     root: Path = Path("data/sample/DSEC_Night")
     out: Path = Path("data/processed/dsec")
-    # Test frames: every `label_every`-th frame from `label_first`, inside the labelled range.
+    # Test frames: "labels" = every frame inside the labelled range that has a label file (CMDA's
+    # rule; DSEC night's labels are not strictly periodic), "rule" = every `label_every`-th frame
+    # from `label_first` inside the range (a missing label is then an error). The sample generator
+    # writes labels by the rule, so both agree on it.
+    test_split: str = "labels"
     label_first: int = 2
     label_every: int = 18
     # Train frames: after the labelled range, >= train_min_frame, even numbers only if train_even_only.
@@ -173,6 +177,8 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
     cfg = _build(DatasetsConfig, data, "datasets.yaml", path)
     cfg = dataclasses.replace(cfg, source=path)
     rep = cfg.representation
+    if cfg.dsec.test_split not in ("labels", "rule"):
+        raise InputError(path, f"dsec.test_split must be 'labels' or 'rule', got {cfg.dsec.test_split!r}")
     if rep.bins < 1:
         raise InputError(path, f"representation.bins must be >= 1, got {rep.bins}")
     for name, spec in cfg.dsec.sequences.items():
