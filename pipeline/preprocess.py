@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline import store as zstore
 from pipeline.atomic import write_text
@@ -85,6 +84,7 @@ def _run_batch(
     *,
     events_path: Path,
     store: Path,
+    writer: zstore.FrameWriter,
     maps: tuple[np.ndarray, np.ndarray],
     start: np.ndarray,
     stop: np.ndarray,
@@ -99,14 +99,15 @@ def _run_batch(
     w_start = start[frames]
     w_stop = stop[frames] + 1  # exclusive
     read = 0
-    with EventFile(events_path) as ef:
+    with EventFile(events_path, check=False) as ef:
         span = batch.stop_event - batch.first_event
         if span <= chunk_events:
             ev = ef.read(batch.first_event, batch.stop_event)
             _check_ordered(events_path, ev["t"], batch.first_event)
-            t = ev["t"].astype(np.int64)
+            t = ev["t"]
             lo, hi = w_start - batch.first_event, w_stop - batch.first_event
-            accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], maps, lo, hi, t[lo], t[hi - 1], grids)
+            accumulate_voxels(ev["x"], ev["y"], ev["p"], t, maps, lo, hi, t[lo].astype(np.int64),
+                              t[hi - 1].astype(np.int64), grids)
             read = span
         else:
             # One window longer than a streaming chunk (plan_batches isolates those): stream it in
@@ -124,17 +125,10 @@ def _run_batch(
                 accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], maps, np.zeros(1, np.int64),
                                   np.full(1, end - pos, np.int64), t_first, t_last, grids)
                 read += end - pos
-    if _bad_coordinates(grids):
-        raise InputError(events_path, "voxel grid holds NaN/inf: corrupt events or rectify map")
-    arr = zarr.open_array(store / "voxels", mode="r+")
     for k, frame in enumerate(frames):
-        arr[int(frame)] = grids[k]
+        writer.write(int(frame), grids[k])
     zstore.mark_done(store, int(frames[0]), int(frames[-1]))
     return read
-
-
-def _bad_coordinates(grids: np.ndarray) -> bool:
-    return not bool(np.isfinite(grids).all())
 
 
 def _digest(data: bytes) -> str:
@@ -169,6 +163,7 @@ def preprocess_sequence(
     count = np.where(valid, stop - start + 1, 0)
 
     settings = {"bins": rep.bins, "height": rep.height, "width": rep.width, "window": WINDOW_RULE,
+                "compressor": f"blosc {rep.compressor} clevel {rep.clevel} shuffle",
                 "time": "tau = (t - t_first) / (t_last - t_first) in float32, tn = (bins-1) tau",
                 "corner": "trunc toward zero"}
     identity = {
@@ -181,7 +176,8 @@ def preprocess_sequence(
     }
     frames = len(timestamps)
     group, done, complete = zstore.open_for_writing(
-        out, identity, frames=frames, bins=rep.bins, height=rep.height, width=rep.width, clevel=rep.clevel
+        out, identity, frames=frames, bins=rep.bins, height=rep.height, width=rep.width,
+        cname=rep.compressor, clevel=rep.clevel,
     )
     summary = {
         "sequence": seq,
@@ -202,8 +198,8 @@ def preprocess_sequence(
     todo = valid & ~done
     batches = plan_batches(start, stop, todo, rep.chunk_events, max(1, GRID_BUDGET_BYTES // frame_bytes))
     task = functools.partial(
-        _run_batch, events_path=paths.events, store=out, maps=split_map(rmap), start=start, stop=stop,
-        bins=rep.bins, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
+        _run_batch, events_path=paths.events, store=out, writer=zstore.FrameWriter(out), maps=split_map(rmap),
+        start=start, stop=stop, bins=rep.bins, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
     )
     run_tasks(
         [functools.partial(task, b) for b in batches],
