@@ -44,6 +44,11 @@ def store_path(cfg: DatasetsConfig, seq: str) -> Path:
     return cfg.dsec.out / seq / "events.zarr"
 
 
+def event_index_path(cfg: DatasetsConfig, seq: str) -> Path:
+    """CMDA's images_to_events_index.txt, written beside the store (independent of the bins)."""
+    return cfg.dsec.out / seq / "images_to_events_index.txt"
+
+
 def plan_batches(
     start: np.ndarray, stop: np.ndarray, todo: np.ndarray, max_events: int, max_frames: int
 ) -> list[Batch]:
@@ -187,6 +192,7 @@ def preprocess_sequence(
         "events_in_file": n_events,
         "events_in_windows": int(count.sum()),
     }
+    write_text(event_index_path(cfg, seq), "".join(f"{int(v)}\n" for v in index))
     if complete:
         return summary
     zstore.write_index_arrays(group, {
@@ -209,7 +215,5 @@ def preprocess_sequence(
         scheduler=scheduler,
         workers=workers,
     )
-    # The CMDA-compatible per-sequence index file sits beside the store.
-    write_text(out.parent / "images_to_events_index.txt", "".join(f"{int(v)}\n" for v in index))
     zstore.mark_complete(group, out, summary)
     return summary

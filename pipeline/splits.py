@@ -1,8 +1,12 @@
 """``cmda index``: the DSEC night train/test split, as CMDA's index files and as our own table.
 
 The split rules come from ``datasets.yaml`` (labelled ranges, test-frame rule, even frames, minimum
-frame); this module only applies them to what ``cmda preprocess`` found (which frames have a valid
-event window). Two outputs in ``dsec.out``:
+frame); this module only applies them to what ``cmda preprocess`` found (the per-image event index
+in ``images_to_events_index.txt``, from which the windows follow). It deliberately does not read
+the voxel store, so changing the number of bins does not invalidate the split.
+
+Per sequence, ``splits/<seq>.csv`` holds that sequence's rows (a DVC stage per sequence); merging
+them writes three files in ``dsec.out``:
 
 * ``night_dataset_warp.txt`` / ``night_test_dataset_warp.txt`` — CMDA-compatible, one line per
   sample: ``<dsec root>/<seq>/images/left/rectified/NNNNNN.png <images_to_events index>``. CMDA's
@@ -23,10 +27,9 @@ import numpy as np
 
 from pipeline.atomic import write_text
 from pipeline.config import DatasetsConfig
-from pipeline.dsec import SequencePaths
+from pipeline.dsec import SequencePaths, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
-from pipeline.preprocess import store_path
-from pipeline.store import VoxelStore
+from pipeline.preprocess import event_index_path, store_path
 
 TRAIN_TXT = "night_dataset_warp.txt"
 TEST_TXT = "night_test_dataset_warp.txt"
@@ -80,15 +83,31 @@ def train_frames(cfg: DatasetsConfig, seq: str, valid: np.ndarray) -> list[int]:
             if valid[f] and (not cfg.dsec.train_even_only or f % 2 == 0)]
 
 
+def read_event_index(path: Path, frames: int) -> np.ndarray:
+    """The per-image event index written by ``cmda preprocess`` (CMDA's images_to_events_index.txt)."""
+    if not path.exists():
+        raise InputError(path, "event index not found (run `cmda preprocess` first)")
+    try:
+        index = np.array(path.read_text().split(), dtype=np.int64)
+    except ValueError:
+        raise InputError(path, "not a list of integer event indices") from None
+    if index.shape != (frames,):
+        raise InputError(path, f"holds {index.size} entries, the sequence has {frames} images")
+    return index
+
+
+def split_path(cfg: DatasetsConfig, seq: str) -> Path:
+    return cfg.dsec.out / "splits" / f"{seq}.csv"
+
+
 def build_rows(cfg: DatasetsConfig, seq: str) -> list[Row]:
-    """Train and test rows of one sequence (needs its voxel store and warped images)."""
+    """Train and test rows of one sequence (needs its event index and warped images)."""
     paths = SequencePaths(cfg.dsec.root, seq)
     spath = store_path(cfg, seq)
-    store = VoxelStore.open(spath)
-    ts = store.index("timestamps")
-    index = store.index("event_index")
-    start, stop = store.index("window_start"), store.index("window_stop")
-    count, valid = store.index("event_count"), store.index("valid")
+    ts = load_timestamps(paths.timestamps)
+    index = read_event_index(event_index_path(cfg, seq), len(ts))
+    start, stop, valid = window_bounds(index)
+    count = np.where(valid, stop - start + 1, 0)
     wdir = warp_dir(cfg, seq)
     rows: list[Row] = []
     tests = test_frames(cfg, seq, len(ts))
@@ -110,21 +129,39 @@ def build_rows(cfg: DatasetsConfig, seq: str) -> list[Row]:
     return rows
 
 
-def write_index(cfg: DatasetsConfig) -> dict[str, dict[str, int]]:
-    """Write the CMDA index files and index.csv for every sequence; returns counts per split."""
-    rows = [r for seq in cfg.dsec.sequences for r in build_rows(cfg, seq)]
-    out = cfg.dsec.out
-    for name, split in ((TRAIN_TXT, "train"), (TEST_TXT, "test")):
-        write_text(out / name, "".join(f"{r.image} {r.event_index}\n" for r in rows if r.split == split))
+def _csv(rows: list[Row]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(Row.__dataclass_fields__), lineterminator="\n")
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
-    write_text(out / TABLE, buf.getvalue())
-    counts: dict[str, dict[str, int]] = {}
+    return buf.getvalue()
+
+
+def write_sequence_split(cfg: DatasetsConfig, seq: str) -> dict[str, int]:
+    """Write ``splits/<seq>.csv``; returns the number of train and test rows."""
+    rows = build_rows(cfg, seq)
+    write_text(split_path(cfg, seq), _csv(rows))
+    return {"train": sum(r.split == "train" for r in rows), "test": sum(r.split == "test" for r in rows)}
+
+
+def merge_splits(cfg: DatasetsConfig) -> dict[str, dict[str, int]]:
+    """Merge the per-sequence splits into CMDA's two index files and index.csv; counts per sequence."""
+    rows = [r for seq in cfg.dsec.sequences for r in read_index(split_path(cfg, seq))]
+    out = cfg.dsec.out
+    for name, split in ((TRAIN_TXT, "train"), (TEST_TXT, "test")):
+        write_text(out / name, "".join(f"{r.image} {r.event_index}\n" for r in rows if r.split == split))
+    write_text(out / TABLE, _csv(rows))
+    counts: dict[str, dict[str, int]] = {seq: {"train": 0, "test": 0} for seq in cfg.dsec.sequences}
     for r in rows:
-        counts.setdefault(r.sequence, {"train": 0, "test": 0})[r.split] += 1
+        counts[r.sequence][r.split] += 1
     return counts
+
+
+def write_index(cfg: DatasetsConfig) -> dict[str, dict[str, int]]:
+    """Every sequence's split, then the merged files (what ``cmda index`` does by default)."""
+    for seq in cfg.dsec.sequences:
+        write_sequence_split(cfg, seq)
+    return merge_splits(cfg)
 
 
 def read_index(path: str | Path, split: str | None = None) -> list[Row]:
