@@ -237,3 +237,31 @@ def test_cli_ok_and_exit_code_2(tmp_path):
     assert "error:" in res.output and str(bad) in res.output and "skyy" in res.output
     assert "Traceback" not in res.output
     _assert_incomplete(out)
+
+
+def test_converts_cmda_sample_output(tmp_path):
+    """The synthetic Cityscapes frames of `cmda sample` (full 2048x1024) convert cleanly and exactly."""
+    sample = pytest.importorskip("pipeline.sample")
+    if not hasattr(sample, "write_cityscapes_frame"):
+        pytest.skip("pipeline.sample has no write_cityscapes_frame")
+    from cityscapesscripts.preparation.json2labelImg import json2labelImg
+    from PIL import Image
+
+    from train.rcs import RareClassSampler
+
+    spec = sample.SampleSpec(seed=0, frames=10, event_rate=1e5, cityscapes_train=2, cityscapes_val=1, dt_us=5000)
+    root, out = tmp_path / "cityscapes", tmp_path / "out"
+    for split, j in (("train", 0), ("train", 1), ("val", 0)):
+        sample.write_cityscapes_frame(root, spec, split, j)
+    summary = convert_cityscapes(root, out, workers=2)
+    assert (summary.train, summary.val) == (2, 1)
+    for s in find_samples(root):
+        p = sample_paths(root, out, s)
+        json2labelImg(str(p.polygons), str(tmp_path / "ref.png"), "trainIds")
+        label = cv2.imread(str(p.label), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(label, np.array(Image.open(tmp_path / "ref.png")))
+        now, prev = (cv2.imread(str(f))[..., ::-1].copy() for f in (p.image, p.prev_image))
+        stored = cv2.imread(str(p.ic1), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(stored, ic1_to_uint8(ic1_reference(now, prev)))
+    sampler = RareClassSampler(out, seed=0)  # real min_pixels=3000 at full resolution
+    assert len(sampler.classes) >= 5 and all(f.exists() for _, f in (sampler.sample() for _ in range(10)))
