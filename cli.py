@@ -123,6 +123,37 @@ def cityscapes(
     )
 
 
+@app.command()
+@reports_input_errors
+def index(
+    seq: SeqOpt = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Only merge existing per-sequence splits.")] = False,
+    config: ConfigOpt = Path("datasets.yaml"),
+) -> None:
+    """Write the DSEC night train/test index files (CMDA's two .txt files and our index.csv).
+
+    Split rules come from datasets.yaml: test = labelled frames, train = even frames after the
+    labelled range with a valid event window. Needs `cmda preprocess` and `cmda warp` first.
+    With --seq, only that sequence's split (splits/<seq>.csv) is written; with --merge, only the
+    merged files; with neither, both for every sequence.
+    """
+    from pipeline.config import load_config
+    from pipeline.splits import merge_splits, write_index, write_sequence_split
+
+    cfg = load_config(config)
+    if seq:
+        for name in _sequences(cfg, seq, False):
+            c = write_sequence_split(cfg, name)
+            typer.echo(f"{name}: {c['train']} train, {c['test']} test")
+        return
+    counts = merge_splits(cfg) if merge else write_index(cfg)
+    for name, c in counts.items():
+        typer.echo(f"{name}: {c['train']} train, {c['test']} test")
+    total_train = sum(c["train"] for c in counts.values())
+    total_test = sum(c["test"] for c in counts.values())
+    typer.echo(f"total: {total_train} train, {total_test} test -> {cfg.dsec.out}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

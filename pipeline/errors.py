@@ -18,6 +18,9 @@ class InputError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
 
+    def __reduce__(self):  # picklable, so it survives the trip back from a dask.distributed worker
+        return (InputError, (self.path, self.problem))
+
 
 def require_file(path: str | Path, what: str = "file") -> Path:
     """Return ``path`` as a Path, or raise InputError if it does not exist."""

@@ -83,7 +83,7 @@ def _run_distributed(tasks, address, results, bar, weights, on_done) -> None:
     with Client(address, set_as_default=False) as client:
         futures = [client.submit(task, pure=False) for task in tasks]
         index = {f.key: i for i, f in enumerate(futures)}
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             i = index[fut.key]
             results[i] = fut.result()
             if on_done is not None:

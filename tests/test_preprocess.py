@@ -210,3 +210,29 @@ def test_plan_batches_bounds_span_and_isolates_huge_windows():
     assert all(b.stop_event - b.first_event <= 100 or len(b.frames) == 1 for b in batches)
     todo[5] = False  # a done frame splits a run of frames
     assert [b.frames for b in pre.plan_batches(start, stop, todo, 100, 10)] == [(1, 2), (3,), (4,), (6,)]
+
+
+def test_distributed_scheduler_gives_the_same_store(real_dir, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    cfg = real_config(real_dir, tmp_path, bins=5, chunk_events=100_000)
+    local = dataclasses.replace(cfg, dsec=dataclasses.replace(cfg.dsec, out=tmp_path / "local"))
+    pre.preprocess_sequence(local, "zurich_city_09_a", workers=2)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+        pre.preprocess_sequence(cfg, "zurich_city_09_a", scheduler=lc.scheduler_address)
+    assert _digest_tree(pre.store_path(cfg, "zurich_city_09_a")) == _digest_tree(
+        pre.store_path(local, "zurich_city_09_a"))
+
+
+def test_distributed_errors_come_back_as_input_errors(real_dir, tmp_path):
+    distributed = pytest.importorskip("distributed")
+
+    def edit(f):
+        t = f["events/t"][:]
+        t[300_000] = t[300_000] + 20_000
+        f["events/t"][:] = t
+
+    cfg, events = _corrupt(tmp_path, real_dir, edit)
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None)
+    with cluster as lc, pytest.raises(InputError, match="not monotonic") as err:
+        pre.preprocess_sequence(cfg, "zurich_city_09_a", scheduler=lc.scheduler_address)
+    assert err.value.path == events
