@@ -1,0 +1,96 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically.
+
+A checkpoint holds the student, the EMA teacher, the optimiser, the iteration it was taken after,
+the RNG states and the resolved config. Batches and augmentations are drawn from (seed, iteration)
+so restoring these is enough for ``--resume`` to reproduce the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import InputError
+
+FORMAT = "cmda-checkpoint-1"
+
+
+def save_checkpoint(path: Path, *, iteration: int, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                    optimizer: torch.optim.Optimizer | None, config: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> Path:
+    state = {
+        "format": FORMAT,
+        "iteration": iteration,
+        "backbone": config["model"]["backbone"],
+        "variant": config["run"]["variant"],
+        "source_only": config["run"]["source_only"],
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict() if teacher is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+        "config": config,
+        **(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated / not a torch file
+        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise InputError(path, "not a cmda checkpoint (no 'format' marker)")
+    return state
+
+
+def check_compatible(path: Path, state: dict[str, Any], backbone: str, variant: str, source_only: bool) -> None:
+    """Refuse to resume from a checkpoint of another backbone or variant (a silent mix is worse)."""
+    if state["backbone"] != backbone:
+        raise InputError(path, f"checkpoint is for backbone {state['backbone']}, this run uses {backbone}")
+    if state["variant"] != variant or state["source_only"] != source_only:
+        was = "source-only" if state["source_only"] else state["variant"]
+        now = "source-only" if source_only else variant
+        raise InputError(path, f"checkpoint is from variant {was}, this run is {now}")
+
+
+def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict load that reports mismatched keys as an InputError naming the checkpoint."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shape)):
+            if keys:
+                parts.append(f"{len(keys)} {what} key(s): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise InputError(path, "checkpoint does not match the model: " + "; ".join(parts))
+    module.load_state_dict(state)
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    rng = state.get("rng") or {}
+    if rng.get("torch") is not None:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng.get("numpy") is not None:
+        np.random.set_state(rng["numpy"])
+    if rng.get("python") is not None:
+        random.setstate(rng["python"])

@@ -1,0 +1,277 @@
+"""Training and test data for both domains, read from the pipeline's artefacts.
+
+* Target (DSEC night): warped image PNG + the frame's voxel grid from the Zarr store, normalised
+  with :func:`pipeline.voxel.events_norm` (3 channels for 1 bin). Train: random 400x400 crop at
+  x in [0, 240], y in [0, 80], flip, resize to 512. Test: top 440 rows, no augmentation, + label.
+* Source (Cityscapes day): image resized 2048x1024 -> 1024x512, random 512 crop (DAFormer's
+  cat_max_ratio rule), flip; trainId label; IC1 image-change input. Rare Class Sampling picks the
+  file and re-crops until the sampled class is present.
+
+Randomness is a pure function of (seed, iteration, slot): :class:`PairedBatches` returns the whole
+source + target batch of iteration ``it`` from ``np.random.default_rng([seed, it, ...])``. Any
+number of loader workers, and a resumed run, therefore see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.cityscapes import Sample, read_split, sample_paths
+from pipeline.config import DatasetsConfig
+from pipeline.errors import InputError
+from pipeline.splits import Row, read_index
+from pipeline.store import VoxelStore
+from pipeline.voxel import events_norm
+from train.config import DataConfig, RcsConfig
+from train.rcs import RareClassSampler, choose_crop
+
+IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
+IGNORE = 255
+
+
+# ---------------------------------------------------------------------- small pure helpers
+def read_rgb(path: str | Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(path, "image missing or unreadable")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(path, "image missing or unreadable")
+    if img.ndim == 3:
+        img = img[..., 0]
+    return img
+
+
+def normalize_image(rgb: np.ndarray) -> np.ndarray:
+    """uint8 HWC RGB -> float32 CHW, ImageNet mean/std (the normalisation the MiT weights expect)."""
+    return ((rgb.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+
+
+def events_to_input(grid: np.ndarray, n_events: int) -> np.ndarray:
+    """Stored voxel grid (B, H, W) -> network input: events_norm, 1 bin repeated to 3 channels."""
+    ev = events_norm(grid, n_events)
+    return np.repeat(ev, 3, axis=0) if ev.shape[0] == 1 else ev
+
+
+def resize(a: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize an HW or HWC image to ``size`` = (w, h); bilinear uses half-pixel centres, like
+    ``F.interpolate(align_corners=False)`` and PIL, which CMDA's loader uses."""
+    return cv2.resize(a, size, interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+
+
+def resize_channels(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a CHW float array (events) to ``size`` = (w, h), channel by channel."""
+    return np.stack([cv2.resize(c, size, interpolation=cv2.INTER_LINEAR) for c in a])
+
+
+def crop_max_ratio(label: np.ndarray, size: int, rng: np.random.Generator, cat_max_ratio: float,
+                   tries: int = 10) -> tuple[int, int]:
+    """Top-left (y, x) of a random crop; re-drawn while one class covers more than ``cat_max_ratio``.
+
+    DAFormer's rule: accept a crop with more than one non-ignored class whose largest class share
+    is below the ratio; after ``tries`` draws keep the last one.
+    """
+    h, w = label.shape
+    my, mx = max(h - size, 0), max(w - size, 0)
+    y, x = int(rng.integers(my + 1)), int(rng.integers(mx + 1))
+    if cat_max_ratio >= 1:
+        return y, x
+    for _ in range(tries):
+        crop = label[y:y + size, x:x + size]
+        counts = np.bincount(crop[crop != IGNORE].ravel(), minlength=1)
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+        y, x = int(rng.integers(my + 1)), int(rng.integers(mx + 1))
+    return y, x
+
+
+# ---------------------------------------------------------------------- target domain
+class NightFrames:
+    """The DSEC night frames of one split, with their voxel stores opened once."""
+
+    def __init__(self, cfg: DatasetsConfig, split: str):
+        self.cfg = cfg
+        self.rows: list[Row] = read_index(cfg.dsec.out / "index.csv", split)
+        if not self.rows:
+            raise InputError(cfg.dsec.out / "index.csv", f"no {split} frames (check datasets.yaml and `cmda index`)")
+        self.stores = {r.store: None for r in self.rows}
+
+    def store(self, path: str) -> VoxelStore:
+        # Opened lazily so each loader worker process opens its own handles.
+        if self.stores[path] is None:
+            self.stores[path] = VoxelStore.open(path, bins=self.cfg.representation.bins)
+        return self.stores[path]  # type: ignore[return-value]
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, Row]:
+        """Warped RGB image (480, 640, 3) uint8 and network-ready events (C, 480, 640) float32."""
+        row = self.rows[i]
+        image = read_rgb(row.warp_image)
+        grid = self.store(row.store).voxels(row.frame)
+        if image.shape[:2] != grid.shape[1:]:
+            raise InputError(row.warp_image, f"image is {image.shape[1]}x{image.shape[0]}, events are "
+                             f"{grid.shape[2]}x{grid.shape[1]}")
+        return image, events_to_input(grid, row.event_count), row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def augment_target(image: np.ndarray, events: np.ndarray, rng: np.random.Generator, cfg: DataConfig
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """CMDA's target augmentation: one crop/flip applied to image and events alike, then resize."""
+    c = cfg.target_crop
+    x = int(rng.integers(cfg.target_crop_x[0], cfg.target_crop_x[1] + 1))
+    y = int(rng.integers(cfg.target_crop_y[0], cfg.target_crop_y[1] + 1))
+    flip = rng.random() < cfg.flip
+    image = image[y:y + c, x:x + c]
+    events = events[:, y:y + c, x:x + c]
+    if flip:
+        image, events = image[:, ::-1], events[:, :, ::-1]
+    size = (cfg.crop, cfg.crop)
+    return resize(np.ascontiguousarray(image), size), resize_channels(np.ascontiguousarray(events), size)
+
+
+class NightTest(Dataset):
+    """Test frames: image and events cropped to the top rows (440), label with 255 = ignore."""
+
+    def __init__(self, cfg: DatasetsConfig, data: DataConfig, limit: int = 0):
+        self.frames = NightFrames(cfg, "test")
+        self.rows = self.frames.rows[:limit] if limit else self.frames.rows
+        self.top = data.test_rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
+        image, events, row = self.frames.load(i)
+        label = read_grey(row.label)
+        if label.shape != image.shape[:2]:
+            raise InputError(row.label, f"label is {label.shape[1]}x{label.shape[0]}, image is "
+                             f"{image.shape[1]}x{image.shape[0]}")
+        t = self.top
+        return {
+            "image": torch.from_numpy(normalize_image(image[:t])),
+            "events": torch.from_numpy(np.ascontiguousarray(events[:, :t])),
+            "label": torch.from_numpy(label[:t].astype(np.int64)),
+            "name": f"{row.sequence}_{row.frame:06d}",
+        }
+
+
+# ---------------------------------------------------------------------- source domain
+@dataclass(frozen=True)
+class SourceFile:
+    image: Path
+    label: Path
+    ic1: Path
+
+
+class CityscapesTrain:
+    """Cityscapes train files from ``cmda cityscapes`` output (labels, IC1) and the raw images."""
+
+    def __init__(self, cfg: DatasetsConfig):
+        root, out = cfg.cityscapes.root, cfg.cityscapes.out
+        self.files: list[SourceFile] = []
+        for entry in read_split(out, "train"):
+            city, name = entry.split("/", 1)
+            p = sample_paths(root, out, Sample("train", city, name))
+            self.files.append(SourceFile(p.image, p.label, p.ic1))
+        if not self.files:
+            raise InputError(out / "train.txt", "no training samples")
+        self.by_label = {f.label.resolve(): f for f in self.files}
+        self.stats_dir = out
+
+    def load(self, f: SourceFile, resize_to: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image (h, w, 3) uint8, label (h, w) uint8, IC1 (h, w) uint8, resized to ``resize_to`` (w, h)."""
+        image, label, ic1 = read_rgb(f.image), read_grey(f.label), read_grey(f.ic1)
+        if label.shape != image.shape[:2] or ic1.shape != image.shape[:2]:
+            raise InputError(f.label, f"label/IC1 size {label.shape}/{ic1.shape} differs from the image "
+                             f"{image.shape[:2]} ({f.image})")
+        return resize(image, resize_to), resize(label, resize_to, nearest=True), resize(ic1, resize_to)
+
+
+def augment_source(image, label, ic1, rng: np.random.Generator, cfg: DataConfig, rcs_class: int | None,
+                   rcs: RcsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random crop (cat_max_ratio, then RCS re-crop for the sampled class) and flip, on all three."""
+    size = cfg.crop
+    y, x = crop_max_ratio(label, size, rng, cfg.cat_max_ratio)
+    if rcs_class is not None and not np.count_nonzero(label[y:y + size, x:x + size] == rcs_class) > \
+            rcs.min_pixels * rcs.min_crop_ratio:
+        y, x = choose_crop(label, rcs_class, (size, size), rng, rcs.min_pixels, rcs.min_crop_ratio)
+    image, label, ic1 = (a[y:y + size, x:x + size] for a in (image, label, ic1))
+    if rng.random() < cfg.flip:
+        image, label, ic1 = image[:, ::-1], label[:, ::-1], ic1[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(label), np.ascontiguousarray(ic1)
+
+
+def ic1_to_input(ic1: np.ndarray) -> np.ndarray:
+    """Stored IC1 uint8 -> network input in [-1, 1], 3 channels (CMDA's ``(x/255 - 0.5)/0.5``)."""
+    v = (ic1.astype(np.float32) / 255.0 - 0.5) / 0.5
+    return np.repeat(v[None], 3, axis=0)
+
+
+# ---------------------------------------------------------------------- paired batches
+class PairedBatches(Dataset):
+    """Item ``it`` = the whole batch of iteration ``it``: source (RCS) and target (uniform) samples.
+
+    Use with ``DataLoader(batch_size=None, sampler=range(start, iters))``; randomness depends only
+    on (seed, it), so workers and resumed runs reproduce the same batches.
+    """
+
+    def __init__(self, cfg: DatasetsConfig, data: DataConfig, rcs: RcsConfig, batch: int, seed: int,
+                 with_target: bool = True):
+        self.data, self.rcs, self.batch, self.seed = data, rcs, batch, seed
+        self.source = CityscapesTrain(cfg)
+        self.target = NightFrames(cfg, "train") if with_target else None
+        self.sampler = (RareClassSampler(self.source.stats_dir, rcs.temperature, rcs.min_pixels, seed=seed)
+                        if rcs.enabled else None)
+
+    def __len__(self) -> int:  # iterations are unbounded; the sampler bounds them
+        return 2**31 - 1
+
+    def _source_file(self, rng: np.random.Generator) -> tuple[SourceFile, int | None]:
+        if self.sampler is None:
+            return self.source.files[int(rng.integers(len(self.source.files)))], None
+        c = int(self.sampler.classes[rng.choice(len(self.sampler.classes), p=self.sampler.probs)])
+        files = self.sampler.samples_with_class[c]
+        label = Path(files[int(rng.integers(len(files)))]).resolve()
+        if label not in self.source.by_label:
+            raise InputError(self.sampler.source, f"RCS entry {label} is not in train.txt")
+        return self.source.by_label[label], c
+
+    def __getitem__(self, it: int) -> dict[str, torch.Tensor]:
+        src_img, src_lbl, src_ic1, tgt_img, tgt_evt = [], [], [], [], []
+        for b in range(self.batch):
+            rng = np.random.default_rng([self.seed, int(it), b, 0])
+            f, c = self._source_file(rng)
+            image, label, ic1 = self.source.load(f, self.data.source_resize)
+            image, label, ic1 = augment_source(image, label, ic1, rng, self.data, c, self.rcs)
+            src_img.append(normalize_image(image))
+            src_lbl.append(label.astype(np.int64))
+            src_ic1.append(ic1_to_input(ic1))
+            if self.target is not None:
+                rng_t = np.random.default_rng([self.seed, int(it), b, 1])
+                image, events, _ = self.target.load(int(rng_t.integers(len(self.target))))
+                image, events = augment_target(image, events, rng_t, self.data)
+                tgt_img.append(normalize_image(image))
+                tgt_evt.append(events)
+        out = {
+            "source_image": torch.from_numpy(np.stack(src_img)),
+            "source_label": torch.from_numpy(np.stack(src_lbl)),
+            "source_ic1": torch.from_numpy(np.stack(src_ic1)),
+        }
+        if self.target is not None:
+            out["target_image"] = torch.from_numpy(np.stack(tgt_img))
+            out["target_events"] = torch.from_numpy(np.stack(tgt_evt))
+        return out

@@ -1,0 +1,127 @@
+"""Evaluation on the DSEC night test frames: per-output confusion matrices, IoU tables, mIoU.
+
+Used by the training loop (every ``eval_every`` iterations, student, fusion output) and by
+``cmda evaluate CHECKPOINT`` (fusion, image and event outputs, tables and confusion-matrix PNGs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.atomic import write_text
+from pipeline.config import load_config
+from train.checkpoint import load_checkpoint, load_model_state
+from train.config import TrainConfig, from_dict
+from train.data import NightTest
+from train.metrics import CLASSES, NUM_CLASSES, confusion, summarize
+
+EVAL_OUTPUTS = ("fusion", "image", "events")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; CPU runs in fp32 (CPU bf16 is slow and not what users train with)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, events: torch.Tensor,
+                   outputs: tuple[str, ...], amp: bool = True) -> dict[str, torch.Tensor]:
+    """Full-resolution logits of the requested outputs for one batch (model in eval mode)."""
+    with autocast(image.device, amp):
+        out = model(image=image, events=events, outputs=outputs)
+    size = image.shape[-2:]
+    return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False)
+            for k, v in out.logits.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: NightTest, device: torch.device,
+             outputs: tuple[str, ...] = EVAL_OUTPUTS, amp: bool = True, workers: int = 0,
+             progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Confusion matrix and summary per output over the whole dataset."""
+    was_training = model.training
+    model.eval()
+    conf = {o: torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) for o in outputs}
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers)
+    try:
+        for batch in tqdm(loader, desc="evaluate", unit="frame", disable=not progress, leave=False):
+            image = batch["image"].to(device)
+            events = batch["events"].to(device)
+            label = batch["label"].to(device)
+            logits = predict_logits(model, image, events, outputs, amp)
+            for o in outputs:
+                conf[o] += confusion(logits[o].argmax(1), label)
+    finally:
+        model.train(was_training)
+    return {o: {**summarize(conf[o].numpy()), "confusion": conf[o].numpy().tolist()} for o in outputs}
+
+
+def iou_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: one row per class, one column per output, mIoU rows at the bottom."""
+    outputs = list(results)
+    lines = ["| class | " + " | ".join(outputs) + " |", "|---|" + "---|" * len(outputs)]
+    for c in CLASSES:
+        cells = []
+        for o in outputs:
+            v = results[o]["iou"][c]
+            annotated = c in results[o]["classes"]
+            cells.append("n/a" if v is None or not annotated else f"{100 * v:.2f}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    n = results[outputs[0]]["n_classes"]
+    lines.append(f"| **mIoU ({n} annotated classes)** | "
+                 + " | ".join(f"**{100 * results[o]['mIoU']:.2f}**" for o in outputs) + " |")
+    lines.append("| mIoU (19, mmseg-style) | "
+                 + " | ".join(f"{100 * results[o]['mIoU19']:.2f}" for o in outputs) + " |")
+    return "\n".join(lines)
+
+
+def build_model_from_checkpoint(path: Path, device: torch.device, teacher: bool = False
+                                ) -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
+    from train.models import CMDAModel
+
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"])
+    model = CMDAModel(cfg.model.backbone, num_classes=cfg.model.num_classes)
+    key = "teacher" if teacher else "student"
+    if state.get(key) is None:
+        from pipeline.errors import InputError
+
+        raise InputError(path, f"checkpoint has no {key} weights")
+    load_model_state(model, state[key], path)
+    return model.to(device).eval(), cfg, state
+
+
+def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: Path | None = None,
+                        teacher: bool = False, device: str = "auto", limit: int = 0) -> dict[str, Any]:
+    """``cmda evaluate``: metrics.json, iou.md and one confusion-matrix PNG per output."""
+    from train.visualize import confusion_png
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, cfg, state = build_model_from_checkpoint(checkpoint, dev, teacher)
+    dcfg = load_config(datasets or cfg.data.datasets)
+    results = evaluate(model, NightTest(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp)
+    out = out or checkpoint.parent.parent / "eval" / checkpoint.stem
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "weights": "teacher" if teacher
+               else "student", "outputs": results}
+    write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    table = iou_table(results)
+    write_text(out / "iou.md", table + "\n")
+    for o, r in results.items():
+        confusion_png(np.asarray(r["confusion"]), CLASSES, out / f"confusion_{o}.png",
+                      title=f"{o} output, mIoU {100 * r['mIoU']:.2f}")
+    summary["table"] = table
+    summary["out"] = str(out)
+    return summary
