@@ -24,10 +24,12 @@ from pipeline.errors import InputError
 @dataclass
 class ModelConfig:
     backbone: str = "mit_b5"
-    # Official SegFormer ImageNet weights (original key layout). None/missing path: random init.
-    pretrained: Path | None = Path("pretrained/mit_b5.pth")
-    # CycleGAN IC1 -> night-event generator; without it IC1 is used directly as source events.
-    cyclegan: Path | None = Path("pretrained/cityscapes_ICD_to_dsec_EN.pth")
+    # Official SegFormer ImageNet weights (original key layout): "auto" = pretrained/<backbone>.pth
+    # if it exists (else random init, said once), "none" = random init, or a path that must exist.
+    pretrained: str = "auto"
+    # CycleGAN IC1 -> night-event generator: "auto" = pretrained/cityscapes_ICD_to_dsec_EN.pth if it
+    # exists, "none" = IC1 used directly as the source events, or a path that must exist.
+    cyclegan: str = "auto"
     num_classes: int = 19
     drop_path: float = 0.1
     fusion_drop_path: float = 0.05

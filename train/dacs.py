@@ -90,23 +90,26 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}"
 
 
+def _weight_file(setting: str, default: Path, what: str, fallback: str, say) -> Path | None:
+    if setting == "none":
+        return None
+    if setting == "auto":
+        if default.exists():
+            return default
+        say(f"note: {default} not found: {fallback}")
+        return None
+    path = Path(setting)
+    if not path.exists():
+        raise InputError(path, f"{what} not found (pass 'none' to do without)")
+    return path
+
+
 def resolve_weights(cfg: TrainConfig, say) -> tuple[Path | None, Path | None]:
-    """ImageNet MiT file and CycleGAN file: explicit paths must exist; defaults are optional."""
-    mit = cfg.model.pretrained
-    if mit is None:
-        default = Path("pretrained") / f"{cfg.model.backbone}.pth"
-        mit = default if default.exists() else None
-        if mit is None:
-            say(f"note: {default} not found: encoders start from random weights (CMDA uses ImageNet MiT)")
-    elif not mit.exists():
-        raise InputError(mit, "ImageNet MiT weights not found (pass --pretrained none to train from scratch)")
-    gan = cfg.model.cyclegan
-    if gan is None:
-        gan = DEFAULT_CYCLEGAN if DEFAULT_CYCLEGAN.exists() else None
-        if gan is None:
-            say(f"note: {DEFAULT_CYCLEGAN} not found: IC1 is used directly as the source events")
-    elif not gan.exists():
-        raise InputError(gan, "CycleGAN weights not found (pass --cyclegan none to use IC1 directly)")
+    """ImageNet MiT file and CycleGAN file: explicit paths must exist; 'auto' uses them when present."""
+    mit = _weight_file(cfg.model.pretrained, Path("pretrained") / f"{cfg.model.backbone}.pth",
+                       "ImageNet MiT weights", "encoders start from random weights (CMDA uses ImageNet MiT)", say)
+    gan = _weight_file(cfg.model.cyclegan, DEFAULT_CYCLEGAN, "CycleGAN weights",
+                       "IC1 is used directly as the source events", say)
     return mit, gan
 
 
