@@ -1,0 +1,130 @@
+"""Loading the official weight files strictly: every key accounted for, or an InputError that names them.
+
+A silent partial load (mmcv's ``strict=False``) is how a b2 file ends up in a b5 model with 34 random
+blocks and nobody notices; here any missing key, unknown key or shape mismatch stops the run with a
+message listing the offending keys. The only tolerated extras are the ImageNet classifier
+``head.weight``/``head.bias`` that every official ``mit_bX.pth`` carries.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import InputError
+from train.models.cyclegan import ResnetGenerator
+from train.models.mit import MIT_CONFIGS
+
+MIT_IGNORED_KEYS = frozenset({"head.weight", "head.bias"})
+"""ImageNet-1k classifier in the official MiT files: expected there, not part of the encoder."""
+
+_LIST_MAX = 10
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_LIST_MAX])
+    more = f", ... ({len(keys) - _LIST_MAX} more)" if len(keys) > _LIST_MAX else ""
+    return f"[{shown}{more}]"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.pth`` state dict on the CPU; unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and ``module.``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "weight file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors all mean "not a usable weight file"
+        raise InputError(path, f"cannot read as a PyTorch weight file ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise InputError(path, "does not hold a state dict (a non-empty mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise InputError(path, f"{len(bad)} entries are not tensors: {_listing(map(str, bad))}")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def mismatches(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], ignored: Iterable[str] = ()
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, 'key: file shape vs model shape' lines) of ``state`` against ``expected``."""
+    ignored = set(ignored)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and k not in ignored]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    return missing, unexpected, shapes
+
+
+def guess_mit_variant(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Name the MiT variant whose depths and widths a state dict has (None if it matches none)."""
+    depths = []
+    for s in range(1, 5):
+        idx = {int(m.group(1)) for k in state if (m := re.match(rf"block{s}\.(\d+)\.", k))}
+        depths.append(max(idx) + 1 if idx else 0)
+    widths = tuple(int(state[f"norm{s}.weight"].shape[0]) if f"norm{s}.weight" in state else 0 for s in range(1, 5))
+    for name, cfg in MIT_CONFIGS.items():
+        if tuple(depths) == cfg.depths and widths == cfg.embed_dims:
+            return name
+    return None
+
+
+def check_state_dict(
+    path: str | Path,
+    state: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    what: str,
+    ignored: Iterable[str] = (),
+    hint: str = "",
+) -> None:
+    """Raise InputError listing missing / unexpected / mis-shaped keys of ``state`` for ``model``."""
+    missing, unexpected, shapes = mismatches(state, model.state_dict(), ignored)
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches {_listing(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys {_listing(unexpected)}")
+    raise InputError(path, f"does not fit {what}{hint}: " + "; ".join(parts))
+
+
+def load_mit_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load an official ImageNet ``mit_bX.pth`` into a :class:`MixVisionTransformer`, strictly.
+
+    Only ``head.weight``/``head.bias`` may be extra; anything else that does not fit raises InputError.
+    """
+    state = read_state_dict(path)
+    name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+    guess = guess_mit_variant(state)
+    hint = f" (the file looks like {guess})" if guess and guess != name else ""
+    check_state_dict(path, state, model, name, MIT_IGNORED_KEYS, hint)
+    model.load_state_dict({k: v for k, v in state.items() if k not in MIT_IGNORED_KEYS}, strict=True)
+
+
+def load_cyclegan(path: str | Path, device: str | torch.device = "cpu") -> ResnetGenerator:
+    """Load ``cityscapes_ICD_to_dsec_EN.pth`` into a frozen, eval-mode 1->1 channel ResNet generator."""
+    state = read_state_dict(path)
+    gen = ResnetGenerator(input_nc=1, output_nc=1, ngf=64, n_blocks=9)
+    check_state_dict(path, state, gen, "the CycleGAN ResNet-9 generator (1->1 channel, 64 filters)")
+    gen.load_state_dict(state, strict=True)
+    gen.requires_grad_(False)
+    return gen.eval().to(device)
