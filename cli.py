@@ -255,6 +255,61 @@ def evaluate(
     typer.echo(summary["table"])
     typer.echo(f"-> {summary['out']}")
 
+
+@app.command()
+@reports_input_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the PNGs (default: predictions/ beside the checkpoint).")
+    ] = None,
+    config: ConfigOpt = Path("datasets.yaml"),
+    split: Annotated[
+        str, typer.Option(help="test (labelled, top 440 rows) or train (unlabelled, whole frame).")
+    ] = "test",
+    limit: Annotated[int, typer.Option(help="Only the first N frames (0 = all).")] = 0,
+    output: Annotated[str, typer.Option(help="Which head output to show: fusion, image or events.")] = "fusion",
+    teacher: Annotated[
+        bool, typer.Option("--teacher", help="Use the EMA teacher's weights instead of the student's.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Run a checkpoint on the DSEC night frames and write colour predictions and side-by-side panels.
+
+    The model is rebuilt from the config stored in the checkpoint. Per frame: <seq>_<frame>_pred.png
+    (Cityscapes palette) and <seq>_<frame>_panel.png (image | events | prediction | label). On the test
+    split the mIoU over the frames written is printed too.
+    """
+    from train.predict import predict as run_predict
+
+    s = run_predict(checkpoint, out=out, config=config, split=split, limit=limit, output=output, teacher=teacher,
+                    device=device)
+    msg = f"{s.frames} {s.split} frame(s), {s.weights} {s.output} output -> {s.out}"
+    if s.metrics:
+        msg += f" (mIoU {100 * s.metrics['mIoU']:.2f} over {s.metrics['n_classes']} annotated classes)"
+    typer.echo(msg)
+
+
+@app.command("inspect")
+@reports_input_errors
+def inspect_cmd(
+    config: ConfigOpt = Path("datasets.yaml"),
+    iter_: Annotated[int, typer.Option("--iter", help="Training iteration whose batch to show.")] = 0,
+    seed: Annotated[int, typer.Option(help="Training seed (run.seed; batches depend only on seed and iteration).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: inspect_<iter>.png).")] = None,
+    batch: Annotated[int, typer.Option(help="Samples per domain to show.")] = 1,
+) -> None:
+    """Render one PNG of the training pair iteration N feeds the network.
+
+    Rows: source image | label overlay | IC1 | day ISR, and target image | target events | night ISR
+    (red = positive, blue = negative). Uses the default data settings and Rare Class Sampling.
+    """
+    from train.inspect_sample import inspect_iteration
+
+    path = inspect_iteration(config, iteration=iter_, seed=seed, out=out, batch=batch)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,267 @@
+"""`cmda predict` and `cmda inspect` on a tiny DSEC night + Cityscapes tree built with the pipeline's writers.
+
+The night side is written directly (voxel store, warped PNGs, labels, index.csv) so the test does not
+depend on the sample generator or the warp step; the Cityscapes side is the 256x128 tree of
+tests/test_cityscapes.py converted by `convert_cityscapes`. A random MiT-B0 CMDAModel is saved with
+`save_checkpoint`, and the written PNGs are compared with what the model predicts on the same frames.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.atomic import write_png, write_text
+from pipeline.cityscapes import convert_cityscapes
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from pipeline.splits import TABLE, Row, _csv
+from pipeline.store import FrameWriter, mark_complete, open_for_writing, write_index_arrays
+from tests.test_cityscapes import make_tree
+from train.checkpoint import save_checkpoint
+from train.config import DataConfig, RcsConfig, TrainConfig, to_dict
+from train.data import NightTest, PairedBatches
+from train.inspect_sample import SOURCE_TITLES, TARGET_TITLES, batch_isr
+from train.models import CMDAModel
+from train.predict import load_for_inference, predict, predict_logits
+from train.visualize import TITLE_HEIGHT, colorize, denormalize, events_to_rgb, overlay
+
+SEQ = "zurich_city_09_a"
+TEST_FRAMES = (2, 20)
+TRAIN_FRAMES = (42, 44)
+N_FRAMES = 46
+# Predict runs a real (random) MiT-B0 + DAFormer head, ~10 s per 440x640 frame on 2 CPU cores, so the
+# fast tests use small frames and a matching test crop; one slow test runs the real DSEC size.
+H, W = 96, 128
+TEST_ROWS = 64
+
+
+def _night_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 40 + 30 * np.sin(xx / 23.0 + rng.uniform(0, 6))[..., None] + 20 * np.cos(yy / 17.0)[..., None]
+    return np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _label(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    lab = np.full((h, w), 2, np.uint8)  # building
+    lab[: h * 5 // 16] = 10  # sky
+    lab[h * 11 // 16:] = 0  # road
+    lab[h // 2: h * 11 // 16, w // 6: w * 2 // 5] = 13  # car
+    lab[h * 2 // 5: h * 11 // 16, w * 5 // 8: w * 5 // 8 + 4] = 5  # pole
+    lab[rng.random((h, w)) < 0.02] = 255
+    return lab
+
+
+def make_night(root: Path, h: int = H, w: int = W) -> None:
+    """A one-sequence processed DSEC tree of h x w frames: Zarr voxel store, warped images, labels, index.csv."""
+    rng = np.random.default_rng(0)
+    out, dsec = root / "processed", root / "DSEC"
+    store = out / SEQ / "events.zarr"
+    group, _, _ = open_for_writing(store, {"settings": {"bins": 1}}, frames=N_FRAMES, bins=1, height=h, width=w,
+                                   cname="lz4", clevel=1)
+    writer = FrameWriter(store)
+    rows = []
+    for split, frames in (("test", TEST_FRAMES), ("train", TRAIN_FRAMES)):
+        for f in frames:
+            grid = np.zeros((1, h, w), np.float32)
+            idx = rng.integers(0, h * w, 20_000)
+            np.add.at(grid[0].reshape(-1), idx, rng.choice([-1.0, 1.0], 20_000).astype(np.float32))
+            writer.write(f, grid)
+            warped = out / SEQ / "warp_images" / f"{f:06d}.png"
+            write_png(warped, _night_image(rng, h, w))
+            label = ""
+            if split == "test":
+                label = str(dsec / SEQ / "labels" / f"{SEQ}_{f:06d}_grey_gtFine_labelTrainIds.png")
+                write_png(label, _label(rng, h, w))
+            rows.append(Row(split=split, sequence=SEQ, frame=f, timestamp_us=1_000_000 + 50_000 * f,
+                            event_index=20_000 * (f + 1), event_start=20_000 * f, event_stop=20_000 * (f + 1) - 1,
+                            event_count=20_000, image=str(dsec / SEQ / "images" / "left" / f"{f:06d}.png"),
+                            warp_image=str(warped), label=label, store=str(store)))
+    zeros = np.zeros(N_FRAMES, np.int64)
+    write_index_arrays(group, {"timestamps": zeros, "event_index": zeros, "window_start": zeros,
+                               "window_stop": zeros, "event_count": zeros, "valid": np.ones(N_FRAMES, bool)})
+    mark_complete(group, store, {})
+    write_text(out / TABLE, _csv(rows))
+
+
+def _datasets_yaml(root: Path) -> Path:
+    cfg = root / "datasets.yaml"
+    cfg.write_text(f"dsec:\n  root: DSEC\n  out: processed\n  sequences:\n    {SEQ}: {{labelled: [0, 39]}}\n"
+                   "cityscapes:\n  root: cs_raw\n  out: cs_out\n")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """Small night frames (predict tests)."""
+    root = tmp_path_factory.mktemp("predict")
+    make_night(root)
+    return _datasets_yaml(root)
+
+
+@pytest.fixture(scope="module")
+def full_tree(tmp_path_factory) -> Path:
+    """DSEC-size night frames (the training crops need 480x640) plus a converted Cityscapes tree."""
+    root = tmp_path_factory.mktemp("inspect")
+    make_night(root, 480, 640)
+    make_tree(root / "cs_raw")
+    convert_cityscapes(root / "cs_raw", root / "cs_out", workers=1)
+    return _datasets_yaml(root)
+
+
+def _train_config(backbone: str = "mit_b0", test_rows: int = TEST_ROWS) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.backbone = backbone
+    cfg.data.test_rows = test_rows
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> tuple[Path, CMDAModel, CMDAModel]:
+    torch.manual_seed(0)
+    student = CMDAModel("mit_b0")
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("run") / "checkpoints" / "iter_5.pt"
+    save_checkpoint(path, iteration=5, student=student, teacher=teacher, optimizer=None,
+                    config=to_dict(_train_config()))
+    return path, student.eval(), teacher.eval()
+
+
+def _read(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert img is not None, path
+    return img[..., ::-1]
+
+
+def test_predict_test_split_writes_palette_predictions_and_panels(tree, ckpt):
+    path, student, _ = ckpt
+    summary = predict(path, config=tree, split="test", device="cpu")
+    out = path.parent / "predictions"  # default: beside the checkpoint
+    assert summary.out == out and summary.frames == len(TEST_FRAMES) and summary.iteration == 5
+    assert summary.conf is not None and summary.conf.sum() > 0 and 0.0 <= summary.metrics["mIoU"] <= 1.0
+    test = NightTest(load_config(tree), _train_config().data)
+    for i, f in enumerate(TEST_FRAMES):
+        item = test[i]
+        expected = predict_logits(student, item["image"][None], item["events"][None], "fusion").argmax(1)[0]
+        pred = _read(out / f"{SEQ}_{f:06d}_pred.png")
+        assert pred.shape == (TEST_ROWS, W, 3)
+        np.testing.assert_array_equal(pred, colorize(expected.numpy()))
+        pan = _read(out / f"{SEQ}_{f:06d}_panel.png")
+        assert pan.shape == (TEST_ROWS + TITLE_HEIGHT, 4 * W, 3)
+        tiles = [pan[TITLE_HEIGHT:, k * W:(k + 1) * W] for k in range(4)]
+        np.testing.assert_array_equal(tiles[0], denormalize(item["image"]))
+        np.testing.assert_array_equal(tiles[1], events_to_rgb(item["events"]))
+        np.testing.assert_array_equal(tiles[2], pred)
+        np.testing.assert_array_equal(tiles[3], colorize(item["label"]))
+
+
+def test_predict_train_split_image_output_teacher_has_no_label_column(tree, ckpt, tmp_path):
+    path, student, teacher = ckpt
+    summary = predict(path, out=tmp_path / "p", config=tree, split="train", limit=1, output="image", teacher=True,
+                      device="cpu")
+    assert summary.frames == 1 and summary.conf is None and summary.weights == "teacher"
+    files = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert files == [f"{SEQ}_{TRAIN_FRAMES[0]:06d}_panel.png", f"{SEQ}_{TRAIN_FRAMES[0]:06d}_pred.png"]
+    pan = _read(tmp_path / "p" / files[0])
+    assert pan.shape == (H + TITLE_HEIGHT, 3 * W, 3)  # whole frame, image | events | prediction
+    model, _, _ = load_for_inference(path, teacher=True)
+    for (k, v), t in zip(model.state_dict().items(), teacher.state_dict().values(), strict=True):
+        assert torch.equal(v, t), k
+    loaded, own = model.state_dict(), student.state_dict()
+    assert any(not torch.equal(loaded[k], own[k]) for k in own)  # really the teacher, not the student
+
+
+def test_predict_rejects_bad_checkpoints(tree, ckpt, tmp_path):
+    path, student, _ = ckpt
+    with pytest.raises(InputError, match="checkpoint not found"):
+        predict(tmp_path / "missing.pt", config=tree)
+    bad = tmp_path / "b1.pt"  # config says MiT-B1, weights are MiT-B0: refused, keys named
+    save_checkpoint(bad, iteration=1, student=student, teacher=None, optimizer=None,
+                    config=to_dict(_train_config("mit_b1")))
+    with pytest.raises(InputError, match="does not match the model"):
+        predict(bad, config=tree, device="cpu")
+    with pytest.raises(InputError, match="no teacher weights"):
+        predict(bad, config=tree, teacher=True, device="cpu")
+    cfg = to_dict(_train_config())
+    cfg["model"]["no_such_key"] = 1
+    odd = tmp_path / "odd.pt"
+    save_checkpoint(odd, iteration=1, student=student, teacher=None, optimizer=None, config=cfg)
+    with pytest.raises(InputError, match="stored training config"):
+        predict(odd, config=tree, device="cpu")
+    with pytest.raises(InputError, match="--output"):
+        predict(path, config=tree, output="isr")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    runner = CliRunner()
+    for args in (["predict", str(junk), "--config", str(tree)], ["predict", str(path), "--split", "val",
+                                                                   "--config", str(tree)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert res.output.startswith("error:") and "Traceback" not in res.output
+
+
+def test_predict_cli(tree, ckpt, tmp_path):
+    path, _, _ = ckpt
+    res = CliRunner().invoke(app, ["predict", str(path), "--config", str(tree), "--out", str(tmp_path / "cli"),
+                                   "--limit", "1", "--output", "events", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "1 test frame(s), student events output" in res.output and "mIoU" in res.output
+    assert (tmp_path / "cli" / f"{SEQ}_{TEST_FRAMES[0]:06d}_pred.png").exists()
+
+
+def test_inspect_renders_the_iterations_training_pair(full_tree, tmp_path, monkeypatch):
+    tree = full_tree
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["inspect", "--config", str(tree), "--iter", "3", "--seed", "7"])
+    assert res.exit_code == 0, res.output
+    png = tmp_path / "inspect_3.png"  # default name
+    assert str(png.name) in res.output
+    pic = _read(png)
+    crop = DataConfig().crop
+    # header strip, source row (4 tiles), target row (3 tiles, padded white on the right)
+    row = TITLE_HEIGHT + crop
+    assert pic.shape == (TITLE_HEIGHT + 2 * row, len(SOURCE_TITLES) * crop, 3)
+    batch = dict(PairedBatches(load_config(tree), DataConfig(), RcsConfig(), batch=1, seed=7)[3])
+    batch.update(batch_isr(batch))
+    src = denormalize(batch["source_image"][0])
+    top = 2 * TITLE_HEIGHT
+    expected_src = [src, overlay(src, batch["source_label"][0].numpy()), events_to_rgb(batch["source_ic1"][0]),
+                    events_to_rgb(batch["source_isr"][0])]
+    for k, tile in enumerate(expected_src):
+        np.testing.assert_array_equal(pic[top:top + crop, k * crop:(k + 1) * crop], tile)
+    top += crop + TITLE_HEIGHT
+    expected_tgt = [denormalize(batch["target_image"][0]), events_to_rgb(batch["target_events"][0]),
+                    events_to_rgb(batch["target_isr"][0])]
+    for k, tile in enumerate(expected_tgt):
+        np.testing.assert_array_equal(pic[top:top + crop, k * crop:(k + 1) * crop], tile)
+    assert (pic[top - TITLE_HEIGHT:, len(TARGET_TITLES) * crop:] == 255).all()
+    # the ISR tiles are real content, not blank: both signs present
+    for isr in (batch["source_isr"], batch["target_isr"]):
+        assert (isr > 0.1).any() and (isr < -0.1).any()
+    res = CliRunner().invoke(app, ["inspect", "--config", str(tree), "--iter", "-1"])
+    assert res.exit_code == 2 and "--iter" in res.output
+
+
+@pytest.mark.slow
+def test_predict_real_dsec_frame_size(full_tree, tmp_path):
+    """One 440x640 test frame (sizes not divisible by 32) through the real-size path, ~10-60 s on CPU."""
+    torch.manual_seed(1)
+    model = CMDAModel("mit_b0").eval()
+    path = tmp_path / "iter_1.pt"
+    save_checkpoint(path, iteration=1, student=model, teacher=None, optimizer=None,
+                    config=to_dict(_train_config(test_rows=DataConfig().test_rows)))
+    summary = predict(path, config=full_tree, limit=1, device="cpu")
+    assert summary.frames == 1
+    pred = _read(summary.out / f"{SEQ}_{TEST_FRAMES[0]:06d}_pred.png")
+    assert pred.shape == (440, 640, 3)
+    assert _read(summary.out / f"{SEQ}_{TEST_FRAMES[0]:06d}_panel.png").shape == (440 + TITLE_HEIGHT, 4 * 640, 3)

@@ -1,0 +1,83 @@
+"""``cmda inspect``: one PNG of the training pair an iteration feeds the network.
+
+Users asked to *see* what the network gets. This takes iteration N's batch from
+:class:`train.data.PairedBatches` (the same pure function of (seed, iteration) the trainer reads, so
+the picture is exactly that iteration's data), computes the two Image Content (ISR) inputs the loop
+computes on the device, and lays out per sample::
+
+    header: iteration, seed, sample
+    source image | source label overlay | IC1 (image change) | day ISR
+    target image | target events        | night ISR
+
+Signed inputs (IC1, events, ISR, all in [-1, 1]) use :func:`train.visualize.events_to_rgb`: red
+positive, blue negative, white zero. Not shown: the CycleGAN "source events" (they need the
+generator weights) and the ClassMix-mixed batch (it needs the teacher's pseudo-labels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.atomic import write_png
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from train.config import DataConfig, RcsConfig
+from train.data import PairedBatches
+from train.isr import ISR_DAY, ISR_NIGHT, isr_from_normalized
+from train.visualize import denormalize, events_to_rgb, overlay, panel, stack, title_strip
+
+SOURCE_TITLES = ("source image", "source label", "IC1", "day ISR")
+TARGET_TITLES = ("target image", "target events", "night ISR")
+
+
+def batch_isr(batch: dict[str, torch.Tensor], direction: str = "rightdown") -> dict[str, torch.Tensor]:
+    """Day ISR of the source images and night ISR of the target images (``[B, 3, H, W]`` in [-1, 1])."""
+    out = {"source_isr": isr_from_normalized(batch["source_image"], ISR_DAY, direction)}
+    if "target_image" in batch:
+        out["target_isr"] = isr_from_normalized(batch["target_image"], ISR_NIGHT, direction)
+    return out
+
+
+def render_batch(batch: dict[str, Any], header: str = "") -> np.ndarray:
+    """The inspect picture of a batch that already holds ``source_isr`` / ``target_isr`` (see
+    :func:`batch_isr`): for each sample a header strip, the source row and the target row."""
+    rows: list[np.ndarray] = []
+    n = len(batch["source_image"])
+    for b in range(n):
+        src = denormalize(batch["source_image"][b])
+        label = np.asarray(batch["source_label"][b])
+        source_row = panel(list(zip(SOURCE_TITLES, (
+            src, overlay(src, label), events_to_rgb(batch["source_ic1"][b]), events_to_rgb(batch["source_isr"][b]),
+        ), strict=True)))
+        sample_rows = [source_row]
+        if "target_image" in batch:
+            sample_rows.append(panel(list(zip(TARGET_TITLES, (
+                denormalize(batch["target_image"][b]), events_to_rgb(batch["target_events"][b]),
+                events_to_rgb(batch["target_isr"][b]),
+            ), strict=True))))
+        width = max(r.shape[1] for r in sample_rows)
+        text = f"{header}, sample {b + 1}/{n}" if header else f"sample {b + 1}/{n}"
+        rows.append(stack([title_strip(text, width), *sample_rows], gap=0))
+    return stack(rows, gap=8)
+
+
+def inspect_iteration(config: str | Path = "datasets.yaml", iteration: int = 0, seed: int = 0,
+                      out: str | Path | None = None, batch: int = 1, direction: str = "rightdown") -> Path:
+    """Render iteration ``iteration``'s batch (default DataConfig / RcsConfig, ``batch`` samples per
+    domain) to ``out`` (default ``inspect_<iteration>.png``); returns the path written."""
+    if iteration < 0:
+        raise InputError(None, f"--iter must be >= 0, got {iteration}")
+    if batch < 1:
+        raise InputError(None, f"--batch must be >= 1, got {batch}")
+    cfg = load_config(config)
+    data = PairedBatches(cfg, DataConfig(), RcsConfig(), batch=batch, seed=seed)
+    items = dict(data[iteration])
+    items.update(batch_isr(items, direction))
+    picture = render_batch(items, header=f"iteration {iteration}, seed {seed}")
+    path = Path(out) if out is not None else Path(f"inspect_{iteration}.png")
+    write_png(path, picture)
+    return path

@@ -1,0 +1,194 @@
+"""``cmda predict``: run a checkpoint on the DSEC night frames and write colour predictions and panels.
+
+The model is rebuilt from the config stored in the checkpoint (never from today's defaults), so a
+checkpoint of any backbone loads as it was trained, and a checkpoint whose weights do not fit that
+config is refused with the mismatching keys named. Per frame it writes
+
+* ``<seq>_<frame>_pred.png``: the predicted trainIds in the Cityscapes palette;
+* ``<seq>_<frame>_panel.png``: image | events | prediction | label (no label column for train
+  frames, which have none).
+
+Test frames are cropped to the top ``data.test_rows`` rows (440), exactly what evaluation scores;
+train frames are shown whole (480 rows, the area training crops come from). The logits (1/4 of the
+input size) are upsampled bilinearly to the input size before the argmax, as evaluation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.atomic import write_png
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from train.checkpoint import load_checkpoint, load_model_state
+from train.config import TrainConfig, from_dict
+from train.data import NightFrames, NightTest, normalize_image
+from train.metrics import NUM_CLASSES, confusion, summarize
+from train.models import CMDAModel
+from train.visualize import colorize, denormalize, events_to_rgb, panel
+
+OUTPUT_CHOICES = ("fusion", "image", "events")
+SPLITS = ("test", "train")
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    frames: int
+    split: str
+    output: str
+    weights: str  # "student" or "teacher"
+    iteration: int | None
+    conf: np.ndarray | None = None  # [19, 19] over the frames written (test split only)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything torch does not know is an InputError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:
+    """The training config stored in a checkpoint, checked against the checkpoint's own backbone."""
+    if not isinstance(state.get("config"), dict):
+        raise InputError(path, "checkpoint has no training config")
+    try:
+        cfg = from_dict(state["config"])
+    except InputError as exc:
+        raise InputError(path, f"stored training config is not valid here: {exc.problem}") from None
+    if state.get("backbone") not in (None, cfg.model.backbone):
+        raise InputError(path, f"checkpoint says backbone {state['backbone']}, its config says {cfg.model.backbone}")
+    return cfg
+
+
+def build_model(cfg: TrainConfig, path: Path) -> CMDAModel:
+    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError)."""
+    m = cfg.model
+    try:
+        return CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
+                         fusion_drop_path=m.fusion_drop_path)
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None
+
+
+def load_for_inference(path: str | Path, teacher: bool = False, device: str | torch.device = "cpu"
+                       ) -> tuple[CMDAModel, TrainConfig, dict[str, Any]]:
+    """Checkpoint -> (model in eval mode on ``device``, its training config, the raw state)."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(path, state)
+    key = "teacher" if teacher else "student"
+    weights = state.get(key)
+    if weights is None:
+        raise InputError(path, f"checkpoint holds no {key} weights")
+    model = build_model(cfg, path)
+    load_model_state(model, weights, path)
+    return model.eval().to(device), cfg, state
+
+
+def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int
+                 ) -> tuple[int, Iterator[dict[str, Any]]]:
+    """(count, frames) of ``split``: each frame a dict of image [3, H, W] (ImageNet-normalised), events
+    [C, H, W], label [H, W] (None for train) and name ``<seq>_<frame>``."""
+    ds = load_config(cfg_path)
+    if split == "test":
+        test = NightTest(ds, train_cfg.data, limit=limit)
+
+        def test_items() -> Iterator[dict[str, Any]]:
+            for i in range(len(test)):
+                yield test[i]
+
+        return len(test), test_items()
+    frames = NightFrames(ds, "train")
+    n = min(len(frames), limit) if limit else len(frames)
+
+    def train_items() -> Iterator[dict[str, Any]]:
+        for i in range(n):
+            image, events, row = frames.load(i)
+            yield {"image": torch.from_numpy(normalize_image(image)), "events": torch.from_numpy(events),
+                   "label": None, "name": f"{row.sequence}_{row.frame:06d}"}
+
+    return n, train_items()
+
+
+@torch.inference_mode()
+def predict_logits(model: CMDAModel, image: torch.Tensor, events: torch.Tensor, output: str) -> torch.Tensor:
+    """Logits [B, C, H, W] at the input size for one output branch (only the encoders it needs run)."""
+    inputs = {"image": image} if output == "image" else {"events": events} if output == "events" else \
+        {"image": image, "events": events}
+    logits = model(**inputs, outputs=(output,)).logits[output]
+    size = (image if output != "events" else events).shape[-2:]
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def frame_panel(image: np.ndarray, events: np.ndarray, pred: np.ndarray, label: np.ndarray | None,
+                output: str, score: float | None = None) -> np.ndarray:
+    """image | events | prediction | label (when there is one), with titles."""
+    title = f"prediction ({output})" + (f", mIoU {100 * score:.1f}" if score is not None and np.isfinite(score)
+                                        else "")
+    cols = [("image", image), ("events", events_to_rgb(events)), (title, colorize(pred))]
+    if label is not None:
+        cols.append(("label", colorize(label)))
+    return panel(cols)
+
+
+def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: str | Path = "datasets.yaml",
+            split: str = "test", limit: int = 0, output: str = "fusion", teacher: bool = False,
+            device: str = "auto") -> PredictSummary:
+    """Predict every frame of ``split`` (the first ``limit`` if > 0) and write the PNGs into ``out``
+    (default: ``predictions/`` beside the checkpoint). Returns counts and, for the test split, the
+    confusion matrix and metrics over the frames written."""
+    checkpoint = Path(checkpoint)
+    if output not in OUTPUT_CHOICES:
+        raise InputError(None, f"--output must be one of {', '.join(OUTPUT_CHOICES)}, not {output!r}")
+    if split not in SPLITS:
+        raise InputError(None, f"--split must be test or train, not {split!r}")
+    if limit < 0:
+        raise InputError(None, f"--limit must be >= 0, got {limit}")
+    dev = resolve_device(device)
+    model, cfg, state = load_for_inference(checkpoint, teacher=teacher, device=dev)
+    out = Path(out) if out is not None else checkpoint.parent / "predictions"
+    total, frames = night_frames(Path(config), cfg, split, limit)
+    conf_total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) if split == "test" else None
+    count = 0
+    for item in tqdm(frames, total=total, desc=f"predict {split}", unit="frame"):
+        image, events = item["image"][None].to(dev), item["events"][None].to(dev)
+        pred = predict_logits(model, image, events, output).argmax(1)[0].cpu()
+        label = item["label"]
+        score = None
+        if label is not None and conf_total is not None:
+            conf = confusion(pred, label)
+            conf_total += conf
+            score = float(summarize(conf.numpy())["mIoU"])
+        pred_np = pred.numpy().astype(np.uint8)
+        write_png(out / f"{item['name']}_pred.png", colorize(pred_np))
+        write_png(out / f"{item['name']}_panel.png", frame_panel(
+            denormalize(item["image"]), item["events"].numpy(), pred_np,
+            None if label is None else label.numpy(), output, score))
+        count += 1
+    summary = PredictSummary(out=out, frames=count, split=split, output=output,
+                             weights="teacher" if teacher else "student", iteration=state.get("iteration"))
+    if conf_total is not None and count:
+        summary.conf = conf_total.numpy()
+        summary.metrics = summarize(summary.conf)
+    return summary
+
+
+__all__ = ["OUTPUT_CHOICES", "PredictSummary", "build_model", "checkpoint_config", "frame_panel",
+           "load_for_inference", "night_frames", "predict", "predict_logits", "resolve_device"]
