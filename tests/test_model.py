@@ -214,7 +214,7 @@ def test_channels_last_bf16_autocast_forward_and_backward():
     # then one backward through the fusion path (both encoders, fusion blocks, head).
     torch.manual_seed(0)
     m = CMDAModel("mit_b0").train()
-    x = {k: v.contiguous(memory_format=torch.channels_last) for k, v in _inputs().items()}
+    x = {k: v.contiguous(memory_format=torch.channels_last) for k, v in _inputs(b=1).items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             out = m(**x)
