@@ -21,6 +21,7 @@ from train.visualize import (
     denormalize,
     events_to_rgb,
     loss_curve_png,
+    loss_series,
     metric_series,
     overlay,
     panel,
@@ -141,7 +142,7 @@ def _write_log(path, n=30, broken_tail=True):
     lines = []
     for i in range(0, n * 10, 10):
         lines.append(json.dumps({"iter": i, "loss/fusion": 2.0 / (1 + i), "loss/image": 3.0 / (1 + i),
-                                 "loss/fusion_st": 0.01, "lr": 6e-5 * min(1, i / 100)}))
+                                 "loss/fusion_st": 0.0, "lr": 6e-5 * min(1, i / 100)}))
         if i % 100 == 0:
             lines.append(json.dumps({"iter": i, "eval/mIoU": 0.2 + i / 1000, "eval/mIoU19": 0.19}))
     text = "\n".join(lines) + "\n"
@@ -175,6 +176,8 @@ def test_metrics_log_parsing_rules(tmp_path):
     resumed = [*recs, {"iter": 10, "loss/fusion": 9.0}, {"iter": 5, "loss/fusion": float("nan")}]
     its, vals = metric_series(resumed, "loss/fusion")
     assert its.tolist() == [0, 10, 20] and vals[1] == 9.0
+    series = loss_series(read_metrics_jsonl(log))
+    assert list(series) == ["fusion", "image"]  # fusion_st is identically 0: left out of the plot
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"iter": 0}\nnot json\n{"iter": 1}\n')
     with pytest.raises(InputError, match="line 2"):

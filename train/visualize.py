@@ -278,6 +278,17 @@ def smooth(values: Any, weight: float = 0.9) -> np.ndarray:
     return out
 
 
+def loss_series(records: Sequence[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every ``loss/<term>`` series by term name, without the ones that are identically zero (a
+    feature loss whose lambda is 0 would only flatten the plot and rule out the log scale)."""
+    out = {}
+    for key in sorted({k for r in records for k in r if k.startswith("loss/")}):
+        its, vals = metric_series(records, key)
+        if len(its) and vals.any():
+            out[key[len("loss/"):]] = (its, vals)
+    return out
+
+
 def loss_curve_png(metrics_jsonl_path: str | Path, path: str | Path, smoothing: float = 0.9, dpi: int = 100) -> Path:
     """Plot every ``loss/*`` series (raw faint + smoothed) and ``eval/mIoU`` from the trainer's log.
 
@@ -288,22 +299,15 @@ def loss_curve_png(metrics_jsonl_path: str | Path, path: str | Path, smoothing: 
     from matplotlib.figure import Figure
 
     records = read_metrics_jsonl(metrics_jsonl_path)
-    loss_keys = sorted({k for r in records for k in r if k.startswith("loss/")})
+    series = loss_series(records)
     fig = Figure(figsize=(10, 7))
     ax_loss, ax_eval = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    positive = True
-    any_loss = False
-    for k, key in enumerate(loss_keys):
-        its, vals = metric_series(records, key)
-        if not len(its):
-            continue
-        any_loss = True
-        positive &= bool((vals > 0).all())
+    for k, (name, (its, vals)) in enumerate(series.items()):
         colour = f"C{k % 10}"
         ax_loss.plot(its, vals, color=colour, alpha=0.25, linewidth=0.8)
-        ax_loss.plot(its, smooth(vals, smoothing), color=colour, linewidth=1.6, label=key[len("loss/"):])
-    if any_loss:
-        if positive:
+        ax_loss.plot(its, smooth(vals, smoothing), color=colour, linewidth=1.6, label=name)
+    if series:
+        if all((vals > 0).all() for _, vals in series.values()):
             ax_loss.set_yscale("log")
         ax_loss.legend(fontsize=8, ncol=2)
     else:
