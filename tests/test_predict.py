@@ -28,9 +28,10 @@ from tests.test_cityscapes import make_tree
 from train.checkpoint import save_checkpoint
 from train.config import DataConfig, RcsConfig, TrainConfig, to_dict
 from train.data import NightTest, PairedBatches
+from train.inference import load_for_inference, predict_logits
 from train.inspect_sample import SOURCE_TITLES, TARGET_TITLES, batch_isr
 from train.models import CMDAModel
-from train.predict import load_for_inference, predict, predict_logits
+from train.predict import predict
 from train.visualize import TITLE_HEIGHT, colorize, denormalize, events_to_rgb, overlay
 
 SEQ = "zurich_city_09_a"
@@ -152,7 +153,8 @@ def test_predict_test_split_writes_palette_predictions_and_panels(tree, ckpt):
     test = NightTest(load_config(tree), _train_config().data)
     for i, f in enumerate(TEST_FRAMES):
         item = test[i]
-        expected = predict_logits(student, item["image"][None], item["events"][None], "fusion").argmax(1)[0]
+        logits = predict_logits(student, item["image"][None], item["events"][None], ("fusion",))
+        expected = logits["fusion"].argmax(1)[0]
         pred = _read(out / f"{SEQ}_{f:06d}_pred.png")
         assert pred.shape == (TEST_ROWS, W, 3)
         np.testing.assert_array_equal(pred, colorize(expected.numpy()))

@@ -40,7 +40,8 @@ from pipeline.errors import InputError
 from train.checkpoint import check_compatible, load_checkpoint, load_model_state, restore_rng, save_checkpoint
 from train.config import TrainConfig, to_dict
 from train.data import NightTest, PairedBatches
-from train.evaluate import autocast, evaluate
+from train.evaluate import evaluate
+from train.inference import autocast
 from train.isr import ISR_DAY, ISR_NIGHT, isr_from_normalized
 from train.losses import (
     needed_source_features,

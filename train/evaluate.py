@@ -6,43 +6,22 @@ Used by the training loop (every ``eval_every`` iterations, student, fusion outp
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.atomic import write_text
 from pipeline.config import load_config
-from train.checkpoint import load_checkpoint, load_model_state
-from train.config import TrainConfig, from_dict
 from train.data import NightTest
+from train.inference import load_for_inference, predict_logits, resolve_device
 from train.metrics import CLASSES, NUM_CLASSES, confusion, summarize
 
 EVAL_OUTPUTS = ("fusion", "image", "events")
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; CPU runs in fp32 (CPU bf16 is slow and not what users train with)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, events: torch.Tensor,
-                   outputs: tuple[str, ...], amp: bool = True) -> dict[str, torch.Tensor]:
-    """Full-resolution logits of the requested outputs for one batch (model in eval mode)."""
-    with autocast(image.device, amp):
-        out = model(image=image, events=events, outputs=outputs)
-    size = image.shape[-2:]
-    return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False)
-            for k, v in out.logits.items()}
 
 
 @torch.no_grad()
@@ -86,30 +65,13 @@ def iou_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_model_from_checkpoint(path: Path, device: torch.device, teacher: bool = False
-                                ) -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
-    from train.models import CMDAModel
-
-    state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
-    model = CMDAModel(cfg.model.backbone, num_classes=cfg.model.num_classes)
-    key = "teacher" if teacher else "student"
-    if state.get(key) is None:
-        from pipeline.errors import InputError
-
-        raise InputError(path, f"checkpoint has no {key} weights")
-    load_model_state(model, state[key], path)
-    return model.to(device).eval(), cfg, state
-
-
 def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: Path | None = None,
                         teacher: bool = False, device: str = "auto", limit: int = 0) -> dict[str, Any]:
     """``cmda evaluate``: metrics.json, iou.md and one confusion-matrix PNG per output."""
     from train.visualize import confusion_png
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model, cfg, state = build_model_from_checkpoint(checkpoint, dev, teacher)
+    dev = resolve_device(device)
+    model, cfg, state = load_for_inference(checkpoint, teacher, dev)
     dcfg = load_config(datasets or cfg.data.datasets)
     results = evaluate(model, NightTest(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp)
     out = out or checkpoint.parent.parent / "eval" / checkpoint.stem

@@ -22,17 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import write_png
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from train.checkpoint import load_checkpoint, load_model_state
-from train.config import TrainConfig, from_dict
+from train.config import TrainConfig
 from train.data import NightFrames, NightTest, normalize_image
+from train.inference import load_for_inference, predict_logits, resolve_device
 from train.metrics import NUM_CLASSES, confusion, summarize
-from train.models import CMDAModel
 from train.visualize import colorize, denormalize, events_to_rgb, panel
 
 OUTPUT_CHOICES = ("fusion", "image", "events")
@@ -49,57 +47,6 @@ class PredictSummary:
     iteration: int | None
     conf: np.ndarray | None = None  # [19, 19] over the frames written (test split only)
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything torch does not know is an InputError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InputError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:
-    """The training config stored in a checkpoint, checked against the checkpoint's own backbone."""
-    if not isinstance(state.get("config"), dict):
-        raise InputError(path, "checkpoint has no training config")
-    try:
-        cfg = from_dict(state["config"])
-    except InputError as exc:
-        raise InputError(path, f"stored training config is not valid here: {exc.problem}") from None
-    if state.get("backbone") not in (None, cfg.model.backbone):
-        raise InputError(path, f"checkpoint says backbone {state['backbone']}, its config says {cfg.model.backbone}")
-    return cfg
-
-
-def build_model(cfg: TrainConfig, path: Path) -> CMDAModel:
-    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError)."""
-    m = cfg.model
-    try:
-        return CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
-                         fusion_drop_path=m.fusion_drop_path)
-    except ValueError as exc:
-        raise InputError(path, str(exc)) from None
-
-
-def load_for_inference(path: str | Path, teacher: bool = False, device: str | torch.device = "cpu"
-                       ) -> tuple[CMDAModel, TrainConfig, dict[str, Any]]:
-    """Checkpoint -> (model in eval mode on ``device``, its training config, the raw state)."""
-    path = Path(path)
-    state = load_checkpoint(path)
-    cfg = checkpoint_config(path, state)
-    key = "teacher" if teacher else "student"
-    weights = state.get(key)
-    if weights is None:
-        raise InputError(path, f"checkpoint holds no {key} weights")
-    model = build_model(cfg, path)
-    load_model_state(model, weights, path)
-    return model.eval().to(device), cfg, state
 
 
 def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int
@@ -128,15 +75,6 @@ def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int
 
 
 @torch.inference_mode()
-def predict_logits(model: CMDAModel, image: torch.Tensor, events: torch.Tensor, output: str) -> torch.Tensor:
-    """Logits [B, C, H, W] at the input size for one output branch (only the encoders it needs run)."""
-    inputs = {"image": image} if output == "image" else {"events": events} if output == "events" else \
-        {"image": image, "events": events}
-    logits = model(**inputs, outputs=(output,)).logits[output]
-    size = (image if output != "events" else events).shape[-2:]
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-
-
 def frame_panel(image: np.ndarray, events: np.ndarray, pred: np.ndarray, label: np.ndarray | None,
                 output: str, score: float | None = None) -> np.ndarray:
     """image | events | prediction | label (when there is one), with titles."""
@@ -169,7 +107,7 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
     count = 0
     for item in tqdm(frames, total=total, desc=f"predict {split}", unit="frame"):
         image, events = item["image"][None].to(dev), item["events"][None].to(dev)
-        pred = predict_logits(model, image, events, output).argmax(1)[0].cpu()
+        pred = predict_logits(model, image, events, (output,), amp=cfg.run.amp)[output].argmax(1)[0].cpu()
         label = item["label"]
         score = None
         if label is not None and conf_total is not None:
@@ -190,5 +128,4 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
     return summary
 
 
-__all__ = ["OUTPUT_CHOICES", "PredictSummary", "build_model", "checkpoint_config", "frame_panel",
-           "load_for_inference", "night_frames", "predict", "predict_logits", "resolve_device"]
+__all__ = ["OUTPUT_CHOICES", "PredictSummary", "frame_panel", "night_frames", "predict"]

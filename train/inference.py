@@ -1,0 +1,94 @@
+"""Loading a checkpoint for inference and running the model on full frames.
+
+Shared by ``cmda evaluate`` and ``cmda predict``: the model is rebuilt from the config stored in the
+checkpoint (never from today's defaults), weights load strictly, and logits are upsampled to the
+input size before the argmax, exactly as evaluation scores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import InputError
+from train.checkpoint import load_checkpoint, load_model_state
+from train.config import TrainConfig, from_dict
+from train.models import CMDAModel
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; CPU runs in fp32 (CPU bf16 is slow and not what users train with)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything torch does not know is an InputError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:
+    """The training config stored in a checkpoint, checked against the checkpoint's own backbone."""
+    if not isinstance(state.get("config"), dict):
+        raise InputError(path, "checkpoint has no training config")
+    try:
+        cfg = from_dict(state["config"])
+    except InputError as exc:
+        raise InputError(path, f"stored training config is not valid here: {exc.problem}") from None
+    if state.get("backbone") not in (None, cfg.model.backbone):
+        raise InputError(path, f"checkpoint says backbone {state['backbone']}, its config says {cfg.model.backbone}")
+    return cfg
+
+
+def build_model(cfg: TrainConfig, path: Path) -> CMDAModel:
+    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError)."""
+    m = cfg.model
+    try:
+        return CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
+                         fusion_drop_path=m.fusion_drop_path)
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None
+
+
+def load_for_inference(path: str | Path, teacher: bool = False, device: str | torch.device = "cpu"
+                       ) -> tuple[CMDAModel, TrainConfig, dict[str, Any]]:
+    """Checkpoint -> (model in eval mode on ``device``, its training config, the raw state)."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(path, state)
+    key = "teacher" if teacher else "student"
+    weights = state.get(key)
+    if weights is None:
+        raise InputError(path, f"checkpoint holds no {key} weights")
+    model = build_model(cfg, path)
+    load_model_state(model, weights, path)
+    return model.eval().to(device), cfg, state
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, events: torch.Tensor,
+                   outputs: tuple[str, ...], amp: bool = True) -> dict[str, torch.Tensor]:
+    """Logits at the input size for each requested output; only the encoders they need run."""
+    inputs: dict[str, torch.Tensor] = {}
+    if any(o in ("image", "fusion") for o in outputs):
+        inputs["image"] = image
+    if any(o in ("events", "fusion") for o in outputs):
+        inputs["events"] = events
+    with autocast(image.device, amp):
+        out = model(**inputs, outputs=outputs)
+    size = image.shape[-2:]
+    return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False)
+            for k, v in out.logits.items()}
