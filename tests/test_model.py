@@ -266,3 +266,13 @@ def test_load_pretrained_fills_both_encoders(tmp_path):
 def test_loss_weights_are_cmda_s():
     assert LOSS_WEIGHTS == {"fusion": 0.5, "image": 0.5, "isr": 0.25, "events": 0.25}
     assert set(LOSS_WEIGHTS) == set(OUTPUTS)
+
+
+def test_head_channels_can_shrink_the_decoder_for_cpu_runs():
+    m = CMDAModel("mit_b0", head_channels=16).eval()
+    assert m.decode_head.conv_seg.in_channels == 16
+    assert m.decode_head.embed_layers[0].proj.out_features == 16
+    x = _inputs(b=1)
+    with torch.no_grad():
+        out = m(**x)
+    assert all(v.shape == (1, 19, H // 4, W // 4) for v in out.logits.values())

@@ -133,7 +133,10 @@ class CMDAModel(nn.Module):
         fusion_drop_path: float = 0.05,
         checkpoint: bool = False,
         in_chans: int = 3,
+        head_channels: int = 256,
     ):
+        """``head_channels``: DAFormer's 256 by default; a CPU demo may shrink it (the separable ASPP
+        at 1/4 resolution dominates a small MiT's compute)."""
         super().__init__()
         cfg = get_config(backbone)
         self.backbone_name = cfg.name
@@ -141,7 +144,7 @@ class CMDAModel(nn.Module):
         self.backbone_image = MixVisionTransformer(cfg, in_chans, drop_path, checkpoint)
         self.backbone_events = MixVisionTransformer(cfg, in_chans, drop_path, checkpoint)
         self.fusion_module = AttentionAvgFusion(cfg.embed_dims, cfg.sr_ratios, drop_path=fusion_drop_path)
-        self.decode_head = DAFormerHead(cfg.embed_dims, num_classes)
+        self.decode_head = DAFormerHead(cfg.embed_dims, num_classes, embed_dim=head_channels, channels=head_channels)
 
     @property
     def checkpoint(self) -> bool:
