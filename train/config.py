@@ -31,6 +31,7 @@ class ModelConfig:
     # exists, "none" = IC1 used directly as the source events, or a path that must exist.
     cyclegan: str = "auto"
     num_classes: int = 19
+    head_channels: int = 256  # DAFormer head width; smaller only for quick CPU runs
     drop_path: float = 0.1
     fusion_drop_path: float = 0.05
     checkpoint: bool = False  # recompute encoder blocks in backward (saves memory at MiT-B5)

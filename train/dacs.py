@@ -154,7 +154,7 @@ def _finite_or_raise(terms: dict[str, torch.Tensor], it: int, out: Path, last_ck
     for name, value in terms.items():
         if not torch.isfinite(value.detach()).all():
             keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise InputError(out, f"training diverged at iteration {it}: loss term '{name}' is "
+            raise InputError(out, f"training diverged at iteration {it + 1}: loss term '{name}' is "
                              f"{value.detach().float().item()}; stopped ({keep}). Lower --lr or check the data.")
 
 
@@ -205,7 +205,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
     # ---- models
     mit_path, gan_path = resolve_weights(cfg, say)
     model = CMDAModel(cfg.model.backbone, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path,
-                      fusion_drop_path=cfg.model.fusion_drop_path, checkpoint=cfg.model.checkpoint)
+                      fusion_drop_path=cfg.model.fusion_drop_path, checkpoint=cfg.model.checkpoint,
+                      head_channels=cfg.model.head_channels)
     if mit_path is not None:
         model.load_pretrained(mit_path)
     imnet = None
@@ -300,7 +301,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
                 try:
                     terms, extra = _step(cfg, batch, ctx, fwd, teacher, gan, imnet, amp, ic1_to_events)
                 except torch.OutOfMemoryError:
-                    raise InputError(out, f"CUDA out of memory at iteration {it} (backbone {cfg.model.backbone}, "
+                    raise InputError(out, f"CUDA out of memory at iteration {it + 1} (backbone {cfg.model.backbone}, "
                                      f"batch {cfg.run.batch}, crop {cfg.data.crop}): lower --batch or --crop, "
                                      "add --set model.checkpoint=true, or use a smaller --backbone") from None
                 _finite_or_raise(terms, it, out, last_ckpt)

@@ -58,7 +58,7 @@ def build_model(cfg: TrainConfig, path: Path) -> CMDAModel:
     m = cfg.model
     try:
         return CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
-                         fusion_drop_path=m.fusion_drop_path)
+                         fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels)
     except ValueError as exc:
         raise InputError(path, str(exc)) from None
 

@@ -1,0 +1,206 @@
+"""The training loop: loss-term gradient routing per variant, short runs, resume, divergence, stop."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cityscapes import convert_cityscapes
+from pipeline.errors import InputError
+from tests.test_cityscapes import make_tree
+from tests.test_predict import _datasets_yaml, make_night
+from train import dacs
+from train.checkpoint import load_checkpoint
+from train.config import VARIANTS, TrainConfig, apply_variant
+from train.losses import source_feature_terms, target_feature_terms
+from train.models import CMDAModel
+
+# ---------------------------------------------------------------------- gradient routing
+
+
+def _grad_parts(model: CMDAModel) -> set[str]:
+    parts = set()
+    for name, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            parts.add(name.split(".")[0])
+    return parts
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    torch.manual_seed(0)
+    return CMDAModel("mit_b0", head_channels=16)
+
+
+EXPECTED = {
+    # term: (parts of the SOURCE-pass model with gradient, parts of the MIXED-pass model with gradient)
+    "rgb_event_src": ({"backbone_image", "backbone_events"}, set()),
+    "fusion_st": (set(), {"backbone_image", "backbone_events", "fusion_module"}),
+    "rgb_st": (set(), {"backbone_image"}),
+    "event_s_rgb_t": (set(), {"backbone_image"}),
+    "event_st": (set(), {"backbone_events"}),
+}
+
+
+@pytest.mark.parametrize("term", list(EXPECTED))
+def test_each_l2_term_sends_gradient_where_the_study_says(tiny_models, term):
+    cfg = TrainConfig().loss
+    setattr(cfg, term, 1.0)
+    src_model, mix_model = copy.deepcopy(tiny_models), copy.deepcopy(tiny_models)
+    x = torch.randn(2, 3, 64, 64)
+    src = src_model(image=x, events=x.flip(-1), isr=x.flip(-2))
+    mixed = mix_model(image=x.flip(-1), events=x, isr=x)
+    terms = source_feature_terms(src.features, cfg)
+    # the loop keeps detached deepest source features for the target-side terms
+    keep = {k: src.features[k][-1].detach() for k in ("image", "events", "fusion")}
+    terms.update(target_feature_terms(mixed.features, keep, cfg))
+    assert list(terms) == [f"l2/{term}"]
+    terms[f"l2/{term}"].backward()
+    want_src, want_mix = EXPECTED[term]
+    assert _grad_parts(src_model) == want_src
+    assert _grad_parts(mix_model) == want_mix
+
+
+def test_zero_lambdas_add_no_terms():
+    cfg = TrainConfig().loss
+    feats = {k: [torch.zeros(1, 2, 2, 2)] for k in ("image", "events", "fusion")}
+    assert source_feature_terms(feats, cfg) == {}
+    assert target_feature_terms(feats, {k: v[-1] for k, v in feats.items()}, cfg) == {}
+
+
+def test_variant_presets_match_the_study():
+    for name, lambdas in VARIANTS.items():
+        cfg = apply_variant(TrainConfig(), name)
+        for key in ("rgb_event_src", "fusion_st", "rgb_st", "event_s_rgb_t", "event_st"):
+            assert getattr(cfg.loss, key) == lambdas.get(key, 0.0)
+    assert apply_variant(TrainConfig(), "rgb_st+event_s_rgb_t").loss.event_s_rgb_t == 0.05
+    assert apply_variant(TrainConfig(), "masked_event").loss.mask_events > 0
+    with pytest.raises(InputError, match="unknown variant"):
+        apply_variant(TrainConfig(), "nope")
+
+
+# ---------------------------------------------------------------------- short runs on a tiny tree
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    make_night(root, 480, 640)
+    make_tree(root / "cs_raw")
+    convert_cityscapes(root / "cs_raw", root / "cs_out", workers=1)
+    return _datasets_yaml(root)
+
+
+def tiny_config(tree: Path, out: Path, variant: str = "baseline", iters: int = 4, **run) -> TrainConfig:
+    cfg = apply_variant(TrainConfig(), variant)
+    cfg.model.backbone = "mit_b0"
+    cfg.model.head_channels = 16
+    cfg.model.pretrained = cfg.model.cyclegan = "none"
+    cfg.data.datasets = tree
+    cfg.data.crop, cfg.data.source_resize, cfg.data.target_crop = 64, (128, 64), 256
+    cfg.data.test_rows, cfg.data.workers = 64, 0
+    cfg.rcs.min_pixels = 50
+    cfg.run.iters, cfg.run.log_every, cfg.run.eval_every, cfg.run.ckpt_every = iters, 1, iters, 2
+    cfg.run.eval_max = 1
+    cfg.run.out = out
+    for k, v in run.items():
+        setattr(cfg.run, k, v)
+    return cfg
+
+
+def _losses(path: Path) -> dict[int, dict[str, float]]:
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss/total" in rec:
+            out[rec["iter"]] = {k: v for k, v in rec.items() if k.startswith("loss/")}
+    return out
+
+
+@pytest.mark.parametrize("variant", ["baseline", "rgb_event_src+fusion_st", "masked_event"])
+def test_short_run_writes_everything(tree, tmp_path, variant):
+    res = dacs.train(tiny_config(tree, tmp_path / "run", variant, iters=2))
+    run = tmp_path / "run"
+    assert (run / "config.json").exists() and (run / "loss_curve.png").exists()
+    assert (run / "checkpoints" / "iter_000002.pt").exists() and any((run / "tensorboard").iterdir())
+    losses = _losses(run / "metrics.jsonl")
+    assert set(losses) == {1, 2}
+    names = set(losses[2])
+    assert {"loss/src/fusion", "loss/mix/fusion", "loss/mix/isr"} <= names
+    lambdas = VARIANTS[variant]
+    for key in ("rgb_event_src", "fusion_st", "rgb_st", "event_s_rgb_t"):
+        assert (f"loss/l2/{key}" in names) == (key in lambdas)
+    assert 0 <= res["eval"]["mIoU"] <= 1
+
+
+def test_source_only_has_no_target_terms(tree, tmp_path):
+    cfg = tiny_config(tree, tmp_path / "run", iters=1, source_only=True)
+    dacs.train(cfg)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "iter_000001.pt")
+    assert state["teacher"] is None and state["source_only"]
+    assert not any(k.startswith("loss/mix") for k in _losses(tmp_path / "run" / "metrics.jsonl")[1])
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tree, tmp_path):
+    dacs.train(tiny_config(tree, tmp_path / "full", iters=4))
+    full = _losses(tmp_path / "full" / "metrics.jsonl")
+    dacs.train(tiny_config(tree, tmp_path / "resumed", iters=4),
+               resume=tmp_path / "full" / "checkpoints" / "iter_000002.pt")
+    resumed = _losses(tmp_path / "resumed" / "metrics.jsonl")
+    assert set(resumed) == {3, 4}
+    for it in (3, 4):
+        assert set(resumed[it]) == set(full[it])
+        for k, v in full[it].items():
+            assert resumed[it][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (it, k)
+
+
+def test_divergence_stops_with_the_term_and_keeps_the_last_checkpoint(tree, tmp_path, monkeypatch):
+    real_step = dacs._step
+
+    def poisoned(cfg, batch, *a, **k):
+        terms, extra = real_step(cfg, batch, *a, **k)
+        if poisoned.calls == 2:
+            terms["mix/events"] = terms["mix/events"] * float("nan")
+        poisoned.calls += 1
+        return terms, extra
+
+    poisoned.calls = 0
+    monkeypatch.setattr(dacs, "_step", poisoned)
+    with pytest.raises(InputError, match=r"iteration 3: loss term 'mix/events' is nan.*iter_000002\.pt"):
+        dacs.train(tiny_config(tree, tmp_path / "run", iters=4))
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["iter_000002.pt"]
+
+
+def test_stop_request_saves_a_resumable_checkpoint(tree, tmp_path, monkeypatch):
+    real_step = dacs._step
+
+    def stop_after_first(cfg, batch, *a, **k):
+        out = real_step(cfg, batch, *a, **k)
+        import signal
+
+        signal.raise_signal(signal.SIGTERM)  # what `kill` or a cluster scheduler sends
+        return out
+
+    monkeypatch.setattr(dacs, "_step", stop_after_first)
+    res = dacs.train(tiny_config(tree, tmp_path / "run", iters=4))
+    assert res["stopped"] == 1
+    assert (tmp_path / "run" / "checkpoints" / "iter_000001.pt").exists()
+    monkeypatch.setattr(dacs, "_step", real_step)
+    res = dacs.train(tiny_config(tree, None, iters=4), resume=tmp_path / "run" / "checkpoints" / "iter_000001.pt")
+    assert "stopped" not in res and (tmp_path / "run" / "checkpoints" / "iter_000004.pt").exists()
+
+
+def test_resume_refuses_another_backbone_or_variant(tree, tmp_path):
+    dacs.train(tiny_config(tree, tmp_path / "run", iters=2))
+    other = tiny_config(tree, None, "fusion_st", iters=4)
+    with pytest.raises(InputError, match="from variant baseline, this run is fusion_st"):
+        dacs.train(other, resume=tmp_path / "run")
+    other = tiny_config(tree, None, iters=4)
+    other.model.backbone = "mit_b1"
+    with pytest.raises(InputError, match="backbone mit_b0, this run uses mit_b1"):
+        dacs.train(other, resume=tmp_path / "run")
