@@ -148,15 +148,16 @@ def write_frames(plan: SequencePlan, root: Path, spec: SampleSpec, frames: list[
     """Night RGB images (and labels for test frames) of the given frames."""
     paths = SequencePaths(root, plan.name)
     full = plan.frame_view
-    # Rendered at half resolution and upsampled: night frame-camera images are soft (motion blur, noise)
-    # and the warp to 640x480 halves them again, so full-resolution shading would add cost, not content.
+    # Rendered and developed at half resolution, then upsampled: night frame-camera images are soft
+    # (motion blur, denoised noise) and the warp to 640x480 halves them again, so full-resolution
+    # shading would add cost and PNG bytes (pixel-level noise), not content.
     half = View(full.K * np.array([[0.5], [0.5], [1.0]]) + np.array([[0, 0, -0.25], [0, 0, -0.25], [0, 0, 0]]),
                 (full.size[0] // 2, full.size[1] // 2), full.R)
     for i in frames:
         t = plan.t_seconds(i)
         rgb, _, _ = render_radiance(plan.cs, t, half, NIGHT)
-        rgb = cv2.resize(rgb, full.size, interpolation=cv2.INTER_LINEAR)
-        atomic.write_png(paths.image(i), develop(rgb, NIGHT, _rng(spec.seed, plan.index, 4, i)))
+        img = develop(rgb, NIGHT, _rng(spec.seed, plan.index, 4, i))
+        atomic.write_png(paths.image(i), cv2.resize(img, full.size, interpolation=cv2.INTER_LINEAR))
         if i in plan.labels:
             atomic.write_png(paths.label(i), render_labels(plan.cs, t, plan.event_view))
     return len(frames)
