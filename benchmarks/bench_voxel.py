@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.dsec import EventFile, load_rectify_map
-from pipeline.voxel import accumulate_voxels, split_map
+from pipeline.voxel import accumulate_voxels, rectifier
 
 H, W = 480, 640
 
@@ -49,15 +49,13 @@ def torch_put_voxels(x, y, p, t, rmap_t: torch.Tensor, bins: int) -> torch.Tenso
     return grid.view(bins, H, W)
 
 
-def kernel_all(x, y, p, t, maps, starts, stops, bins: int, batch: int = 64) -> None:
-    """Every window through the project's kernel, in batches of output grids like the pipeline."""
-    grids = np.zeros((min(len(starts), batch), bins, H, W), np.float32)
-    t64 = t.astype(np.int64)
-    for k0 in range(0, len(starts), len(grids)):
-        st, sp = starts[k0:k0 + len(grids)], stops[k0:k0 + len(grids)]
-        g = grids[:len(st)]
-        g.fill(0)
-        accumulate_voxels(x, y, p, t, maps, st, sp, t64[st], t64[sp - 1], g)
+def kernel_all(x, y, p, t, rect, starts, stops, bins: int) -> None:
+    """Every window through the project's kernel as `cmda preprocess` runs it: one reused grid."""
+    buf = np.zeros((1, bins, H, W), np.float32)
+    t_first, t_last = t[starts].astype(np.int64), t[stops - 1].astype(np.int64)
+    for k in range(len(starts)):
+        buf.fill(0)
+        accumulate_voxels(x, y, p, t, rect, starts[k:k + 1], stops[k:k + 1], t_first[k:k + 1], t_last[k:k + 1], buf)
 
 
 def baseline_all(fn, x, y, p, t, windows, rmap_t, bins: int) -> None:
@@ -135,7 +133,7 @@ def main() -> None:
         ev = ef.read(0, n)
         ms = ef.ms_to_idx
     rmap = load_rectify_map(args.rectify_map)
-    maps = split_map(rmap)
+    maps = rectifier(rmap)
     # CMDA windows: one 50 ms image interval each (from ms_to_idx), inclusive ends
     edges = np.unique(np.append(ms[::50], n - 1).clip(0, n - 1))
     starts, stops = edges[:-1], edges[1:] + 1

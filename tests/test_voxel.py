@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.dsec import EventFile, load_rectify_map
-from pipeline.voxel import accumulate_voxels, events_norm, split_map, voxel_grid
+from pipeline.voxel import accumulate_voxels, events_norm, rectifier, voxel_grid
 
 H, W = 480, 640
 
@@ -162,7 +162,7 @@ def test_empty_window_is_zero_grid():
 def test_windows_fed_in_pieces_equal_one_piece():
     x, y, p, t = _synthetic(100_000, seed=7, bins_t=50_000)
     rmap = _distorted_map()
-    maps = split_map(rmap)
+    maps = rectifier(rmap)
     t64 = t.astype(np.int64)
     whole = np.zeros((1, 5, H, W), np.float32)
     accumulate_voxels(x, y, p, t, maps, np.array([0]), np.array([100_000]), t64[:1], t64[-1:], whole)
@@ -184,7 +184,7 @@ def test_many_windows_in_one_call_match_separate_calls():
         grids = np.zeros((4, bins, H, W), np.float32)
         tf = t64[np.minimum(starts, len(t) - 1)]
         tl = t64[np.maximum(stops - 1, 0)]
-        accumulate_voxels(x, y, p, t, split_map(rmap), starts, stops, tf, tl, grids)
+        accumulate_voxels(x, y, p, t, rectifier(rmap), starts, stops, tf, tl, grids)
         for k in range(4):
             a, b = starts[k], stops[k]
             if a == b:
@@ -195,7 +195,7 @@ def test_many_windows_in_one_call_match_separate_calls():
 
 def test_accumulate_rejects_bad_arguments():
     x, y, p, t = _synthetic(10, seed=0)
-    maps = split_map(_distorted_map())
+    maps = rectifier(_distorted_map())
     with pytest.raises(ValueError):
         accumulate_voxels(x, y, p, t, maps, np.array([0]), np.array([11]), np.zeros(1), np.zeros(1),
                           np.zeros((1, 1, H, W), np.float32))
