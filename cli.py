@@ -165,6 +165,8 @@ def train(
                                          "masked_event.")] = "baseline",
     source_only: Annotated[bool, typer.Option("--source-only", help="No adaptation: source pass only "
                                               "(the reference every variant should beat).")] = False,
+    preset: Annotated[str | None, typer.Option(help="Settings for another machine, e.g. cpu-sample (a few "
+                                               "minutes on the bundled sample, MiT-B0).")] = None,
     backbone: Annotated[str | None, typer.Option(help="mit_b0 .. mit_b5 (default mit_b5).")] = None,
     iters: Annotated[int | None, typer.Option(help="Iterations (default 40000).")] = None,
     batch: Annotated[int | None, typer.Option(help="Samples per domain per iteration (default 2).")] = None,
@@ -196,15 +198,17 @@ def train(
     """Train CMDA with DACS self-training (Cityscapes day -> DSEC night, images + events).
 
     Defaults reproduce CMDA's published run (MiT-B5, 40k iterations, batch 2+2, crop 512). Settings
-    apply in order: defaults, --variant preset, --config-file, --set, then the dedicated flags.
+    apply in order: defaults, --variant, --preset, --config-file, --set, then the dedicated flags.
     Multi-GPU: torchrun --nproc_per_node N $(which cmda) train ...
     """
     import json
 
-    from train.config import TrainConfig, apply_variant, load_yaml_overrides, set_value, to_dict
+    from train.config import TrainConfig, apply_preset, apply_variant, load_yaml_overrides, set_value, to_dict
     from train.dacs import train as run_training
 
     cfg = apply_variant(TrainConfig(), variant)
+    if preset is not None:
+        apply_preset(cfg, preset)
     cfg.run.source_only = source_only
     cfg.data.datasets = datasets
     if config_file is not None:

@@ -16,6 +16,7 @@ import argparse
 import functools
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,27 +27,8 @@ import torch
 from pipeline.dsec import EventFile, load_rectify_map
 from pipeline.voxel import accumulate_voxels, rectifier
 
-H, W = 480, 640
-
-
-def torch_put_voxels(x, y, p, t, rmap_t: torch.Tensor, bins: int) -> torch.Tensor:
-    """The formula as CMDA's loader computes it: per-window torch tensors and put_(accumulate=True)."""
-    xy = rmap_t[torch.from_numpy(y.astype(np.int64)), torch.from_numpy(x.astype(np.int64))]
-    xs, ys = xy[:, 0], xy[:, 1]
-    tt = torch.from_numpy(t.astype(np.int64))
-    span = float(tt[-1] - tt[0])
-    tn = (bins - 1) * ((tt - tt[0]).float() / span) if span > 0 else torch.zeros(len(tt))
-    value = 2 * torch.from_numpy(p.astype(np.float32)) - 1
-    grid = torch.zeros(bins * H * W)
-    x0, y0, t0 = xs.int(), ys.int(), tn.int()
-    for xl in (x0, x0 + 1):
-        for yl in (y0, y0 + 1):
-            for tl in (t0, t0 + 1):
-                ok = (xl >= 0) & (xl < W) & (yl >= 0) & (yl < H) & (tl >= 0) & (tl < bins)
-                w = value * (1 - (xl - xs).abs()) * (1 - (yl - ys).abs()) * (1 - (tl - tn).abs())
-                idx = (tl.long() * H + yl.long()) * W + xl.long()
-                grid.put_(idx[ok], w[ok], accumulate=True)
-    return grid.view(bins, H, W)
+sys.path.insert(0, str(Path(__file__).parent))
+from baselines import H, W, torch_put_voxels
 
 
 def kernel_all(x, y, p, t, rect, starts, stops, bins: int) -> None:

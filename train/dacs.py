@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
     def run_eval(it: int) -> dict[str, Any] | None:
         if not ctx.main or test is None:
             return None
-        res = evaluate(model, test, ctx.device, ("fusion",), amp, progress=False)["fusion"]
+        res = evaluate(model, test, ctx.device, ("fusion",), amp, progress=False, scale=cfg.data.test_scale)["fusion"]
         log({"iter": it, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"]})
         say(f"iteration {it}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion output)")
         return res

@@ -27,7 +27,7 @@ EVAL_OUTPUTS = ("fusion", "image", "events")
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: NightTest, device: torch.device,
              outputs: tuple[str, ...] = EVAL_OUTPUTS, amp: bool = True, workers: int = 0,
-             progress: bool = True) -> dict[str, dict[str, Any]]:
+             progress: bool = True, scale: float = 1.0) -> dict[str, dict[str, Any]]:
     """Confusion matrix and summary per output over the whole dataset."""
     was_training = model.training
     model.eval()
@@ -38,7 +38,7 @@ def evaluate(model: torch.nn.Module, dataset: NightTest, device: torch.device,
             image = batch["image"].to(device)
             events = batch["events"].to(device)
             label = batch["label"].to(device)
-            logits = predict_logits(model, image, events, outputs, amp)
+            logits = predict_logits(model, image, events, outputs, amp, scale)
             for o in outputs:
                 conf[o] += confusion(logits[o].argmax(1), label)
     finally:
@@ -73,7 +73,8 @@ def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: 
     dev = resolve_device(device)
     model, cfg, state = load_for_inference(checkpoint, teacher, dev)
     dcfg = load_config(datasets or cfg.data.datasets)
-    results = evaluate(model, NightTest(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp)
+    results = evaluate(model, NightTest(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp,
+                       scale=cfg.data.test_scale)
     out = out or checkpoint.parent.parent / "eval" / checkpoint.stem
     out.mkdir(parents=True, exist_ok=True)
     summary = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "weights": "teacher" if teacher

@@ -80,8 +80,17 @@ def load_for_inference(path: str | Path, teacher: bool = False, device: str | to
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, events: torch.Tensor,
-                   outputs: tuple[str, ...], amp: bool = True) -> dict[str, torch.Tensor]:
-    """Logits at the input size for each requested output; only the encoders they need run."""
+                   outputs: tuple[str, ...], amp: bool = True, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Logits at the input size for each requested output; only the encoders they need run.
+
+    ``scale`` resizes the inputs first (bilinear) so a model trained on rescaled crops sees test
+    frames at its training scale (``data.test_scale``); logits always come back at the input size.
+    """
+    size = image.shape[-2:]
+    if scale != 1.0:
+        scaled = (max(32, round(size[0] * scale)), max(32, round(size[1] * scale)))
+        image = F.interpolate(image, size=scaled, mode="bilinear", align_corners=False)
+        events = F.interpolate(events, size=scaled, mode="bilinear", align_corners=False)
     inputs: dict[str, torch.Tensor] = {}
     if any(o in ("image", "fusion") for o in outputs):
         inputs["image"] = image
@@ -89,6 +98,5 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, events: torch.Te
         inputs["events"] = events
     with autocast(image.device, amp):
         out = model(**inputs, outputs=outputs)
-    size = image.shape[-2:]
     return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False)
             for k, v in out.logits.items()}

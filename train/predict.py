@@ -107,7 +107,8 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
     count = 0
     for item in tqdm(frames, total=total, desc=f"predict {split}", unit="frame"):
         image, events = item["image"][None].to(dev), item["events"][None].to(dev)
-        pred = predict_logits(model, image, events, (output,), amp=cfg.run.amp)[output].argmax(1)[0].cpu()
+        logits = predict_logits(model, image, events, (output,), amp=cfg.run.amp, scale=cfg.data.test_scale)
+        pred = logits[output].argmax(1)[0].cpu()
         label = item["label"]
         score = None
         if label is not None and conf_total is not None:

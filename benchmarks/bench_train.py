@@ -1,0 +1,106 @@
+"""Training-step speed and memory: the full DACS step, fp32 eager vs the project's default settings.
+
+One iteration = EMA update, source pass + backward, teacher pseudo-labels, ClassMix + jitter/blur +
+ISR recompute, mixed pass + backward, AdamW step: exactly ``train.dacs._step`` plus the optimiser,
+on synthetic tensors of the training shapes (so data loading is not measured; see
+bench_loader.py). Both configurations run in one process on the same model size and batch:
+
+* ``fp32 eager``: float32, contiguous tensors, foreach AdamW;
+* ``cmda default``: bf16 autocast, channels_last, fused AdamW (+ ``--compile``, + ``--checkpoint``).
+
+    python benchmarks/bench_train.py                              # MiT-B5, 512x512, batch 2+2 (GPU)
+    python benchmarks/bench_train.py --backbone mit_b0 --crop 128 --iters 5   # what a CPU can do
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from train.config import TrainConfig
+from train.dacs import Context, _step
+from train.models import CMDAModel, ic1_to_events
+from train.schedule import ema_alpha, ema_update
+
+
+def fake_batch(b: int, size: int, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def img():
+        return torch.randn(b, 3, size, size, generator=gen).to(device)
+
+    label = torch.randint(0, 19, (b, size // 32, size // 32), generator=gen)
+    label = label.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)  # blocky, like real labels
+    return {"source_image": img(), "source_label": label, "source_ic1": img().clamp(-1, 1),
+            "target_image": img(), "target_events": img().clamp(-1, 1)}
+
+
+def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
+        compile_: bool, checkpoint: bool) -> dict[str, float]:
+    cfg = TrainConfig()
+    cfg.model.backbone, cfg.data.crop, cfg.run.batch = args.backbone, args.crop, args.batch
+    cfg.run.channels_last, cfg.run.amp = channels_last, amp
+    torch.manual_seed(0)
+    model = CMDAModel(args.backbone, checkpoint=checkpoint, head_channels=args.head_channels).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.param_groups(6e-5, 0.01), lr=6e-5, fused=fused if device.type == "cuda" else None)
+    fwd = torch.compile(model) if compile_ else model
+    ctx = Context(device=device)
+    gen = torch.Generator().manual_seed(0)
+    batches = [fake_batch(args.batch, args.crop, device, gen) for _ in range(2)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for it in range(args.warmup + args.iters):
+        t0 = time.perf_counter()
+        if it:
+            ema_update(teacher, model, ema_alpha(it, 0.999))
+        _step(cfg, batches[it % 2], ctx, fwd, teacher, None, None, amp and device.type == "cuda", ic1_to_events)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if it >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    del model, teacher, opt, fwd
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"name": name, "s_per_iter": statistics.median(times), "peak_gb": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="mit_b5")
+    ap.add_argument("--crop", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--head-channels", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also torch.compile the default configuration")
+    ap.add_argument("--checkpoint", action="store_true", help="gradient checkpointing in the default configuration")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.backbone}, {args.crop}x{args.crop}, batch {args.batch}+{args.batch}, full DACS step, on {where}")
+    rows = [run("fp32 eager", args, device, amp=False, channels_last=False, fused=False, compile_=False,
+                checkpoint=False)]
+    rows.append(run("cmda default (bf16 autocast, channels_last, fused AdamW"
+                    + (", compile" if args.compile else "") + (", checkpointing" if args.checkpoint else "") + ")",
+                    args, device, amp=True, channels_last=True, fused=True, compile_=args.compile,
+                    checkpoint=args.checkpoint))
+    base = rows[0]["s_per_iter"]
+    print(f"\n{'configuration':<72}{'s/iter':>8}{'speed-up':>10}{'peak GB':>9}{'40k iters':>11}")
+    for r in rows:
+        hours = r["s_per_iter"] * 40_000 / 3600
+        print(f"{r['name']:<72}{r['s_per_iter']:>8.3f}{base / r['s_per_iter']:>10.2f}{r['peak_gb']:>9.2f}"
+              f"{hours:>10.1f}h")
+
+
+if __name__ == "__main__":
+    main()
