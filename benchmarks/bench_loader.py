@@ -29,7 +29,7 @@ from pipeline.config import load_config
 from pipeline.dsec import SequencePaths
 from pipeline.voxel import events_norm
 from train.config import DataConfig, RcsConfig
-from train.data import NightFrames, PairedBatches, augment_target, normalize_image, read_rgb
+from train.data import NightFrames, PairedBatches, augment_target, read_rgb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import torch_put_voxels
@@ -39,7 +39,8 @@ SEQ = "zurich_city_09_a"
 
 
 class StoreSamples(Dataset):
-    """The cmda way: voxel grid from the Zarr store, events_norm, shared augmentation."""
+    """The cmda way: voxel grid from the Zarr store, events_norm, shared augmentation. Both loaders
+    return the same compact sample the trainer's PairedBatches returns (uint8 image, 1-channel events)."""
 
     def __init__(self, cfg_path: Path, data: DataConfig):
         self.frames = NightFrames(load_config(cfg_path), "train")
@@ -51,7 +52,7 @@ class StoreSamples(Dataset):
     def __getitem__(self, i: int):
         image, events, _ = self.frames.load(i)
         image, events = augment_target(image, events, np.random.default_rng(i), self.data)
-        return torch.from_numpy(normalize_image(image)), torch.from_numpy(events)
+        return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(events)
 
 
 class OnTheFlySamples(StoreSamples):
@@ -70,9 +71,9 @@ class OnTheFlySamples(StoreSamples):
         with h5py.File(self.paths.rectify_map, "r") as f:
             rmap = torch.from_numpy(f["rectify_map"][:])
         grid = torch_put_voxels(x, y, p, t, rmap, bins=1).numpy()
-        events = np.repeat(events_norm(grid, b - a), 3, axis=0)
+        events = events_norm(grid, b - a)
         image, events = augment_target(image, events, np.random.default_rng(i), self.data)
-        return torch.from_numpy(normalize_image(image)), torch.from_numpy(events)
+        return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(events)
 
 
 def rate(ds: Dataset, n: int, workers: int) -> float:

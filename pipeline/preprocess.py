@@ -129,7 +129,7 @@ def _run_batch(
     events_path: Path,
     events_token: str,
     store: Path,
-    writer: zstore.FrameWriter,
+    writer: zstore.FrameChunks,
     rectify_map: Path,
     rectify_digest: str,
     start: np.ndarray,
@@ -255,7 +255,7 @@ def preprocess_sequence(
     batches = plan_batches(start, stop, todo, rep.chunk_events, MAX_FRAMES_PER_TASK)
     task = functools.partial(
         _run_batch, events_path=paths.events, events_token=_file_token(paths.events, fingerprint),
-        store=out, writer=zstore.FrameWriter(out),
+        store=out, writer=zstore.FrameChunks(out),
         rectify_map=paths.rectify_map, rectify_digest=identity["source"]["rectify_map"],
         start=start, stop=stop, bins=rep.bins, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
     )

@@ -157,7 +157,7 @@ def write_frames(plan: SequencePlan, root: Path, spec: SampleSpec, frames: list[
         t = plan.t_seconds(i)
         rgb, _, _ = render_radiance(plan.cs, t, half, NIGHT)
         img = develop(rgb, NIGHT, _rng(spec.seed, plan.index, 4, i))
-        atomic.write_png(paths.image(i), cv2.resize(img, full.size, interpolation=cv2.INTER_LINEAR))
+        atomic.write_png(paths.image(i), cv2.resize(img, full.size, interpolation=cv2.INTER_LINEAR), photo=True)
         if i in plan.labels:
             atomic.write_png(paths.label(i), render_labels(plan.cs, t, plan.event_view))
     return len(frames)
@@ -273,7 +273,8 @@ def write_cityscapes_frame(root: Path, spec: SampleSpec, split: str, j: int) -> 
         rgb, proj, _ = render_radiance(cs, t, view, DAY)
         img = develop(rgb, DAY, _rng(spec.seed, 2000 + (split == "val"), j, frame))
         img[:, :border] = 0
-        _, buf = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]))
+        _, buf = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]),
+                              [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY])  # see write_png
         pngs[frame] = buf.tobytes()
         if frame == 19:
             objects = polygon_objects(cs, proj, view.size)

@@ -20,6 +20,7 @@ the run was interrupted. A store built with other settings is rebuilt from scrat
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,39 +96,50 @@ def open_for_writing(
     return group, np.zeros(frames, dtype=bool), False
 
 
-class FrameWriter:
-    """Writes one frame's voxel grid as its Zarr chunk file directly.
+class FrameChunks:
+    """Direct access to the per-frame chunk files of the ``voxels`` array.
 
-    Going through ``zarr.Array.__setitem__`` costs ~4 ms of bookkeeping per 1.2 MB frame, more
-    than compressing it; with one frame per chunk the chunk file is exactly the Blosc encoding of
-    the frame (the same bytes Zarr writes, checked in the tests), so we encode and write it
-    atomically ourselves. An all-zero frame is not written: Zarr reads a missing chunk as the fill
-    value 0, and skips such chunks itself too.
+    Going through ``zarr.Array`` costs ~2-4 ms of bookkeeping per 1.2 MB frame, more than
+    (de)compressing it; with one frame per chunk the chunk file is exactly the Blosc encoding of
+    the frame (the same bytes Zarr writes, checked in the tests), so we encode/decode it ourselves.
+    A missing chunk is an all-zero frame: Zarr reads it as the fill value 0 and skips writing such
+    chunks itself too. Instances are small and picklable (codec and shape, no open handles).
     """
 
     def __init__(self, store_path: Path):
         self.root = Path(store_path) / "voxels"
         meta = zarr.open_array(self.root, mode="r").metadata.to_dict()
-        # Workers receive this object pickled (codec and shape included): no metadata reads per task.
         blosc = [c["configuration"] for c in meta["codecs"] if c["name"] == "blosc"]
         shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
         encoding = meta["chunk_key_encoding"]
         if (len(blosc) != 1 or len(meta["codecs"]) != 2 or chunks[0] != 1 or list(chunks[1:]) != list(shape[1:])
                 or encoding["name"] != "default" or encoding["configuration"]["separator"] != "/"):
-            raise ValueError(f"{self.root}: unexpected array layout for direct chunk writes: {meta}")
+            raise ValueError(f"{self.root}: unexpected array layout for direct chunk access: {meta}")
         cfg = blosc[0]
         self.shape = tuple(shape[1:])
         shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
         self.codec = Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=shuffle[cfg["shuffle"]],
                            blocksize=cfg["blocksize"])
 
+    def chunk(self, frame: int) -> Path:
+        return self.root / "c" / str(frame) / "0" / "0" / "0"
+
+    def read(self, frame: int) -> np.ndarray:
+        try:
+            data = self.chunk(frame).read_bytes()
+        except FileNotFoundError:
+            return np.zeros(self.shape, dtype=np.float32)
+        return np.frombuffer(self.codec.decode(data), dtype="<f4").reshape(self.shape)
+
     def write(self, frame: int, grid: np.ndarray) -> None:
+        """Encode and write one frame's grid atomically (an all-zero grid writes nothing)."""
         grid = np.ascontiguousarray(grid, dtype="<f4")
         if grid.shape != self.shape:
             raise ValueError(f"frame grid has shape {grid.shape}, store expects {self.shape}")
         if not grid.any():
             return
-        write_bytes(self.root / "c" / str(frame) / "0" / "0" / "0", self.codec.encode(grid))
+        write_bytes(self.chunk(frame), self.codec.encode(grid))
+
 
 
 def write_index_arrays(group: zarr.Group, arrays: dict[str, np.ndarray]) -> None:
@@ -184,5 +196,16 @@ class VoxelStore:
     def index(self, name: str) -> np.ndarray:
         return np.asarray(self.group[name][...])
 
+    @functools.cached_property
+    def frames(self) -> int:
+        return int(self.group["voxels"].shape[0])
+
+    @functools.cached_property
+    def _chunks(self) -> FrameChunks:
+        return FrameChunks(self.path)
+
     def voxels(self, frame: int) -> np.ndarray:
-        return np.asarray(self.group["voxels"][frame])
+        """Voxel grid (bins, H, W) float32 of one frame (read-only view)."""
+        if not 0 <= frame < self.frames:
+            raise IndexError(f"{self.path}: frame {frame} out of range")
+        return self._chunks.read(frame)

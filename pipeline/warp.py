@@ -70,7 +70,7 @@ def _warp_frames(paths: SequencePaths, out: Path, frames: list[int], maps, src_s
         if (img.shape[1], img.shape[0]) != src_size:
             raise InputError(paths.image(f), f"image is {img.shape[1]}x{img.shape[0]}, the calibration's rectified "
                              f"frame camera (camRect1) is {src_size[0]}x{src_size[1]}")
-        atomic.write_png(dst, warp_image(img, np.eye(3), maps=maps)[..., ::-1])  # BGR in, RGB to write_png
+        atomic.write_png(dst, warp_image(img, np.eye(3), maps=maps)[..., ::-1], photo=True)  # BGR in, RGB to write_png
         written += 1
     return written
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.cityscapes import convert_cityscapes
 from pipeline.config import load_config
@@ -22,6 +23,8 @@ from train.data import (
     augment_target,
     crop_max_ratio,
     events_to_input,
+    ic1_to_input,
+    network_batch,
     normalize_image,
     read_grey,
     read_rgb,
@@ -108,9 +111,15 @@ def test_paired_batches_shapes_ranges_and_determinism(tree):
     cfg = load_config(tree)
     data = DataConfig(crop=128, source_resize=(256, 128))
     batches = PairedBatches(cfg, data, RcsConfig(min_pixels=50), batch=2, seed=0)
-    item = batches[3]
-    assert item["source_image"].shape == (2, 3, 128, 128) and item["source_image"].dtype.is_floating_point
-    assert item["source_label"].shape == (2, 128, 128) and str(item["source_label"].dtype) == "torch.int64"
+    raw = batches[3]
+    # compact on the way through the loader ...
+    assert raw["source_image"].shape == (2, 3, 128, 128) and raw["source_image"].dtype == torch.uint8
+    assert raw["source_ic1"].shape == (2, 1, 128, 128) and raw["source_ic1"].dtype == torch.uint8
+    assert raw["target_image"].dtype == torch.uint8 and raw["target_events"].shape == (2, 1, 128, 128)
+    # ... network inputs on the device
+    item = network_batch(raw)
+    assert item["source_image"].shape == (2, 3, 128, 128) and item["source_image"].dtype == torch.float32
+    assert item["source_label"].shape == (2, 128, 128) and item["source_label"].dtype == torch.int64
     assert item["source_ic1"].shape == (2, 3, 128, 128)
     assert item["target_image"].shape == (2, 3, 128, 128) and item["target_events"].shape == (2, 3, 128, 128)
     labels = set(item["source_label"].unique().tolist())
@@ -120,11 +129,15 @@ def test_paired_batches_shapes_ranges_and_determinism(tree):
     lo = float(((0 - IMAGENET_MEAN) / IMAGENET_STD).min())
     hi = float(((255 - IMAGENET_MEAN) / IMAGENET_STD).max())
     assert lo - 1e-4 <= item["target_image"].min() and item["target_image"].max() <= hi + 1e-4
+    np.testing.assert_allclose(item["source_image"][1].numpy(),
+                               normalize_image(raw["source_image"][1].numpy().transpose(1, 2, 0)), atol=1e-5)
+    np.testing.assert_allclose(item["source_ic1"][0, 2].numpy(), ic1_to_input(raw["source_ic1"][0, 0].numpy())[0],
+                               atol=1e-6)
     again = PairedBatches(cfg, data, RcsConfig(min_pixels=50), batch=2, seed=0)[3]
-    for k in item:
-        assert (item[k] == again[k]).all(), k
+    for k in raw:
+        assert (raw[k] == again[k]).all(), k
     other = batches[4]
-    assert not (other["source_image"] == item["source_image"]).all()
+    assert not (other["source_image"] == raw["source_image"]).all()
 
 
 def test_night_test_set_crops_to_440_rows(tree):

@@ -23,11 +23,11 @@ from pipeline.cityscapes import convert_cityscapes
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.splits import TABLE, Row, _csv
-from pipeline.store import FrameWriter, mark_complete, open_for_writing, write_index_arrays
+from pipeline.store import FrameChunks, mark_complete, open_for_writing, write_index_arrays
 from tests.test_cityscapes import make_tree
 from train.checkpoint import save_checkpoint
 from train.config import DataConfig, RcsConfig, TrainConfig, to_dict
-from train.data import NightTest, PairedBatches
+from train.data import NightTest, PairedBatches, network_batch
 from train.inference import load_for_inference, predict_logits
 from train.inspect_sample import SOURCE_TITLES, TARGET_TITLES, batch_isr
 from train.models import CMDAModel
@@ -67,7 +67,7 @@ def make_night(root: Path, h: int = H, w: int = W) -> None:
     store = out / SEQ / "events.zarr"
     group, _, _ = open_for_writing(store, {"settings": {"bins": 1}}, frames=N_FRAMES, bins=1, height=h, width=w,
                                    cname="lz4", clevel=1)
-    writer = FrameWriter(store)
+    writer = FrameChunks(store)
     rows = []
     for split, frames in (("test", TEST_FRAMES), ("train", TRAIN_FRAMES)):
         for f in frames:
@@ -233,8 +233,9 @@ def test_inspect_renders_the_iterations_training_pair(full_tree, tmp_path, monke
     # header strip, source row (4 tiles), target row (3 tiles, padded white on the right)
     row = TITLE_HEIGHT + crop
     assert pic.shape == (TITLE_HEIGHT + 2 * row, len(SOURCE_TITLES) * crop, 3)
-    batch = dict(PairedBatches(load_config(tree), DataConfig(), RcsConfig(), batch=1, seed=7)[3])
-    batch.update(batch_isr(batch))
+    raw = PairedBatches(load_config(tree), DataConfig(), RcsConfig(), batch=1, seed=7)[3]
+    batch = network_batch(raw)
+    batch.update(batch_isr(raw))
     src = denormalize(batch["source_image"][0])
     top = 2 * TITLE_HEIGHT
     expected_src = [src, overlay(src, batch["source_label"][0].numpy()), events_to_rgb(batch["source_ic1"][0]),

@@ -18,8 +18,8 @@ def test_frame_writer_bytes_equal_zarr_writes(tmp_path, cname):
     ours, theirs = tmp_path / "ours.zarr", tmp_path / "theirs.zarr"
     for path in (ours, theirs):
         zstore.open_for_writing(path, {"k": 1}, frames=3, bins=2, height=48, width=64, cname=cname, clevel=1)
-    zstore.FrameWriter(ours).write(1, grid)
-    zstore.FrameWriter(ours).write(2, np.zeros_like(grid))  # all-zero: no chunk, reads as fill value
+    zstore.FrameChunks(ours).write(1, grid)
+    zstore.FrameChunks(ours).write(2, np.zeros_like(grid))  # all-zero: no chunk, reads as fill value
     zarr.open_array(theirs / "voxels", mode="r+")[1] = grid
     chunk = "voxels/c/1/0/0/0"
     assert (ours / chunk).read_bytes() == (theirs / chunk).read_bytes()
@@ -27,7 +27,7 @@ def test_frame_writer_bytes_equal_zarr_writes(tmp_path, cname):
     np.testing.assert_array_equal(arr[1], grid)
     assert not arr[2].any() and not (ours / "voxels/c/2").exists()
     with pytest.raises(ValueError, match="shape"):
-        zstore.FrameWriter(ours).write(0, grid[:1])
+        zstore.FrameChunks(ours).write(0, grid[:1])
 
 
 def test_open_for_writing_resumes_only_same_identity(tmp_path):

@@ -39,10 +39,10 @@ from pipeline.config import load_config
 from pipeline.errors import InputError
 from train.checkpoint import check_compatible, load_checkpoint, load_model_state, restore_rng, save_checkpoint
 from train.config import TrainConfig, to_dict
-from train.data import NightTest, PairedBatches
+from train.data import NightTest, PairedBatches, network_batch
 from train.evaluate import evaluate
 from train.inference import autocast
-from train.isr import ISR_DAY, ISR_NIGHT, isr_from_normalized
+from train.isr import ISR_DAY, ISR_NIGHT, image_content, isr_from_normalized
 from train.losses import (
     needed_source_features,
     pseudo_labels,
@@ -358,16 +358,16 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
     """One DACS iteration's forward/backward passes; returns the loss terms (already backpropagated)."""
     dev = ctx.device
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-
-    def to(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(dev, non_blocking=True)
-        return x.contiguous(memory_format=mem) if x.ndim == 4 else x
-
-    src_img, src_lbl, src_ic1 = to(batch["source_image"]), to(batch["source_label"]), to(batch["source_ic1"])
-    b = src_img.shape[0]
+    raw = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    b = raw["source_image"].shape[0]
+    with torch.no_grad():  # ISR from the exact uint8 images (CMDA computes it from the PIL image)
+        src_isr = image_content(raw["source_image"], ISR_DAY, _directions(b)).contiguous(memory_format=mem)
+        tgt_isr = (image_content(raw["target_image"], ISR_NIGHT, _directions(b)).contiguous(memory_format=mem)
+                   if "target_image" in raw else None)
+    batch = network_batch(raw, dev, mem)
+    src_img, src_lbl, src_ic1 = batch["source_image"], batch["source_label"], batch["source_ic1"]
     with torch.no_grad():
         src_evt = ic1_to_events(gan, src_ic1) if gan is not None else src_ic1
-        src_isr = isr_from_normalized(src_img, ISR_DAY, _directions(b)).contiguous(memory_format=mem)
 
     # 1. source pass
     with autocast(dev, amp):
@@ -386,9 +386,8 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
         return terms, {}
 
     # 2. pseudo-labels from the EMA teacher
-    tgt_img, tgt_evt = to(batch["target_image"]), to(batch["target_events"])
+    tgt_img, tgt_evt = batch["target_image"], batch["target_events"]
     with torch.no_grad():
-        tgt_isr = isr_from_normalized(tgt_img, ISR_NIGHT, _directions(b)).contiguous(memory_format=mem)
         _teacher_mode(teacher)
         use_events = bool(torch.rand(()) < cfg.dacs.teacher_events_p)
         with autocast(dev, amp):

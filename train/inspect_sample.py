@@ -26,8 +26,8 @@ from pipeline.atomic import write_png
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from train.config import DataConfig, RcsConfig
-from train.data import PairedBatches
-from train.isr import ISR_DAY, ISR_NIGHT, isr_from_normalized
+from train.data import PairedBatches, network_batch
+from train.isr import ISR_DAY, ISR_NIGHT, image_content
 from train.visualize import denormalize, events_to_rgb, overlay, panel, stack, title_strip
 
 SOURCE_TITLES = ("source image", "source label", "IC1", "day ISR")
@@ -35,10 +35,11 @@ TARGET_TITLES = ("target image", "target events", "night ISR")
 
 
 def batch_isr(batch: dict[str, torch.Tensor], direction: str = "rightdown") -> dict[str, torch.Tensor]:
-    """Day ISR of the source images and night ISR of the target images (``[B, 3, H, W]`` in [-1, 1])."""
-    out = {"source_isr": isr_from_normalized(batch["source_image"], ISR_DAY, direction)}
+    """Day ISR of the source images and night ISR of the target images (``[B, 3, H, W]`` in [-1, 1]),
+    from a raw :class:`PairedBatches` item (uint8 images), as the training loop computes them."""
+    out = {"source_isr": image_content(batch["source_image"], ISR_DAY, direction)}
     if "target_image" in batch:
-        out["target_isr"] = isr_from_normalized(batch["target_image"], ISR_NIGHT, direction)
+        out["target_isr"] = image_content(batch["target_image"], ISR_NIGHT, direction)
     return out
 
 
@@ -75,8 +76,9 @@ def inspect_iteration(config: str | Path = "datasets.yaml", iteration: int = 0, 
         raise InputError(None, f"--batch must be >= 1, got {batch}")
     cfg = load_config(config)
     data = PairedBatches(cfg, DataConfig(), RcsConfig(), batch=batch, seed=seed)
-    items = dict(data[iteration])
-    items.update(batch_isr(items, direction))
+    raw = data[iteration]
+    items = network_batch(raw)
+    items.update(batch_isr(raw, direction))
     picture = render_batch(items, header=f"iteration {iteration}, seed {seed}")
     path = Path(out) if out is not None else Path(f"inspect_{iteration}.png")
     write_png(path, picture)

@@ -28,7 +28,7 @@ from pipeline.atomic import write_png
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from train.config import TrainConfig
-from train.data import NightFrames, NightTest, normalize_image
+from train.data import NightFrames, NightTest, normalize_image, three_channels
 from train.inference import load_for_inference, predict_logits, resolve_device
 from train.metrics import NUM_CLASSES, confusion, summarize
 from train.visualize import colorize, denormalize, events_to_rgb, panel
@@ -68,8 +68,9 @@ def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int
     def train_items() -> Iterator[dict[str, Any]]:
         for i in range(n):
             image, events, row = frames.load(i)
-            yield {"image": torch.from_numpy(normalize_image(image)), "events": torch.from_numpy(events),
-                   "label": None, "name": f"{row.sequence}_{row.frame:06d}"}
+            yield {"image": torch.from_numpy(normalize_image(image)),
+                   "events": torch.from_numpy(three_channels(events)), "label": None,
+                   "name": f"{row.sequence}_{row.frame:06d}"}
 
     return n, train_items()
 
