@@ -1,0 +1,50 @@
+"""End to end through the CLI on a freshly generated sample: data pipeline, training, evaluation.
+
+Slow (a couple of minutes on 2 cores): run with ``pytest -m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def _ok(args):
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_sample_to_prediction(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "datasets.yaml").write_text(
+        "dsec:\n  root: sample/DSEC_Night\n  out: processed/dsec\n  test_split: rule\n  label_every: 6\n"
+        "  sequences:\n    zurich_city_09_a: {labelled: [0, 13]}\n"
+        "cityscapes:\n  root: sample/cityscapes\n  out: processed/cityscapes\n"
+        "sample:\n  frames: 24\n  event_rate: 300000.0\n  cityscapes_train: 4\n  cityscapes_val: 1\n"
+    )
+    _ok(["sample", "--out", "sample"])
+    _ok(["preprocess", "--all"])
+    _ok(["warp", "--all"])
+    out = _ok(["index"])
+    assert "zurich_city_09_a: 4 train, 2 test" in out  # train 14..20 even with a window; test 2, 8
+    _ok(["cityscapes"])
+    _ok(["train", "--preset", "cpu-sample", "--iters", "3", "--crop", "64", "--set", "run.eval_every=3",
+         "--set", "data.source_resize=128,64", "--set", "data.test_scale=0.16", "--out", "run"])
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_000003.pt"
+    assert ckpt.exists() and (tmp_path / "run" / "loss_curve.png").exists()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/mIoU" in r for r in records)
+    out = _ok(["evaluate", str(ckpt), "--out", "eval"])
+    assert "mIoU" in out and (tmp_path / "eval" / "confusion_fusion.png").exists()
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(summary["outputs"]) == {"fusion", "image", "events"}
+    assert "truck" not in summary["outputs"]["fusion"]["classes"]
+    _ok(["predict", str(ckpt), "--limit", "1", "--out", "pred"])
+    assert len(list((tmp_path / "pred").glob("*_panel.png"))) == 1
