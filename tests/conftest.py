@@ -18,3 +18,11 @@ def real_dir() -> Path:
     if not (REAL / "prophesee_gen3_vga" / "events.h5").exists():
         pytest.skip(f"real data not available: {REAL} is absent (set CMDA_SHARED to the shared folder)")
     return REAL
+
+
+@pytest.fixture(scope="session")
+def training_tree(tmp_path_factory) -> Path:
+    """datasets.yaml of a small processed DSEC night + Cityscapes tree, shared read-only by tests."""
+    from tests.trees import training_tree as build
+
+    return build(tmp_path_factory.mktemp("training_tree"))

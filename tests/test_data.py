@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from pipeline.cityscapes import convert_cityscapes
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from tests.test_cityscapes import make_tree
-from tests.test_predict import _datasets_yaml, make_night
 from train.config import DataConfig, RcsConfig
 from train.data import (
     IMAGENET_MEAN,
@@ -98,17 +93,8 @@ def test_events_to_input_repeats_one_bin_and_normalises():
     assert ev.min() >= -1 and ev.max() <= 1 and ev[0, 1, 1] > 0 > ev[0, 2, 2]
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_night(root, 480, 640)
-    make_tree(root / "cs_raw")
-    convert_cityscapes(root / "cs_raw", root / "cs_out", workers=1)
-    return _datasets_yaml(root)
-
-
-def test_paired_batches_shapes_ranges_and_determinism(tree):
-    cfg = load_config(tree)
+def test_paired_batches_shapes_ranges_and_determinism(training_tree):
+    cfg = load_config(training_tree)
     data = DataConfig(crop=128, source_resize=(256, 128))
     batches = PairedBatches(cfg, data, RcsConfig(min_pixels=50), batch=2, seed=0)
     raw = batches[3]
@@ -140,8 +126,8 @@ def test_paired_batches_shapes_ranges_and_determinism(tree):
     assert not (other["source_image"] == raw["source_image"]).all()
 
 
-def test_night_test_set_crops_to_440_rows(tree):
-    test = NightTest(load_config(tree), DataConfig())
+def test_night_test_set_crops_to_440_rows(training_tree):
+    test = NightTest(load_config(training_tree), DataConfig())
     item = test[0]
     assert item["image"].shape == (3, 440, 640) and item["events"].shape == (3, 440, 640)
     assert item["label"].shape == (440, 640) and str(item["label"].dtype) == "torch.int64"
@@ -152,8 +138,8 @@ def test_night_test_set_crops_to_440_rows(tree):
     np.testing.assert_array_equal(item["label"].numpy(), label[:440])
 
 
-def test_store_with_other_bins_is_refused(tree):
-    cfg = load_config(tree)
+def test_store_with_other_bins_is_refused(training_tree):
+    cfg = load_config(training_tree)
     import dataclasses
 
     five = dataclasses.replace(cfg, representation=dataclasses.replace(cfg.representation, bins=5))

@@ -18,13 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.atomic import write_png, write_text
-from pipeline.cityscapes import convert_cityscapes
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.splits import TABLE, Row, _csv
-from pipeline.store import FrameChunks, mark_complete, open_for_writing, write_index_arrays
-from tests.test_cityscapes import make_tree
+from tests.trees import SEQ, TEST_FRAMES, TEST_ROWS, TRAIN_FRAMES, H, W, datasets_yaml, make_night
 from train.checkpoint import save_checkpoint
 from train.config import DataConfig, RcsConfig, TrainConfig, to_dict
 from train.data import NightTest, PairedBatches, network_batch
@@ -34,87 +30,13 @@ from train.models import CMDAModel
 from train.predict import predict
 from train.visualize import TITLE_HEIGHT, colorize, denormalize, events_to_rgb, overlay
 
-SEQ = "zurich_city_09_a"
-TEST_FRAMES = (2, 20)
-TRAIN_FRAMES = (42, 44)
-N_FRAMES = 46
-# Predict runs a real (random) MiT-B0 + DAFormer head, ~10 s per 440x640 frame on 2 CPU cores, so the
-# fast tests use small frames and a matching test crop; one slow test runs the real DSEC size.
-H, W = 96, 128
-TEST_ROWS = 64
-
-
-def _night_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = 40 + 30 * np.sin(xx / 23.0 + rng.uniform(0, 6))[..., None] + 20 * np.cos(yy / 17.0)[..., None]
-    return np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def _label(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    lab = np.full((h, w), 2, np.uint8)  # building
-    lab[: h * 5 // 16] = 10  # sky
-    lab[h * 11 // 16:] = 0  # road
-    lab[h // 2: h * 11 // 16, w // 6: w * 2 // 5] = 13  # car
-    lab[h * 2 // 5: h * 11 // 16, w * 5 // 8: w * 5 // 8 + 4] = 5  # pole
-    lab[rng.random((h, w)) < 0.02] = 255
-    return lab
-
-
-def make_night(root: Path, h: int = H, w: int = W) -> None:
-    """A one-sequence processed DSEC tree of h x w frames: Zarr voxel store, warped images, labels, index.csv."""
-    rng = np.random.default_rng(0)
-    out, dsec = root / "processed", root / "DSEC"
-    store = out / SEQ / "events.zarr"
-    group, _, _ = open_for_writing(store, {"settings": {"bins": 1}}, frames=N_FRAMES, bins=1, height=h, width=w,
-                                   cname="lz4", clevel=1)
-    writer = FrameChunks(store)
-    rows = []
-    for split, frames in (("test", TEST_FRAMES), ("train", TRAIN_FRAMES)):
-        for f in frames:
-            grid = np.zeros((1, h, w), np.float32)
-            idx = rng.integers(0, h * w, 20_000)
-            np.add.at(grid[0].reshape(-1), idx, rng.choice([-1.0, 1.0], 20_000).astype(np.float32))
-            writer.write(f, grid)
-            warped = out / SEQ / "warp_images" / f"{f:06d}.png"
-            write_png(warped, _night_image(rng, h, w))
-            label = ""
-            if split == "test":
-                label = str(dsec / SEQ / "labels" / f"{SEQ}_{f:06d}_grey_gtFine_labelTrainIds.png")
-                write_png(label, _label(rng, h, w))
-            rows.append(Row(split=split, sequence=SEQ, frame=f, timestamp_us=1_000_000 + 50_000 * f,
-                            event_index=20_000 * (f + 1), event_start=20_000 * f, event_stop=20_000 * (f + 1) - 1,
-                            event_count=20_000, image=str(dsec / SEQ / "images" / "left" / f"{f:06d}.png"),
-                            warp_image=str(warped), label=label, store=str(store)))
-    zeros = np.zeros(N_FRAMES, np.int64)
-    write_index_arrays(group, {"timestamps": zeros, "event_index": zeros, "window_start": zeros,
-                               "window_stop": zeros, "event_count": zeros, "valid": np.ones(N_FRAMES, bool)})
-    mark_complete(group, store, {})
-    write_text(out / TABLE, _csv(rows))
-
-
-def _datasets_yaml(root: Path) -> Path:
-    cfg = root / "datasets.yaml"
-    cfg.write_text(f"dsec:\n  root: DSEC\n  out: processed\n  sequences:\n    {SEQ}: {{labelled: [0, 39]}}\n"
-                   "cityscapes:\n  root: cs_raw\n  out: cs_out\n")
-    return cfg
-
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     """Small night frames (predict tests)."""
     root = tmp_path_factory.mktemp("predict")
     make_night(root)
-    return _datasets_yaml(root)
-
-
-@pytest.fixture(scope="module")
-def full_tree(tmp_path_factory) -> Path:
-    """DSEC-size night frames (the training crops need 480x640) plus a converted Cityscapes tree."""
-    root = tmp_path_factory.mktemp("inspect")
-    make_night(root, 480, 640)
-    make_tree(root / "cs_raw")
-    convert_cityscapes(root / "cs_raw", root / "cs_out", workers=1)
-    return _datasets_yaml(root)
+    return datasets_yaml(root)
 
 
 def _train_config(backbone: str = "mit_b0", test_rows: int = TEST_ROWS) -> TrainConfig:
@@ -221,8 +143,8 @@ def test_predict_cli(tree, ckpt, tmp_path):
     assert (tmp_path / "cli" / f"{SEQ}_{TEST_FRAMES[0]:06d}_pred.png").exists()
 
 
-def test_inspect_renders_the_iterations_training_pair(full_tree, tmp_path, monkeypatch):
-    tree = full_tree
+def test_inspect_renders_the_iterations_training_pair(training_tree, tmp_path, monkeypatch):
+    tree = training_tree
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["inspect", "--config", str(tree), "--iter", "3", "--seed", "7"])
     assert res.exit_code == 0, res.output
@@ -256,15 +178,16 @@ def test_inspect_renders_the_iterations_training_pair(full_tree, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_predict_real_dsec_frame_size(full_tree, tmp_path):
+def test_predict_real_dsec_frame_size(training_tree, tmp_path):
     """One 440x640 test frame (sizes not divisible by 32) through the real-size path, ~10-60 s on CPU."""
     torch.manual_seed(1)
     model = CMDAModel("mit_b0").eval()
     path = tmp_path / "iter_1.pt"
     save_checkpoint(path, iteration=1, student=model, teacher=None, optimizer=None,
                     config=to_dict(_train_config(test_rows=DataConfig().test_rows)))
-    summary = predict(path, config=full_tree, limit=1, device="cpu")
+    summary = predict(path, config=training_tree, limit=1, device="cpu")
     assert summary.frames == 1
     pred = _read(summary.out / f"{SEQ}_{TEST_FRAMES[0]:06d}_pred.png")
     assert pred.shape == (440, 640, 3)
-    assert _read(summary.out / f"{SEQ}_{TEST_FRAMES[0]:06d}_panel.png").shape == (440 + TITLE_HEIGHT, 4 * 640, 3)
+    panel_png = summary.out / f"{SEQ}_{TEST_FRAMES[0]:06d}_panel.png"
+    assert _read(panel_png).shape == (440 + TITLE_HEIGHT, 4 * 640, 3)

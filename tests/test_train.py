@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cityscapes import convert_cityscapes
 from pipeline.errors import InputError
-from tests.test_cityscapes import make_tree
-from tests.test_predict import _datasets_yaml, make_night
 from train import dacs
 from train.checkpoint import load_checkpoint
 from train.config import VARIANTS, TrainConfig, apply_variant
@@ -86,21 +83,12 @@ def test_variant_presets_match_the_study():
 # ---------------------------------------------------------------------- short runs on a tiny tree
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    make_night(root, 480, 640)
-    make_tree(root / "cs_raw")
-    convert_cityscapes(root / "cs_raw", root / "cs_out", workers=1)
-    return _datasets_yaml(root)
-
-
-def tiny_config(tree: Path, out: Path, variant: str = "baseline", iters: int = 4, **run) -> TrainConfig:
+def tiny_config(datasets: Path, out: Path | None, variant: str = "baseline", iters: int = 4, **run) -> TrainConfig:
     cfg = apply_variant(TrainConfig(), variant)
     cfg.model.backbone = "mit_b0"
     cfg.model.head_channels = 16
     cfg.model.pretrained = cfg.model.cyclegan = "none"
-    cfg.data.datasets = tree
+    cfg.data.datasets = datasets
     cfg.data.crop, cfg.data.source_resize, cfg.data.target_crop = 64, (128, 64), 256
     cfg.data.test_rows, cfg.data.workers = 64, 0
     cfg.rcs.min_pixels = 50
@@ -122,8 +110,8 @@ def _losses(path: Path) -> dict[int, dict[str, float]]:
 
 
 @pytest.mark.parametrize("variant", ["baseline", "rgb_event_src+fusion_st", "masked_event"])
-def test_short_run_writes_everything(tree, tmp_path, variant):
-    res = dacs.train(tiny_config(tree, tmp_path / "run", variant, iters=2))
+def test_short_run_writes_everything(training_tree, tmp_path, variant):
+    res = dacs.train(tiny_config(training_tree, tmp_path / "run", variant, iters=2))
     run = tmp_path / "run"
     assert (run / "config.json").exists() and (run / "loss_curve.png").exists()
     assert (run / "checkpoints" / "iter_000002.pt").exists() and any((run / "tensorboard").iterdir())
@@ -137,18 +125,18 @@ def test_short_run_writes_everything(tree, tmp_path, variant):
     assert 0 <= res["eval"]["mIoU"] <= 1
 
 
-def test_source_only_has_no_target_terms(tree, tmp_path):
-    cfg = tiny_config(tree, tmp_path / "run", iters=1, source_only=True)
+def test_source_only_has_no_target_terms(training_tree, tmp_path):
+    cfg = tiny_config(training_tree, tmp_path / "run", iters=1, source_only=True)
     dacs.train(cfg)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "iter_000001.pt")
     assert state["teacher"] is None and state["source_only"]
     assert not any(k.startswith("loss/mix") for k in _losses(tmp_path / "run" / "metrics.jsonl")[1])
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tree, tmp_path):
-    dacs.train(tiny_config(tree, tmp_path / "full", iters=4))
+def test_resume_reproduces_the_uninterrupted_losses(training_tree, tmp_path):
+    dacs.train(tiny_config(training_tree, tmp_path / "full", iters=4))
     full = _losses(tmp_path / "full" / "metrics.jsonl")
-    dacs.train(tiny_config(tree, tmp_path / "resumed", iters=4),
+    dacs.train(tiny_config(training_tree, tmp_path / "resumed", iters=4),
                resume=tmp_path / "full" / "checkpoints" / "iter_000002.pt")
     resumed = _losses(tmp_path / "resumed" / "metrics.jsonl")
     assert set(resumed) == {3, 4}
@@ -158,7 +146,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tree, tmp_path):
             assert resumed[it][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (it, k)
 
 
-def test_divergence_stops_with_the_term_and_keeps_the_last_checkpoint(tree, tmp_path, monkeypatch):
+def test_divergence_stops_with_the_term_and_keeps_the_last_checkpoint(training_tree, tmp_path, monkeypatch):
     real_step = dacs._step
 
     def poisoned(cfg, batch, *a, **k):
@@ -171,12 +159,12 @@ def test_divergence_stops_with_the_term_and_keeps_the_last_checkpoint(tree, tmp_
     poisoned.calls = 0
     monkeypatch.setattr(dacs, "_step", poisoned)
     with pytest.raises(InputError, match=r"iteration 3: loss term 'mix/events' is nan.*iter_000002\.pt"):
-        dacs.train(tiny_config(tree, tmp_path / "run", iters=4))
+        dacs.train(tiny_config(training_tree, tmp_path / "run", iters=4))
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["iter_000002.pt"]
 
 
-def test_stop_request_saves_a_resumable_checkpoint(tree, tmp_path, monkeypatch):
+def test_stop_request_saves_a_resumable_checkpoint(training_tree, tmp_path, monkeypatch):
     real_step = dacs._step
 
     def stop_after_first(cfg, batch, *a, **k):
@@ -187,20 +175,21 @@ def test_stop_request_saves_a_resumable_checkpoint(tree, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(dacs, "_step", stop_after_first)
-    res = dacs.train(tiny_config(tree, tmp_path / "run", iters=4))
+    res = dacs.train(tiny_config(training_tree, tmp_path / "run", iters=4))
     assert res["stopped"] == 1
     assert (tmp_path / "run" / "checkpoints" / "iter_000001.pt").exists()
     monkeypatch.setattr(dacs, "_step", real_step)
-    res = dacs.train(tiny_config(tree, None, iters=4), resume=tmp_path / "run" / "checkpoints" / "iter_000001.pt")
+    first = tmp_path / "run" / "checkpoints" / "iter_000001.pt"
+    res = dacs.train(tiny_config(training_tree, None, iters=4), resume=first)
     assert "stopped" not in res and (tmp_path / "run" / "checkpoints" / "iter_000004.pt").exists()
 
 
-def test_resume_refuses_another_backbone_or_variant(tree, tmp_path):
-    dacs.train(tiny_config(tree, tmp_path / "run", iters=2))
-    other = tiny_config(tree, None, "fusion_st", iters=4)
+def test_resume_refuses_another_backbone_or_variant(training_tree, tmp_path):
+    dacs.train(tiny_config(training_tree, tmp_path / "run", iters=2))
+    other = tiny_config(training_tree, None, "fusion_st", iters=4)
     with pytest.raises(InputError, match="from variant baseline, this run is fusion_st"):
         dacs.train(other, resume=tmp_path / "run")
-    other = tiny_config(tree, None, iters=4)
+    other = tiny_config(training_tree, None, iters=4)
     other.model.backbone = "mit_b1"
     with pytest.raises(InputError, match="backbone mit_b0, this run uses mit_b1"):
         dacs.train(other, resume=tmp_path / "run")
