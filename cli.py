@@ -246,6 +246,8 @@ def evaluate(
     limit: Annotated[int, typer.Option(help="Only the first N test frames (0 = all).")] = 0,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda:0 ...")] = "auto",
     datasets: Annotated[Path | None, typer.Option("--config", help="datasets.yaml (default: the run's).")] = None,
+    domain: Annotated[str, typer.Option(help="night: DSEC night test frames; day: Cityscapes val (IC1 as "
+                                        "events), to see the day-night gap.")] = "night",
 ) -> None:
     """mIoU of a checkpoint on the DSEC night test frames, for the fusion, image and event outputs.
 
@@ -255,7 +257,7 @@ def evaluate(
     from train.evaluate import evaluate_checkpoint
 
     summary = evaluate_checkpoint(checkpoint, datasets=datasets, out=out, teacher=teacher, device=device,
-                                  limit=limit)
+                                  limit=limit, domain=domain)
     typer.echo(summary["table"])
     typer.echo(f"-> {summary['out']}")
 

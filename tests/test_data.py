@@ -12,6 +12,7 @@ from train.config import DataConfig, RcsConfig
 from train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CityscapesVal,
     NightTest,
     PairedBatches,
     augment_source,
@@ -146,3 +147,11 @@ def test_store_with_other_bins_is_refused(training_tree):
     test = NightTest(five, DataConfig())
     with pytest.raises(InputError, match=r"events\.zarr: store was built with bins=1, the config asks for 5"):
         test[0]
+
+
+def test_cityscapes_val_for_the_day_score(training_tree):
+    val = CityscapesVal(load_config(training_tree), DataConfig(source_resize=(128, 64)))
+    item = val[0]
+    assert item["image"].shape == (3, 64, 128) and item["events"].shape == (3, 64, 128)
+    assert item["label"].shape == (64, 128) and set(item["label"].unique().tolist()) <= set(range(19)) | {255}
+    assert item["events"].min() >= -1 and item["events"].max() <= 1

@@ -46,5 +46,7 @@ def test_sample_to_prediction(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(summary["outputs"]) == {"fusion", "image", "events"}
     assert "truck" not in summary["outputs"]["fusion"]["classes"]
+    _ok(["evaluate", str(ckpt), "--domain", "day", "--out", "eval_day"])
+    assert json.loads((tmp_path / "eval_day" / "metrics.json").read_text())["domain"] == "day"
     _ok(["predict", str(ckpt), "--limit", "1", "--out", "pred"])
     assert len(list((tmp_path / "pred").glob("*_panel.png"))) == 1

@@ -208,13 +208,38 @@ class CityscapesTrain:
         self.by_label = {f.label.resolve(): f for f in self.files}
         self.stats_dir = out
 
-    def load(self, f: SourceFile, resize_to: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @staticmethod
+    def load(f: SourceFile, resize_to: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image (h, w, 3) uint8, label (h, w) uint8, IC1 (h, w) uint8, resized to ``resize_to`` (w, h)."""
         image, label, ic1 = read_rgb(f.image), read_grey(f.label), read_grey(f.ic1)
         if label.shape != image.shape[:2] or ic1.shape != image.shape[:2]:
             raise InputError(f.label, f"label/IC1 size {label.shape}/{ic1.shape} differs from the image "
                              f"{image.shape[:2]} ({f.image})")
         return resize(image, resize_to), resize(label, resize_to, nearest=True), resize(ic1, resize_to)
+
+
+class CityscapesVal(Dataset):
+    """Cityscapes val frames (day) for comparison with the night score: image and label resized to
+    ``source_resize`` (as training sees them), IC1 as the event input, no augmentation."""
+
+    def __init__(self, cfg: DatasetsConfig, data: DataConfig, limit: int = 0):
+        root, out = cfg.cityscapes.root, cfg.cityscapes.out
+        entries = read_split(out, "val")
+        self.files = [sample_paths(root, out, Sample("val", *e.split("/", 1))) for e in entries]
+        if limit:
+            self.files = self.files[:limit]
+        if not self.files:
+            raise InputError(out / "val.txt", "no validation samples")
+        self.size = data.source_resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
+        f = self.files[i]
+        image, label, ic1 = CityscapesTrain.load(SourceFile(f.image, f.label, f.ic1), self.size)
+        return {"image": torch.from_numpy(normalize_image(image)), "events": torch.from_numpy(ic1_to_input(ic1)),
+                "label": torch.from_numpy(label.astype(np.int64)), "name": f.image.stem}
 
 
 def augment_source(image, label, ic1, rng: np.random.Generator, cfg: DataConfig, rcs_class: int | None,

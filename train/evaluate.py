@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from pipeline.atomic import write_text
 from pipeline.config import load_config
-from train.data import NightTest
+from pipeline.errors import InputError
+from train.data import CityscapesVal, NightTest
 from train.inference import load_for_inference, predict_logits, resolve_device
 from train.metrics import CLASSES, NUM_CLASSES, confusion, summarize
 
@@ -66,19 +67,30 @@ def iou_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: Path | None = None,
-                        teacher: bool = False, device: str = "auto", limit: int = 0) -> dict[str, Any]:
-    """``cmda evaluate``: metrics.json, iou.md and one confusion-matrix PNG per output."""
+                        teacher: bool = False, device: str = "auto", limit: int = 0,
+                        domain: str = "night") -> dict[str, Any]:
+    """``cmda evaluate``: metrics.json, iou.md and one confusion-matrix PNG per output.
+
+    ``domain="night"``: the DSEC night test frames (the benchmark). ``domain="day"``: the
+    Cityscapes val frames at the training resolution, IC1 standing in for events: how much of the
+    day skill survives the night is the gap adaptation has to close.
+    """
     from train.visualize import confusion_png
 
     dev = resolve_device(device)
     model, cfg, state = load_for_inference(checkpoint, teacher, dev)
     dcfg = load_config(datasets or cfg.data.datasets)
-    results = evaluate(model, NightTest(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp,
-                       scale=cfg.data.test_scale)
-    out = out or checkpoint.parent.parent / "eval" / checkpoint.stem
+    if domain == "night":
+        results = evaluate(model, NightTest(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp,
+                           scale=cfg.data.test_scale)
+    elif domain == "day":
+        results = evaluate(model, CityscapesVal(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp)
+    else:
+        raise InputError(None, f"--domain must be night or day, got {domain!r}")
+    out = out or checkpoint.parent.parent / "eval" / (checkpoint.stem + ("" if domain == "night" else "_day"))
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "weights": "teacher" if teacher
-               else "student", "outputs": results}
+    summary = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "domain": domain,
+               "weights": "teacher" if teacher else "student", "outputs": results}
     write_text(out / "metrics.json", json.dumps(summary, indent=2))
     table = iou_table(results)
     write_text(out / "iou.md", table + "\n")
