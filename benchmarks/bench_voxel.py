@@ -98,8 +98,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = None
     if args.events is None:
-        print(f"generating a {args.frames}-frame sequence at {args.rate / 1e6:.1f} M events/s in {work} ...")
-        cfg_path = make_sequence(work, args.frames, args.rate)
+        cfg_path = work / "datasets.yaml"
+        if not cfg_path.exists():  # --workdir keeps a generated sequence for the next run
+            print(f"generating a {args.frames}-frame sequence at {args.rate / 1e6:.1f} M events/s in {work} ...")
+            make_sequence(work, args.frames, args.rate)
         seq = work / "sample" / "DSEC_Night" / "zurich_city_09_a" / "events" / "left"
         args.events, args.rectify_map = seq / "events.h5", seq / "rectify_map.h5"
 

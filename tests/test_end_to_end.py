@@ -50,3 +50,21 @@ def test_sample_to_prediction(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "eval_day" / "metrics.json").read_text())["domain"] == "day"
     _ok(["predict", str(ckpt), "--limit", "1", "--out", "pred"])
     assert len(list((tmp_path / "pred").glob("*_panel.png"))) == 1
+
+
+def test_baseline_beats_source_only_on_the_sample(tmp_path, monkeypatch):
+    """README's result: `cmda train --preset cpu-sample` with and without adaptation (~15 min on 2 cores)."""
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "datasets.yaml").write_text((repo / "datasets.yaml").read_text())
+    _ok(["sample", "--out", "data/sample"])
+    _ok(["preprocess", "--all"])
+    _ok(["warp", "--all"])
+    _ok(["index"])
+    _ok(["cityscapes"])
+    scores = {}
+    for name, extra in (("source_only", ["--source-only"]), ("baseline", ["--variant", "baseline"])):
+        _ok(["train", "--preset", "cpu-sample", *extra, "--out", name])
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        scores[name] = [r["eval/mIoU"] for r in records if "eval/mIoU" in r][-1]
+    assert scores["baseline"] > scores["source_only"], scores
