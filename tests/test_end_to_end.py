@@ -68,3 +68,23 @@ def test_baseline_beats_source_only_on_the_sample(tmp_path, monkeypatch):
         records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         scores[name] = [r["eval/mIoU"] for r in records if "eval/mIoU" in r][-1]
     assert scores["baseline"] > scores["source_only"], scores
+
+
+def test_torchrun_ddp_on_cpu(training_tree, tmp_path):
+    """Two processes with the gloo backend: rank 0 writes the run, both train."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or str(__import__("pathlib").Path(sys.executable).with_name("torchrun"))
+    cmda = shutil.which("cmda") or str(__import__("pathlib").Path(sys.executable).with_name("cmda"))
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", cmda, "train", "--preset", "cpu-sample", "--iters", "2", "--crop", "64",
+         "--set", "data.source_resize=128,64", "--set", "run.eval_every=2", "--set", "data.workers=0",
+         "--set", "rcs.min_pixels=50", "--device", "cpu", "--config", str(training_tree),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "iter_000002.pt").exists()
+    assert len([r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss/total"' in r]) == 2
