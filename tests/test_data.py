@@ -8,6 +8,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from pipeline.voxel import events_norm
 from train.config import DataConfig, RcsConfig
 from train.data import (
     IMAGENET_MEAN,
@@ -18,12 +19,12 @@ from train.data import (
     augment_source,
     augment_target,
     crop_max_ratio,
-    events_to_input,
     ic1_to_input,
     network_batch,
     normalize_image,
     read_grey,
     read_rgb,
+    three_channels,
 )
 
 
@@ -86,10 +87,10 @@ def test_cat_max_ratio_avoids_single_class_crops():
         assert (counts > 0).sum() == 2 and counts.max() / counts.sum() < 0.75
 
 
-def test_events_to_input_repeats_one_bin_and_normalises():
+def test_one_bin_events_become_three_normalised_channels():
     grid = np.zeros((1, 4, 4), np.float32)
     grid[0, 1, 1], grid[0, 2, 2] = 3.0, -1.0
-    ev = events_to_input(grid, 400_000)
+    ev = three_channels(events_norm(grid, 400_000))
     assert ev.shape == (3, 4, 4) and np.array_equal(ev[0], ev[2])
     assert ev.min() >= -1 and ev.max() <= 1 and ev[0, 1, 1] > 0 > ev[0, 2, 2]
 

@@ -62,11 +62,6 @@ def normalize_image(rgb: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
 
 
-def events_to_input(grid: np.ndarray, n_events: int) -> np.ndarray:
-    """Stored voxel grid (B, H, W) -> network input: events_norm, 1 bin repeated to 3 channels."""
-    return three_channels(events_norm(grid, n_events))
-
-
 def three_channels(events: np.ndarray) -> np.ndarray:
     """1-bin events (1, H, W) -> (3, H, W), as CMDA feeds them; more bins pass through."""
     return np.repeat(events, 3, axis=0) if events.shape[0] == 1 else events
