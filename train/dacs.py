@@ -151,6 +151,9 @@ def _teacher_mode(teacher: torch.nn.Module) -> None:
 
 
 def _finite_or_raise(terms: dict[str, torch.Tensor], it: int, out: Path, last_ckpt: Path | None) -> None:
+    # One device sync per iteration for the check; the per-term search only runs once it fails.
+    if bool(torch.isfinite(torch.stack([v.detach().float() for v in terms.values()])).all()):
+        return
     for name, value in terms.items():
         if not torch.isfinite(value.detach()).all():
             keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
