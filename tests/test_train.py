@@ -193,3 +193,9 @@ def test_resume_refuses_another_backbone_or_variant(training_tree, tmp_path):
     other.model.backbone = "mit_b1"
     with pytest.raises(InputError, match="backbone mit_b0, this run uses mit_b1"):
         dacs.train(other, resume=tmp_path / "run")
+
+
+def test_same_seed_same_run(training_tree, tmp_path):
+    dacs.train(tiny_config(training_tree, tmp_path / "a", iters=2))
+    dacs.train(tiny_config(training_tree, tmp_path / "b", iters=2))
+    assert _losses(tmp_path / "a" / "metrics.jsonl") == _losses(tmp_path / "b" / "metrics.jsonl")

@@ -205,8 +205,9 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
     batches = PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=not cfg.run.source_only)
     test = NightTest(dcfg, cfg.data, limit=cfg.run.eval_max) if ctx.main else None
 
-    # ---- models
+    # ---- models (same initial weights on every rank and in every run with this seed)
     mit_path, gan_path = resolve_weights(cfg, say)
+    torch.manual_seed(cfg.run.seed)
     model = CMDAModel(cfg.model.backbone, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path,
                       fusion_drop_path=cfg.model.fusion_drop_path, checkpoint=cfg.model.checkpoint,
                       head_channels=cfg.model.head_channels)
