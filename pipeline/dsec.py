@@ -15,7 +15,6 @@ from pathlib import Path
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter DSEC compresses with)
 import numpy as np
-from numcodecs import Blosc
 
 from pipeline.errors import InputError
 
@@ -91,7 +90,6 @@ class EventFile:
             self._t, self._x = self._h5["events/t"], self._h5["events/x"]
             self._y, self._p = self._h5["events/y"], self._h5["events/p"]
             self.n_events = self._t.shape[0]
-            self._blosc = {k: blosc_chunked(self._h5[f"events/{k}"]) for k in "xypt"}
             return
         try:
             self._validate()
@@ -132,7 +130,6 @@ class EventFile:
         self._x = self._h5["events/x"]
         self._y = self._h5["events/y"]
         self._p = self._h5["events/p"]
-        self._blosc = {k: blosc_chunked(self._h5[f"events/{k}"]) for k in "xypt"}
         if self.n_events:
             self.t_first = int(self._t[0])
             self.t_last = int(self._t[self.n_events - 1])
@@ -159,8 +156,8 @@ class EventFile:
         if stop <= start:
             return {"x": np.empty(0, np.uint16), "y": np.empty(0, np.uint16),
                     "p": np.empty(0, np.uint8), "t": np.empty(0, np.uint32)}
-        return {k: _read_range(ds, start, stop, self._blosc[k]) for k, ds in
-                (("x", self._x), ("y", self._y), ("p", self._p), ("t", self._t))}
+        return {"x": self._x[start:stop], "y": self._y[start:stop],
+                "p": self._p[start:stop], "t": self._t[start:stop]}
 
     def read_t(self, start: int, stop: int) -> np.ndarray:
         start = max(0, int(start))
@@ -205,39 +202,6 @@ class EventFile:
             "t_offset": self.t_offset,
             "digest": digest.hexdigest(),
         }
-
-
-BLOSC_FILTER = 32001
-_BLOSC = Blosc()  # decoding needs no settings: a Blosc frame describes itself
-
-
-def blosc_chunked(ds: h5py.Dataset) -> bool:
-    """True for DSEC's layout: 1-D, chunked, the Blosc HDF5 filter and nothing else."""
-    if ds.ndim != 1 or not ds.chunks:
-        return False
-    plist = ds.id.get_create_plist()
-    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [BLOSC_FILTER]
-
-
-def _read_range(ds: h5py.Dataset, start: int, stop: int, blosc: bool) -> np.ndarray:
-    """``ds[start:stop]``; for Blosc-chunked datasets, raw chunks decoded outside HDF5.
-
-    HDF5 decompresses under its global lock (and h5py's), so threads reading one file queue up.
-    Reading the raw chunk bytes is quick under the lock; decoding them with Blosc here releases
-    the GIL, so several preprocessing threads decompress at once. Same bytes out (tested).
-    """
-    if not blosc:
-        return ds[start:stop]
-    size = ds.chunks[0]
-    out = np.empty(stop - start, dtype=ds.dtype)
-    for first in range(start - start % size, stop, size):
-        mask, raw = ds.id.read_direct_chunk((first,))
-        if mask:  # a filter was skipped for this chunk: let HDF5 handle it
-            return ds[start:stop]
-        chunk = np.frombuffer(_BLOSC.decode(raw), dtype=ds.dtype)
-        lo, hi = max(start, first), min(stop, first + size)
-        out[lo - start:hi - start] = chunk[lo - first:hi - first]
-    return out
 
 
 def load_rectify_map(path: str | Path, height: int = SENSOR_HEIGHT, width: int = SENSOR_WIDTH) -> np.ndarray:
