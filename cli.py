@@ -364,7 +364,8 @@ def warp(
 
     Uses the infinite-depth homography H = K_rect1 R_rect1 R_10 R_rect0^T K_rect0^-1 from the sequence's
     cam_to_cam.yaml (the step CMDA never released) and writes dsec.out/<seq>/warp_images/NNNNNN.png.
-    Already warped images are skipped, so an interrupted run resumes.
+    Already warped images are skipped, so an interrupted run resumes. dsec.warp_png in datasets.yaml
+    picks "fast" (uncompressed PNG, quick for the training loader to decode) or "small".
     """
     from pipeline.config import load_config
     from pipeline.dsec import SequencePaths
@@ -373,7 +374,7 @@ def warp(
     cfg = load_config(config)
     for name in _sequences(cfg, seq, all_):
         s = warp_sequence(SequencePaths(cfg.dsec.root, name), cfg.dsec.out / name, scheduler=scheduler,
-                          workers=workers)
+                          workers=workers, png=cfg.dsec.warp_png)
         typer.echo(f"{name}: {s['written']} warped, {s['skipped']} already there ({s['images']} images) "
                    f"in {s['seconds']:.1f} s -> {s['out']}")
 

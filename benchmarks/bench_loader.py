@@ -5,10 +5,12 @@ Both loaders produce the same training sample (warped image + 3-channel normalis
 (~330 k events per 50 ms window). The on-the-fly baseline does per sample what CMDA's loader does:
 open events.h5 and rectify_map.h5, slice the image's event window, rectify, voxelise with torch
 put_(accumulate=True), normalise. Ratios are measured in one process with the same worker count.
+Samples come in batches of ``--batch`` (2: the trainer's per-domain batch), as the trainer receives
+them: with workers, each item crosses the process boundary through shared memory once per batch.
 The last line measures whole DACS batches (2 Cityscapes source + 2 DSEC target samples with RCS),
 which is what a GPU training step consumes.
 
-    python benchmarks/bench_loader.py [--workdir DIR] [--samples 64] [--workers 0 2]
+    python benchmarks/bench_loader.py [--workdir DIR] [--samples 48] [--workers 0 2] [--batch 2]
 """
 
 from __future__ import annotations
@@ -76,13 +78,14 @@ class OnTheFlySamples(StoreSamples):
         return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(events)
 
 
-def rate(ds: Dataset, n: int, workers: int) -> float:
-    loader = DataLoader(ds, batch_size=None, num_workers=workers, sampler=[i % len(ds) for i in range(n)])
+def rate(ds: Dataset, n: int, workers: int, batch: int) -> float:
+    """Samples/s over ``n`` samples in batches of ``batch`` (0 = one sample per item)."""
+    loader = DataLoader(ds, batch_size=batch or None, num_workers=workers, sampler=[i % len(ds) for i in range(n)])
     it = iter(loader)
     next(it)  # worker start-up and first-call costs out of the timing
     t0 = time.perf_counter()
     count = sum(1 for _ in it)
-    return count / (time.perf_counter() - t0)
+    return count * max(batch, 1) / (time.perf_counter() - t0)
 
 
 def build(work: Path, frames: int, rate_ev: float) -> Path:
@@ -110,6 +113,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=6.6e6, help="events/s of the generated night sequence")
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--batch", type=int, default=2, help="samples per loader item (0: unbatched)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cmda-bench-"))
@@ -119,11 +123,11 @@ def main() -> None:
     store, fly = StoreSamples(cfg_path, data), OnTheFlySamples(cfg_path, data)
     mean_events = np.mean([r.event_count for r in store.frames.rows])
     print(f"\n{len(store)} DSEC-like night training frames, {mean_events / 1e3:.0f} k events per window, "
-          f"samples of 3x512x512 image + events\n")
+          f"samples of 3x512x512 image + events in batches of {max(args.batch, 1)}\n")
     print(f"{'loader':<44}{'workers':>8}{'samples/s':>11}{'ratio':>8}")
     for w in args.workers:
-        r_fly = rate(fly, max(8, args.samples // 4), w)
-        r_store = rate(store, args.samples, w)
+        r_fly = rate(fly, max(8, args.samples // 4), w, args.batch)
+        r_store = rate(store, args.samples, w, args.batch)
         print(f"{'on-the-fly (h5 + rectify + torch put_)':<44}{w:>8}{r_fly:>11.2f}{1.0:>8.1f}")
         print(f"{'cmda Zarr store':<44}{w:>8}{r_store:>11.2f}{r_store / r_fly:>8.1f}")
     cfg = load_config(cfg_path)

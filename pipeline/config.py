@@ -42,6 +42,10 @@ class DsecConfig:
     # Train frames: after the labelled range, >= train_min_frame, even numbers only if train_even_only.
     train_min_frame: int = 2
     train_even_only: bool = True
+    # Warped-image PNGs ("warp_images/"), read by the loader every time a frame is drawn:
+    # "fast" = stored (uncompressed deflate, no row filter), decoded ~5x faster than "small"
+    # (Huffman-coded, ~40% fewer bytes on noisy night images). Both are lossless PNG.
+    warp_png: str = "fast"
     sequences: dict[str, SequenceSpec] = field(default_factory=dict)
 
 
@@ -181,6 +185,8 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
     rep = cfg.representation
     if cfg.dsec.test_split not in ("labels", "rule"):
         raise InputError(path, f"dsec.test_split must be 'labels' or 'rule', got {cfg.dsec.test_split!r}")
+    if cfg.dsec.warp_png not in ("fast", "small"):
+        raise InputError(path, f"dsec.warp_png must be 'fast' or 'small', got {cfg.dsec.warp_png!r}")
     if rep.compressor not in ("lz4", "lz4hc", "zstd", "zlib", "blosclz"):
         raise InputError(path, f"representation.compressor must be a Blosc codec name, got {rep.compressor!r}")
     if rep.bins < 1:

@@ -19,6 +19,7 @@ from train.data import (
     augment_source,
     augment_target,
     crop_max_ratio,
+    hflip,
     ic1_to_input,
     network_batch,
     normalize_image,
@@ -156,3 +157,14 @@ def test_cityscapes_val_for_the_day_score(training_tree):
     assert item["image"].shape == (3, 64, 128) and item["events"].shape == (3, 64, 128)
     assert item["label"].shape == (64, 128) and set(item["label"].unique().tolist()) <= set(range(19)) | {255}
     assert item["events"].min() >= -1 and item["events"].max() <= 1
+
+
+@pytest.mark.parametrize("shape,chw", [((5, 7), False), ((5, 7, 3), False), ((5, 7, 1), False), ((1, 5, 7), True),
+                                       ((15, 5, 7), True)])
+def test_hflip_equals_numpy_reversal(shape, chw):
+    a = np.random.default_rng(0).integers(0, 255, shape).astype(np.uint8)
+    want = a[:, :, ::-1] if chw else a[:, ::-1]
+    got = hflip(a, chw=chw)
+    assert got.shape == a.shape and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(hflip(a.astype(np.float32), chw=chw), want.astype(np.float32))

@@ -135,3 +135,23 @@ def test_cli_warp(tmp_path):
     paths.calibration.unlink()
     result = CliRunner().invoke(app, ["warp", "--all", "--config", str(cfg)])
     assert result.exit_code == 2 and "calibration file not found" in result.output
+
+
+def test_fast_and_small_png_hold_the_same_pixels(tmp_path):
+    """dsec.warp_png only changes the PNG encoding: both decode to the same image, "fast" is stored
+    uncompressed (bigger file) and "small" is deflate-coded."""
+    paths = _tiny_sequence(tmp_path / "dsec", n=1)
+    fast = warp_sequence(paths, tmp_path / "fast", png="fast")["out"]
+    small = warp_sequence(paths, tmp_path / "small", png="small")["out"]
+    a, b = Path(fast) / "000000.png", Path(small) / "000000.png"
+    assert np.array_equal(cv2.imread(str(a)), cv2.imread(str(b)))
+    assert a.stat().st_size > 640 * 480 * 3 > b.stat().st_size
+
+
+def test_warp_png_setting_is_validated(tmp_path):
+    from pipeline.config import load_config
+
+    cfg = tmp_path / "datasets.yaml"
+    cfg.write_text("dsec:\n  warp_png: tiny\n")
+    with pytest.raises(InputError, match=r"dsec\.warp_png must be 'fast' or 'small'"):
+        load_config(cfg)
