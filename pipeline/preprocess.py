@@ -182,6 +182,26 @@ def _run_batch(
     return span
 
 
+class _Background(threading.Thread):
+    """Run ``fn(*args)`` on a thread; :meth:`join` re-raises its exception in the caller."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self._fn, self._args, self._error = fn, args, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._fn(*self._args)
+        except BaseException as exc:  # handed to join()
+            self._error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self._error is not None:
+            raise self._error
+
+
 def _file_token(path: Path, fingerprint: dict[str, Any]) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{fingerprint['digest']}"
@@ -246,7 +266,9 @@ def preprocess_sequence(
     write_text(event_index_path(cfg, seq), "".join(f"{int(v)}\n" for v in index))
     if complete:
         return summary
-    zstore.write_index_arrays(group, {
+    # The small index arrays are deterministic (a resumed run rewrites them); Zarr takes ~20 ms to
+    # create them, so that happens on a side thread while the voxel tasks start.
+    index_writer = _Background(zstore.write_index_arrays, group, {
         "timestamps": timestamps, "event_index": index, "window_start": start,
         "window_stop": stop, "event_count": count, "valid": valid,
     })
@@ -259,13 +281,16 @@ def preprocess_sequence(
         rectify_map=paths.rectify_map, rectify_digest=identity["source"]["rectify_map"],
         start=start, stop=stop, bins=rep.bins, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
     )
-    run_tasks(
-        [functools.partial(task, b) for b in batches],
-        desc=f"preprocess {seq}",
-        unit="frame",
-        weights=[len(b.frames) for b in batches],
-        scheduler=scheduler,
-        workers=workers,
-    )
+    try:
+        run_tasks(
+            [functools.partial(task, b) for b in batches],
+            desc=f"preprocess {seq}",
+            unit="frame",
+            weights=[len(b.frames) for b in batches],
+            scheduler=scheduler,
+            workers=workers,
+        )
+    finally:
+        index_writer.join()
     zstore.mark_complete(group, out, summary)
     return summary
