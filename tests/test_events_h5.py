@@ -114,3 +114,25 @@ def test_empty_stream(tmp_path):
     with EventFile(tmp_path / "e.h5") as ef:
         assert ef.n_events == 0 and ef.t_offset == 7
         assert list(ef.index_of_time([7, 100])) == [-1, -1]
+
+
+def test_index_of_time_rejects_an_inconsistent_ms_to_idx(tmp_path):
+    from pipeline.errors import InputError
+
+    x, y, p, t = _events(50_000, 40_000, seed=3)
+    path = tmp_path / "events.h5"
+    write_events_h5(path, x, y, p, t, T_OFFSET)
+    with h5py.File(path, "r+") as f:
+        ms = f["ms_to_idx"][:]
+        ms[20] += 500  # points past events of millisecond 20: ms_to_idx[20] no longer starts it
+        f["ms_to_idx"][:] = ms
+    with EventFile(path) as ef, pytest.raises(InputError, match=r"ms_to_idx\[20\] is inconsistent"):
+        ef.index_of_time(np.array([T_OFFSET + 20_000]))  # the event before the bucket is later than this
+    # The other bound: the next millisecond's start moved back into millisecond 20.
+    write_events_h5(path, x, y, p, t, T_OFFSET)
+    with h5py.File(path, "r+") as f:
+        ms = f["ms_to_idx"][:]
+        ms[21] -= 500
+        f["ms_to_idx"][:] = ms
+    with EventFile(path) as ef, pytest.raises(InputError, match=r"ms_to_idx\[20\] is inconsistent"):
+        ef.index_of_time(np.array([T_OFFSET + 20_999]))  # the event after the bucket is earlier than this
