@@ -26,7 +26,7 @@ from pipeline.config import DatasetsConfig
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
 from pipeline.parallel import run_tasks
-from pipeline.voxel import Rectifier, accumulate_voxels, rectifier
+from pipeline.voxel import Rectifier, accumulate_voxels, first_decrease, rectifier
 
 MAX_FRAMES_PER_TASK = 64  # tasks stay small enough for a smooth progress bar and resume
 WINDOW_RULE = "cmda: events idx[i-1]..idx[i] inclusive; idx = last event with t + t_offset <= image timestamp"
@@ -78,11 +78,11 @@ def plan_batches(
 
 
 def _check_ordered(path: Path, t: np.ndarray, offset: int) -> None:
-    bad = np.flatnonzero(t[1:] < t[:-1])
-    if bad.size:
-        k = offset + int(bad[0]) + 1
-        raise InputError(path, f"events/t is not monotonic: event {k} ({int(t[bad[0] + 1])} us) comes before "
-                         f"event {k - 1} ({int(t[bad[0]])} us)")
+    i = int(first_decrease(t))
+    if i >= 0:
+        k = offset + i
+        raise InputError(path, f"events/t is not monotonic: event {k} ({int(t[i])} us) comes before "
+                         f"event {k - 1} ({int(t[i - 1])} us)")
 
 
 _RECTIFIERS: dict[tuple[str, str, int, int], Rectifier] = {}

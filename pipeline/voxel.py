@@ -231,6 +231,19 @@ def voxel_grid(
     return grid[0]
 
 
+@nb.njit(nogil=True, cache=True)
+def first_decrease(t):  # pragma: no cover - numba
+    """Index ``i`` of the first ``t[i] < t[i-1]``, or -1 if ``t`` never decreases.
+
+    One pass without temporaries (``np.flatnonzero(t[1:] < t[:-1])`` allocates a 1 M-element mask
+    per task), and it releases the GIL while another thread reads HDF5.
+    """
+    for i in range(1, t.size):
+        if t[i] < t[i - 1]:
+            return i
+    return -1
+
+
 @nb.njit(nogil=True, cache=True, boundscheck=False, fastmath=False)
 def _events_norm(g, clip, cmda_empty_part):  # pragma: no cover - numba
     # Three passes over the grid instead of NumPy's ~15 temporaries: statistics, standardise + clip

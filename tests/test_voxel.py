@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.dsec import EventFile, load_rectify_map
-from pipeline.voxel import accumulate_voxels, events_norm, rectifier, voxel_grid
+from pipeline.voxel import accumulate_voxels, events_norm, first_decrease, rectifier, voxel_grid
 
 H, W = 480, 640
 
@@ -202,3 +202,18 @@ def test_accumulate_rejects_bad_arguments():
     with pytest.raises(ValueError):
         accumulate_voxels(x, y, p, t, maps, np.array([0]), np.array([10]), np.zeros(1), np.zeros(1),
                           np.zeros((1, 1, H, W), np.float64))
+
+
+def test_first_decrease_matches_numpy():
+    rng = np.random.default_rng(5)
+    t = np.sort(rng.integers(0, 1 << 31, 10_000)).astype(np.uint32)
+    assert first_decrease(t) == -1
+    assert first_decrease(t[:0]) == -1 and first_decrease(t[:1]) == -1
+    for pos in (1, 17, 5_000, 9_999):
+        bad = t.copy()
+        bad[pos] = bad[pos - 1] - 1  # one step back
+        bad[pos + 1:] = np.maximum(bad[pos + 1:], bad[pos - 1])
+        expect = int(np.flatnonzero(bad[1:] < bad[:-1])[0]) + 1
+        assert first_decrease(bad) == expect == pos
+    equal = np.full(100, 7, np.uint32)  # equal timestamps are ordered
+    assert first_decrease(equal) == -1
