@@ -185,7 +185,7 @@ def main() -> None:
         pairs.sort()
         ratio, t_read, t_pre = pairs[len(pairs) // 2]
         print(f"  read + decompress {n / t_read / 1e6:.1f} M events/s, preprocess {n / t_pre / 1e6:.1f} M events/s "
-              f"-> ratio {ratio:.2f} (median of {len(pairs)} alternating pairs, range "
+              f"-> ratio {ratio:.3f} (median of {len(pairs)} alternating pairs, range "
               f"{pairs[0][0]:.2f}-{pairs[-1][0]:.2f}; target >= 0.7)")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
