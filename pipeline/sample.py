@@ -273,8 +273,7 @@ def write_cityscapes_frame(root: Path, spec: SampleSpec, split: str, j: int) -> 
         rgb, proj, _ = render_radiance(cs, t, view, DAY)
         img = develop(rgb, DAY, _rng(spec.seed, 2000 + (split == "val"), j, frame))
         img[:, :border] = 0
-        _, buf = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]),
-                              [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY])  # see write_png
+        _, buf = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]), atomic.png_params(photo=True))
         pngs[frame] = buf.tobytes()
         if frame == 19:
             objects = polygon_objects(cs, proj, view.size)
