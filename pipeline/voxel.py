@@ -90,6 +90,15 @@ def _splat_table(map_x, map_y, height, width):  # pragma: no cover - numba
     return base, weight
 
 
+@nb.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _splat_pixel(g, b, w, fv, weight, pix):  # pragma: no cover - numba
+    # One raw pixel's polarity sum into the 2x2 block at flat index b of a grid w wide.
+    g[b] += fv * weight[pix, 0]
+    g[b + 1] += fv * weight[pix, 1]
+    g[b + w] += fv * weight[pix, 2]
+    g[b + w + 1] += fv * weight[pix, 3]
+
+
 @nb.njit(nogil=True, cache=True, boundscheck=False)
 def _accumulate_1bin(x, y, p, base, weight, sensor_w, starts, stops, grids, hist, seen, touched):  # pragma: no cover
     # bins == 1: tn == 0 for every event, so the time weight is exactly 1 and every event at raw
@@ -112,13 +121,8 @@ def _accumulate_1bin(x, y, p, base, weight, sensor_w, starts, stops, grids, hist
                 m += hist[pix] != 0
             for j in range(m):
                 pix = touched[j]
-                fv = np.float32(hist[pix])
+                _splat_pixel(g, base[pix], w, np.float32(hist[pix]), weight, pix)
                 hist[pix] = 0
-                b = base[pix]
-                g[b] += fv * weight[pix, 0]
-                g[b + 1] += fv * weight[pix, 1]
-                g[b + w] += fv * weight[pix, 2]
-                g[b + w + 1] += fv * weight[pix, 3]
         else:
             # Sparse window: remember which pixels were touched and splat only those.
             n_touched = 0
@@ -131,14 +135,9 @@ def _accumulate_1bin(x, y, p, base, weight, sensor_w, starts, stops, grids, hist
                     n_touched += 1
             for j in range(n_touched):
                 pix = touched[j]
-                fv = np.float32(hist[pix])
+                _splat_pixel(g, base[pix], w, np.float32(hist[pix]), weight, pix)
                 hist[pix] = 0
                 seen[pix] = 0
-                b = base[pix]
-                g[b] += fv * weight[pix, 0]
-                g[b + 1] += fv * weight[pix, 1]
-                g[b + w] += fv * weight[pix, 2]
-                g[b + w + 1] += fv * weight[pix, 3]
 
 
 @dataclass(frozen=True, eq=False)
