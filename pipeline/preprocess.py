@@ -25,7 +25,7 @@ from pipeline.atomic import write_text
 from pipeline.config import DatasetsConfig
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
-from pipeline.parallel import run_tasks
+from pipeline.parallel import default_workers, run_tasks
 from pipeline.voxel import Rectifier, accumulate_voxels, first_decrease, rectifier
 
 MAX_FRAMES_PER_TASK = 64  # tasks stay small enough for a smooth progress bar and resume
@@ -226,7 +226,7 @@ def preprocess_sequence(
     timestamps = load_timestamps(paths.timestamps)
     rmap = load_rectify_map(paths.rectify_map, rep.height, rep.width)
     with EventFile(paths.events) as ef:
-        index = ef.index_of_time(timestamps)
+        index = ef.index_of_time(timestamps, workers=workers or default_workers())
         fingerprint = ef.fingerprint()
         n_events = ef.n_events
     fingerprint["path"] = str(paths.events)

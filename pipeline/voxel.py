@@ -230,16 +230,27 @@ def voxel_grid(
     return grid[0]
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, boundscheck=False)
 def first_decrease(t):  # pragma: no cover - numba
     """Index ``i`` of the first ``t[i] < t[i-1]``, or -1 if ``t`` never decreases.
 
     One pass without temporaries (``np.flatnonzero(t[1:] < t[:-1])`` allocates a 1 M-element mask
-    per task), and it releases the GIL while another thread reads HDF5.
+    per task), and it releases the GIL while another thread reads HDF5. Blocks of 4096 are checked
+    with a branch-free OR over two shifted views, which LLVM vectorises (4x faster than stopping
+    at the first decrease; indexing ``t[i - 1]`` directly defeats the vectoriser); only a block
+    that holds a decrease is searched for its position.
     """
-    for i in range(1, t.size):
-        if t[i] < t[i - 1]:
-            return i
+    n = t.size
+    for lo in range(1, n, 4096):
+        hi = min(lo + 4096, n)
+        prev, cur = t[lo - 1:hi - 1], t[lo:hi]
+        bad = False
+        for i in range(hi - lo):
+            bad |= cur[i] < prev[i]
+        if bad:
+            for i in range(lo, hi):
+                if t[i] < t[i - 1]:
+                    return i
     return -1
 
 

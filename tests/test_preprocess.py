@@ -42,7 +42,9 @@ def test_index_matches_brute_force_on_real_recording(real_dir):
             t[[1000]].astype(np.int64) - 1,
         ])
         got = ef.index_of_time(ts)
+        threaded = ef.index_of_time(ts, workers=2)
     np.testing.assert_array_equal(got, brute_force_index(t, ef.t_offset, ts))
+    np.testing.assert_array_equal(threaded, got)
 
 
 def _digest_tree(path: Path) -> dict[str, str]:

@@ -209,11 +209,15 @@ def test_first_decrease_matches_numpy():
     t = np.sort(rng.integers(0, 1 << 31, 10_000)).astype(np.uint32)
     assert first_decrease(t) == -1
     assert first_decrease(t[:0]) == -1 and first_decrease(t[:1]) == -1
-    for pos in (1, 17, 5_000, 9_999):
+    # 4096 and 8192 sit on the kernel's block edges (blocks start at 1, 4097, 8193)
+    for pos in (1, 17, 4096, 4097, 5_000, 8192, 8193, 9_999):
         bad = t.copy()
         bad[pos] = bad[pos - 1] - 1  # one step back
         bad[pos + 1:] = np.maximum(bad[pos + 1:], bad[pos - 1])
         expect = int(np.flatnonzero(bad[1:] < bad[:-1])[0]) + 1
         assert first_decrease(bad) == expect == pos
+    two = t.copy()
+    two[[4200, 4300]] = 0  # two decreases in one block: the first is reported
+    assert first_decrease(two) == 4200
     equal = np.full(100, 7, np.uint32)  # equal timestamps are ordered
     assert first_decrease(equal) == -1

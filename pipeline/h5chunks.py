@@ -1,0 +1,135 @@
+"""Reading Blosc-compressed 1-D HDF5 datasets chunk by chunk, outside HDF5's global lock.
+
+h5py serialises every HDF5 call on one process-wide lock, and HDF5 runs its filters (here the
+Blosc decompression) inside that call. Two threads reading ``events.h5`` therefore take turns,
+although three quarters of a read is decompression that could run on another core. DSEC stores
+each event field as a chunked 1-D dataset whose only filter is Blosc (HDF5 filter 32001). For
+such a dataset :class:`BloscChunks` looks up the file offset of every chunk once
+(``H5Dchunk_iter``), then reads the compressed bytes with ``os.pread`` and decodes them with
+numcodecs' Blosc (the same c-blosc). Both release the GIL and take no HDF5 lock, so threads read
+and decode at the same time.
+
+Any dataset this does not cover falls back to h5py (:func:`BloscChunks.open` returns None):
+other filters or filter chains, a chunk stored with its filter skipped, chunks never written
+(HDF5 would return the fill value), non-native byte order, or an offset that does not match
+what HDF5 itself returns for the first chunk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from numcodecs import Blosc
+
+from pipeline.errors import InputError
+
+BLOSC_FILTER_ID = 32001
+MAX_GAP = 64 * 1024  # chunks at most this far apart on disk are fetched with one pread
+
+_CODEC = Blosc()  # decoding needs no settings: every Blosc buffer carries its own header
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Where a dataset's chunks lie in the file: chunk ``c`` holds elements ``c*chunk .. c*chunk+chunk-1``."""
+
+    length: int
+    chunk: int
+    dtype: np.dtype
+    offset: np.ndarray  # int64 byte offset of each chunk in the file
+    size: np.ndarray  # int64 compressed size of each chunk
+
+
+def chunk_table(ds: h5py.Dataset) -> ChunkTable | None:
+    """The chunk table of ``ds``, or None when the direct path does not apply (see module doc)."""
+    if ds.ndim != 1 or ds.chunks is None or not ds.dtype.isnative or ds.dtype.hasobject:
+        return None
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_layout() != h5py.h5d.CHUNKED or dcpl.get_nfilters() != 1:
+        return None
+    if dcpl.get_filter(0)[0] != BLOSC_FILTER_ID:
+        return None
+    length, chunk = int(ds.shape[0]), int(ds.chunks[0])
+    n_chunks = -(-length // chunk)
+    offset = np.full(n_chunks, -1, dtype=np.int64)
+    size = np.zeros(n_chunks, dtype=np.int64)
+    skipped = []
+
+    def visit(info) -> None:
+        c = info.chunk_offset[0] // chunk
+        if info.filter_mask:
+            skipped.append(c)
+        offset[c], size[c] = info.byte_offset, info.size
+
+    if n_chunks:
+        ds.id.chunk_iter(visit)
+    if skipped or np.any(offset < 0):
+        return None
+    return ChunkTable(length, chunk, ds.dtype, offset, size)
+
+
+class BloscChunks:
+    """Read element ranges of one Blosc-compressed 1-D dataset straight from the file."""
+
+    def __init__(self, path: Path, name: str, table: ChunkTable, fd: int):
+        self.path, self.name, self.table, self._fd = path, name, table, fd
+
+    @classmethod
+    def open(cls, path: str | Path, ds: h5py.Dataset, fd: int) -> BloscChunks | None:
+        """Direct reader of ``ds`` (a dataset of the HDF5 file ``path``, also open as ``fd``), or None."""
+        table = chunk_table(ds)
+        if table is None:
+            return None
+        reader = cls(Path(path), ds.name, table, fd)
+        if table.offset.size:
+            # Trust the offsets only if they give HDF5's own bytes for a chunk (a file with a
+            # user block, for one, could shift them).
+            _, expected = ds.id.read_direct_chunk((0,))
+            if reader._fetch(0, 1)[0] != expected:
+                return None
+        return reader
+
+    def _fetch(self, c0: int, c1: int) -> list[memoryview]:
+        """Compressed bytes of chunks ``c0 .. c1-1``: one pread per run of nearby chunks."""
+        off, size = self.table.offset, self.table.size
+        out: list[memoryview] = []
+        c = c0
+        while c < c1:
+            end = c + 1
+            while end < c1 and 0 <= off[end] - (off[end - 1] + size[end - 1]) <= MAX_GAP:
+                end += 1
+            base = int(off[c])
+            data = memoryview(os.pread(self._fd, int(off[end - 1] + size[end - 1]) - base, base))
+            out.extend(data[int(off[k]) - base:int(off[k] + size[k]) - base] for k in range(c, end))
+            c = end
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Elements ``start .. stop-1`` (already clipped to the dataset by the caller)."""
+        tab = self.table
+        c0, c1 = start // tab.chunk, (stop - 1) // tab.chunk + 1
+        buf = np.empty((c1 - c0) * tab.chunk, dtype=tab.dtype)
+        chunk_bytes = tab.chunk * tab.dtype.itemsize
+        flat = buf.view(np.uint8)
+        for j, raw in enumerate(self._fetch(c0, c1)):
+            dest = flat[j * chunk_bytes:(j + 1) * chunk_bytes]
+            try:
+                if _decoded_size(raw) != chunk_bytes:
+                    raise ValueError(f"holds {_decoded_size(raw)} bytes, a chunk has {chunk_bytes}")
+                _CODEC.decode(raw, out=dest)
+            except (ValueError, RuntimeError) as exc:
+                raise InputError(self.path, f"dataset '{self.name}': chunk {c0 + j} is corrupt ({exc})") from None
+        first = start - c0 * tab.chunk
+        return buf[first:first + (stop - start)]
+
+
+def _decoded_size(raw: memoryview) -> int:
+    """Uncompressed size from a Blosc buffer's 16-byte header (bytes 4-7, little-endian)."""
+    if len(raw) < 16:
+        raise ValueError("shorter than a Blosc header")
+    return int.from_bytes(raw[4:8], "little")
+
