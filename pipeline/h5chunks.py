@@ -46,8 +46,8 @@ class ChunkTable:
 
 def chunk_table(ds: h5py.Dataset) -> ChunkTable | None:
     """The chunk table of ``ds``, or None when the direct path does not apply (see module doc)."""
-    if ds.ndim != 1 or ds.chunks is None or not ds.dtype.isnative or ds.dtype.hasobject:
-        return None
+    if ds.ndim != 1 or ds.chunks is None or not ds.dtype.isnative or not hasattr(ds.id, "chunk_iter"):
+        return None  # (chunk_iter needs HDF5 >= 1.14)
     dcpl = ds.id.get_create_plist()
     if dcpl.get_layout() != h5py.h5d.CHUNKED or dcpl.get_nfilters() != 1:
         return None
@@ -103,7 +103,11 @@ class BloscChunks:
             while end < c1 and 0 <= off[end] - (off[end - 1] + size[end - 1]) <= MAX_GAP:
                 end += 1
             base = int(off[c])
-            data = memoryview(os.pread(self._fd, int(off[end - 1] + size[end - 1]) - base, base))
+            want = int(off[end - 1] + size[end - 1]) - base
+            data = memoryview(os.pread(self._fd, want, base))
+            if len(data) != want:
+                raise InputError(self.path, f"dataset '{self.name}': file ends inside chunk {c}..{end - 1} "
+                                 "(truncated?)")
             out.extend(data[int(off[k]) - base:int(off[k] + size[k]) - base] for k in range(c, end))
             c = end
         return out

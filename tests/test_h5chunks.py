@@ -156,3 +156,16 @@ def test_blosc_filter_settings_are_what_the_direct_path_expects(tmp_path):
         ds = f.create_dataset("v", data=np.arange(10_000, dtype=np.uint32), chunks=(1_000,), **blosc_filter())
         table = chunk_table(ds)
     assert table is not None and table.offset.size == 10 and np.all(table.size > 0)
+
+
+def test_a_file_truncated_under_a_reader_is_reported(tmp_path):
+    path = tmp_path / "events.h5"
+    write_events_h5(path, *_stream(3 * CHUNK, seed=7), T_OFFSET)
+    with EventFile(path) as ef:
+        ef.read(0, 1)
+        with h5py.File(path, "r") as f:
+            cut = int(chunk_table(f["events/x"]).offset[2]) + 10
+        with open(path, "r+b") as fh:  # another process truncates the file while it is open
+            fh.truncate(cut)
+        with pytest.raises(InputError, match=r"events\.h5.*events/x.*file ends inside chunk 2"):
+            ef.read(2 * CHUNK, 2 * CHUNK + 5)
