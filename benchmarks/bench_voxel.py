@@ -3,8 +3,10 @@
 All methods run in one process on the same events (one synthetic DSEC sequence from the sample
 generator, or any events.h5 given with --events), windowed exactly as CMDA windows them (one image
 interval each), and the table prints events/s and ratios against the baselines, so machine noise
-cancels. The second part times `cmda preprocess` end to end on the same sequence against plain
-read + decompress of its events (the pipeline should be bound by reading, not by its own work).
+cancels. It also times cmda's own reader (EventFile.read: Blosc chunks read and decoded outside
+HDF5's lock) on one thread against plain h5py. The second part times `cmda preprocess` end to
+end on the same sequence against plain read + decompress of its events (the pipeline should be
+bound by reading, not by its own work).
 
     python benchmarks/bench_voxel.py                      # generates a ~26 M-event sequence first
     python benchmarks/bench_voxel.py --events path/to/events.h5 --rectify-map path/to/rectify_map.h5
@@ -118,7 +120,13 @@ def main() -> None:
                 for k in "xypt":
                     f[f"events/{k}"][a:a + 1_000_000]
 
+    def read_direct():  # what cmda's EventFile does for Blosc files: pread + decode outside HDF5's lock
+        with EventFile(args.events) as ef:
+            for a in range(0, ef.n_events, 1_000_000):
+                ef.read(a, a + 1_000_000)
+
     t_read = best_of(read_all, args.repeats)
+    t_direct = best_of(read_direct, args.repeats)
     with EventFile(args.events) as ef:
         n = ef.n_events
         ev = ef.read(0, n)
@@ -133,6 +141,8 @@ def main() -> None:
     print(f"{'method':<42}{'bins':>5}{'M events/s':>12}{'vs torch':>10}{'vs read':>9}")
     read_rate = n / t_read
     print(f"{'h5 read + Blosc/zstd decompress':<42}{'-':>5}{read_rate / 1e6:>12.1f}{'':>10}{1.0:>9.2f}")
+    print(f"{'cmda EventFile.read (chunks outside HDF5)':<42}{'-':>5}{n / t_direct / 1e6:>12.1f}{'':>10}"
+          f"{t_read / t_direct:>9.2f}")
     x, y, p, t = ev["x"], ev["y"], ev["p"], ev["t"]
     rmap_t = torch.from_numpy(rmap)
     base_n = min(args.baseline_events, n)

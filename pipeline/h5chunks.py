@@ -112,23 +112,32 @@ class BloscChunks:
             c = end
         return out
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Elements ``start .. stop-1`` (already clipped to the dataset by the caller)."""
+    def span(self, start: int, stop: int) -> int:
+        """Elements decoded to read ``start .. stop-1``: whole chunks."""
+        chunk = self.table.chunk
+        return ((stop - 1) // chunk + 1 - start // chunk) * chunk
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``start .. stop-1`` (already clipped to the dataset by the caller).
+
+        ``out``: a uint8 buffer of ``span(start, stop) * itemsize`` bytes to decode into (the
+        result is a view of it), so a caller can take all fields of a read from one allocation.
+        """
         tab = self.table
         c0, c1 = start // tab.chunk, (stop - 1) // tab.chunk + 1
-        buf = np.empty((c1 - c0) * tab.chunk, dtype=tab.dtype)
         chunk_bytes = tab.chunk * tab.dtype.itemsize
-        flat = buf.view(np.uint8)
+        flat = np.empty((c1 - c0) * chunk_bytes, np.uint8) if out is None else out
+        if flat.dtype != np.uint8 or flat.size != (c1 - c0) * chunk_bytes:
+            raise ValueError(f"out must be {(c1 - c0) * chunk_bytes} bytes (uint8)")
         for j, raw in enumerate(self._fetch(c0, c1)):
-            dest = flat[j * chunk_bytes:(j + 1) * chunk_bytes]
             try:
                 if _decoded_size(raw) != chunk_bytes:
                     raise ValueError(f"holds {_decoded_size(raw)} bytes, a chunk has {chunk_bytes}")
-                _CODEC.decode(raw, out=dest)
+                _CODEC.decode(raw, out=flat[j * chunk_bytes:(j + 1) * chunk_bytes])
             except (ValueError, RuntimeError) as exc:
                 raise InputError(self.path, f"dataset '{self.name}': chunk {c0 + j} is corrupt ({exc})") from None
         first = start - c0 * tab.chunk
-        return buf[first:first + (stop - start)]
+        return flat.view(tab.dtype)[first:first + (stop - start)]
 
 
 def _decoded_size(raw: memoryview) -> int:

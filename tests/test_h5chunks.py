@@ -167,5 +167,23 @@ def test_a_file_truncated_under_a_reader_is_reported(tmp_path):
             cut = int(chunk_table(f["events/x"]).offset[2]) + 10
         with open(path, "r+b") as fh:  # another process truncates the file while it is open
             fh.truncate(cut)
-        with pytest.raises(InputError, match=r"events\.h5.*events/x.*file ends inside chunk 2"):
+        with pytest.raises(InputError, match=r"events\.h5.*events/[xypt].*file ends inside chunk"):
             ef.read(2 * CHUNK, 2 * CHUNK + 5)
+
+
+
+def test_fields_of_one_read_share_a_block_but_not_their_values(tmp_path):
+    path = tmp_path / "events.h5"
+    x, y, p, t = _stream(2 * CHUNK + 3, seed=9)
+    write_events_h5(path, x, y, p, t, T_OFFSET)
+    with EventFile(path) as ef:
+        got = ef.read(7, 2 * CHUNK + 1)
+        assert all(got[k].flags.aligned for k in "xypt")
+        got["t"][:] = 0  # t sits first in the block: zeroing it must not touch x, y or p
+        got["x"][:] = 0
+        assert np.array_equal(got["y"], y[7:2 * CHUNK + 1]) and np.array_equal(got["p"], p[7:2 * CHUNK + 1])
+        again = ef.read(7, 2 * CHUNK + 1)
+        reader = ef._direct["x"]
+        with pytest.raises(ValueError, match="out must be"):
+            reader.read(0, 10, out=np.empty(10, np.uint8))
+    assert np.array_equal(again["y"], y[7:2 * CHUNK + 1]) and np.array_equal(again["t"], t[7:2 * CHUNK + 1])
