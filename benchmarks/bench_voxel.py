@@ -188,7 +188,7 @@ def main() -> None:
         # Alternate the two so each ratio compares runs taken moments apart (this VM's speed drifts
         # by +-15% over minutes); report the median pair.
         pairs = []
-        for _ in range(max(5, args.repeats)):
+        for _ in range(max(9, args.repeats)):
             t_pre = best_of(preprocess, 1, setup=fresh)
             t_read = best_of(read_all, 1, setup=os.sync)
             pairs.append((t_read / t_pre, t_read, t_pre))

@@ -18,6 +18,8 @@ what HDF5 itself returns for the first chunk.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ BLOSC_FILTER_ID = 32001
 MAX_GAP = 64 * 1024  # chunks at most this far apart on disk are fetched with one pread
 
 _CODEC = Blosc()  # decoding needs no settings: every Blosc buffer carries its own header
+_SCRATCH = threading.local()  # per-thread buffer for compressed bytes
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,17 @@ class BloscChunks:
             # Trust the offsets only if they give HDF5's own bytes for a chunk (a file with a
             # user block, for one, could shift them).
             _, expected = ds.id.read_direct_chunk((0,))
-            if reader._fetch(0, 1)[0] != expected:
+            if bytes(next(reader._fetch(0, 1))) != expected:
                 return None
         return reader
 
-    def _fetch(self, c0: int, c1: int) -> list[memoryview]:
-        """Compressed bytes of chunks ``c0 .. c1-1``: one pread per run of nearby chunks."""
+    def _fetch(self, c0: int, c1: int) -> Iterator[memoryview]:
+        """Compressed bytes of chunks ``c0 .. c1-1``, one pread per run of nearby chunks.
+
+        The bytes land in this thread's scratch buffer (a fresh multi-MB bytes object per run
+        costs page faults), so each view is valid only until the generator moves to the next run.
+        """
         off, size = self.table.offset, self.table.size
-        out: list[memoryview] = []
         c = c0
         while c < c1:
             end = c + 1
@@ -104,13 +110,16 @@ class BloscChunks:
                 end += 1
             base = int(off[c])
             want = int(off[end - 1] + size[end - 1]) - base
-            data = memoryview(os.pread(self._fd, want, base))
-            if len(data) != want:
+            scratch = getattr(_SCRATCH, "buf", None)
+            if scratch is None or scratch.size < want:
+                scratch = _SCRATCH.buf = np.empty(want, np.uint8)
+            data = memoryview(scratch)[:want]
+            if os.preadv(self._fd, [data], base) != want:
                 raise InputError(self.path, f"dataset '{self.name}': file ends inside chunk {c}..{end - 1} "
                                  "(truncated?)")
-            out.extend(data[int(off[k]) - base:int(off[k] + size[k]) - base] for k in range(c, end))
+            for k in range(c, end):
+                yield data[int(off[k]) - base:int(off[k] + size[k]) - base]
             c = end
-        return out
 
     def span(self, start: int, stop: int) -> int:
         """Elements decoded to read ``start .. stop-1``: whole chunks."""
