@@ -11,8 +11,8 @@ and decode at the same time.
 
 Any dataset this does not cover falls back to h5py (:func:`BloscChunks.open` returns None):
 other filters or filter chains, a chunk stored with its filter skipped, chunks never written
-(HDF5 would return the fill value), non-native byte order, or an offset that does not match
-what HDF5 itself returns for the first chunk.
+(HDF5 would return the fill value), non-native byte order, an offset that does not match
+what HDF5 itself returns for the first chunk, or a platform without ``os.preadv``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class BloscChunks:
     def open(cls, path: str | Path, ds: h5py.Dataset, fd: int) -> BloscChunks | None:
         """Direct reader of ``ds`` (a dataset of the HDF5 file ``path``, also open as ``fd``), or None."""
         table = chunk_table(ds)
-        if table is None:
+        if table is None or not hasattr(os, "preadv"):  # no preadv (Windows, some macOS builds): h5py
             return None
         reader = cls(Path(path), ds.name, table, fd)
         if table.offset.size:

@@ -187,3 +187,16 @@ def test_fields_of_one_read_share_a_block_but_not_their_values(tmp_path):
         with pytest.raises(ValueError, match="out must be"):
             reader.read(0, 10, out=np.empty(10, np.uint8))
     assert np.array_equal(again["y"], y[7:2 * CHUNK + 1]) and np.array_equal(again["t"], t[7:2 * CHUNK + 1])
+
+
+def test_without_preadv_h5py_reads(tmp_path, monkeypatch):
+    import pipeline.h5chunks as h5chunks
+
+    path = tmp_path / "events.h5"
+    x, y, p, t = _stream(CHUNK + 9, seed=10)
+    write_events_h5(path, x, y, p, t, T_OFFSET)
+    monkeypatch.delattr(h5chunks.os, "preadv")
+    with EventFile(path) as ef:
+        got = ef.read(3, CHUNK + 9)
+        assert ef._direct["t"] is None
+    assert np.array_equal(got["t"], t[3:]) and np.array_equal(got["x"], x[3:])
