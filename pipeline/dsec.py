@@ -227,7 +227,7 @@ class EventFile:
                 out[k] = self._index_one(int(rel[k]))
 
         if workers > 1 and todo.size >= 4 * workers:
-            self.read_t(0, 1)  # set up the shared chunk reader before the threads use it
+            self._reader("t")  # _reader is not thread-safe: build the shared reader first
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(search, [todo[w::workers] for w in range(workers)]))
         else:

@@ -40,7 +40,6 @@ _SCRATCH = threading.local()  # per-thread buffer for compressed bytes
 class ChunkTable:
     """Where a dataset's chunks lie in the file: chunk ``c`` holds elements ``c*chunk .. c*chunk+chunk-1``."""
 
-    length: int
     chunk: int
     dtype: np.dtype
     offset: np.ndarray  # int64 byte offset of each chunk in the file
@@ -72,7 +71,7 @@ def chunk_table(ds: h5py.Dataset) -> ChunkTable | None:
         ds.id.chunk_iter(visit)
     if skipped or np.any(offset < 0):
         return None
-    return ChunkTable(length, chunk, ds.dtype, offset, size)
+    return ChunkTable(chunk, ds.dtype, offset, size)
 
 
 class BloscChunks:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,26 +183,6 @@ def _run_batch(
     return span
 
 
-class _Background(threading.Thread):
-    """Run ``fn(*args)`` on a thread; :meth:`join` re-raises its exception in the caller."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self._fn, self._args, self._error = fn, args, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._fn(*self._args)
-        except BaseException as exc:  # handed to join()
-            self._error = exc
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if self._error is not None:
-            raise self._error
-
-
 def _file_token(path: Path, fingerprint: dict[str, Any]) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{fingerprint['digest']}"
@@ -267,11 +248,13 @@ def preprocess_sequence(
     if complete:
         return summary
     # The small index arrays are deterministic (a resumed run rewrites them); Zarr takes ~20 ms to
-    # create them, so that happens on a side thread while the voxel tasks start.
-    index_writer = _Background(zstore.write_index_arrays, group, {
+    # create them, so that happens on a side thread while the voxel tasks run.
+    side = ThreadPoolExecutor(1)
+    index_written = side.submit(zstore.write_index_arrays, group, {
         "timestamps": timestamps, "event_index": index, "window_start": start,
         "window_stop": stop, "event_count": count, "valid": valid,
     })
+    side.shutdown(wait=False)  # its thread ends after this one job
 
     todo = valid & ~done
     batches = plan_batches(start, stop, todo, rep.chunk_events, MAX_FRAMES_PER_TASK)
@@ -291,6 +274,6 @@ def preprocess_sequence(
             workers=workers,
         )
     finally:
-        index_writer.join()
+        index_written.result()  # waits, and re-raises the side thread's error if it had one
     zstore.mark_complete(group, out, summary)
     return summary

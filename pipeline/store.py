@@ -147,7 +147,6 @@ class FrameChunks:
         write_bytes(self.chunk(frame), self.codec.encode(grid))
 
 
-
 def write_index_arrays(group: zarr.Group, arrays: dict[str, np.ndarray]) -> None:
     """Write the small per-frame arrays (deterministic, so rewriting them on resume is harmless)."""
     for name in INDEX_ARRAYS:
