@@ -129,23 +129,11 @@ def test_resume_with_the_same_settings_is_not_a_difference(training_tree, tmp_pa
 # ---------------------------------------------------------------------- 5: signals never make a checkpoint inconsistent
 
 
-def _states_equal(a: dict, b: dict) -> None:
-    assert a["iteration"] == b["iteration"]
-    for key in ("student", "teacher"):
-        for name, t in a[key].items():
-            assert torch.equal(t, b[key][name]), (a["iteration"], key, name)
-    oa, ob = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert oa.keys() == ob.keys()
-    for i in oa:
-        for k, t in oa[i].items():
-            assert torch.equal(t, ob[i][k]), (a["iteration"], "optimizer", i, k)
-
-
 @pytest.mark.parametrize("where", ["step", "optimizer"])
 def test_second_signal_never_writes_an_inconsistent_checkpoint(training_tree, tmp_path, monkeypatch, where):
     """5: two SIGTERMs inside iteration 3 (in the passes, or right after the optimiser step): every
     checkpoint left equals the uninterrupted run's checkpoint of the same iteration."""
-    from tests.test_train import tiny_config
+    from tests.test_train import assert_same_state, tiny_config
 
     dacs.train(tiny_config(training_tree, tmp_path / "full", iters=4, ckpt_every=1))
     calls = {"n": 0}
@@ -179,7 +167,7 @@ def test_second_signal_never_writes_an_inconsistent_checkpoint(training_tree, tm
     left = sorted((tmp_path / "cut" / "checkpoints").glob("iter_*.pt"))
     assert left
     for path in left:
-        _states_equal(load_checkpoint(path), load_checkpoint(tmp_path / "full" / "checkpoints" / path.name))
+        assert_same_state(load_checkpoint(path), load_checkpoint(tmp_path / "full" / "checkpoints" / path.name))
 
 
 # ---------------------------------------------------------------------- 7: SIGTERM to the whole process group
@@ -190,7 +178,8 @@ def test_sigterm_to_the_process_group_checkpoints_like_a_single_signal(training_
     """7: what `timeout`, Slurm and systemd do: every process of the group (loader workers too) gets SIGTERM."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-c", "from cli import app; app()", "train", "--config-file",
-           str(tiny_settings(tmp_path, 200)), "--config", str(training_tree), "--out", str(run), "--set", "data.workers=2", "--set", "run.log_every=1"]
+           str(tiny_settings(tmp_path, 200)), "--config", str(training_tree), "--out", str(run),
+           "--set", "data.workers=2", "--set", "run.log_every=1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
