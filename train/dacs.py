@@ -470,6 +470,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, override: bool = False) 
         changes = check_resume(cfg, path, state, override)
         cfg.run.out = cfg.run.out or path.parent.parent
     out = Path(cfg.run.out or default_out(cfg))
+    cfg.run.out, cfg.run.device = out, str(ctx.device)  # config.json and checkpoints show resolved values
     with backend_flags(cfg, ctx.device):
         parts = build(cfg, ctx, say)
         start = restore(parts, state, path, say)
