@@ -176,7 +176,8 @@ def test_inspect_renders_the_iterations_training_pair(training_tree, tmp_path, m
     for isr in (batch["source_isr"], batch["target_isr"]):
         assert (isr > 0.1).any() and (isr < -0.1).any()
     res = CliRunner().invoke(app, ["inspect", "--config", str(tree), "--iter", "-1"])
-    assert res.exit_code == 2 and "--iter" in res.output
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert res.stderr.strip().splitlines() == ["error: --iter must be >= 0, got -1"]
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ from train.config import TrainConfig, differences, to_dict, validate
 from train.data import NightTest, PairedBatches, network_batch
 from train.evaluate import evaluate
 from train.inference import autocast, resolve_device
-from train.isr import ISR_DAY, ISR_NIGHT, image_content, isr_from_normalized
+from train.isr import ISR_DAY, ISR_NIGHT, image_content, isr_from_normalized, random_directions
 from train.losses import (
     needed_source_features,
     pseudo_labels,
@@ -69,7 +69,6 @@ from train.losses import (
 from train.mixing import block_mask, class_masks, color_jitter, gaussian_blur, mix
 from train.schedule import ema_alpha, ema_update, learning_rate, set_learning_rate
 
-DIRECTIONS = ("leftdown", "leftup", "rightdown", "rightup")
 DEFAULT_CYCLEGAN = Path("pretrained/cityscapes_ICD_to_dsec_EN.pth")
 
 
@@ -582,11 +581,6 @@ def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: in
     return result
 
 
-def _directions(n: int) -> list[str]:
-    # CMDA derives the ISR shift direction from crop/jitter parities; we draw it at random per sample.
-    return [DIRECTIONS[int(i)] for i in torch.randint(len(DIRECTIONS), (n,))]
-
-
 def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: torch.nn.Module,
           teacher: torch.nn.Module | None, gan: torch.nn.Module | None, imnet: torch.nn.Module | None, amp: bool,
           ic1_to_events) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -609,10 +603,11 @@ def _inputs(batch: dict[str, torch.Tensor], dev: torch.device, mem: torch.memory
     b = raw["source_image"].shape[0]
     out = network_batch(raw, dev, mem)
     with torch.no_grad():  # ISR from the exact uint8 images (CMDA computes it from the PIL image)
-        out["source_isr"] = image_content(raw["source_image"], ISR_DAY, _directions(b)).contiguous(memory_format=mem)
+        out["source_isr"] = image_content(raw["source_image"], ISR_DAY,
+                                          random_directions(b)).contiguous(memory_format=mem)
         if "target_image" in raw:
             out["target_isr"] = image_content(raw["target_image"], ISR_NIGHT,
-                                              _directions(b)).contiguous(memory_format=mem)
+                                              random_directions(b)).contiguous(memory_format=mem)
         out["source_events"] = ic1_to_events(gan, out["source_ic1"]) if gan is not None else out["source_ic1"]
     return out
 
@@ -667,7 +662,8 @@ def _mix(cfg: TrainConfig, x: dict[str, torch.Tensor], pseudo: torch.Tensor, pse
         events = events * block_mask(events.shape, cfg.loss.mask_events, cfg.loss.mask_block, events.device)
     return {"image": image, "events": events.contiguous(memory_format=mem),
             "label": mix(mask, src_lbl, pseudo), "weight": mix(mask, torch.ones_like(pseudo_w), pseudo_w),
-            "isr": isr_from_normalized(image, ISR_NIGHT, _directions(image.shape[0])).contiguous(memory_format=mem)}
+            "isr": isr_from_normalized(image, ISR_NIGHT,
+                                       random_directions(image.shape[0])).contiguous(memory_format=mem)}
 
 
 def _mixed_pass(cfg: TrainConfig, m: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], fwd: torch.nn.Module,
