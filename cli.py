@@ -154,15 +154,23 @@ def index(
     typer.echo(f"total: {total_train} train, {total_test} test -> {cfg.dsec.out}")
 
 
-LambdaOpt = Annotated[float | None, typer.Option(show_default=False)]
+def _lambda(what: str) -> Any:
+    return Annotated[float | None, typer.Option(help=f"Weight of the L2 (mse) feature loss {what} (default 0, "
+                                                "or the --variant's).", show_default=False)]
+
+
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), cpu, cuda "
+                                        "or cuda:N.")]
+RunDatasetsOpt = Annotated[Path | None, typer.Option("--config", help="datasets.yaml (default: the one the "
+                                                     "checkpoint's run trained with).")]
 
 
 @app.command()
 @reports_input_errors
 def train(
-    variant: Annotated[str, typer.Option(help="Loss preset: baseline, rgb_event_src, fusion_st, "
-                                         "rgb_event_src+fusion_st, rgb_st+event_s_rgb_t, rgb_st+event_st, "
-                                         "masked_event.")] = "baseline",
+    variant: Annotated[str | None, typer.Option(help="Loss preset: baseline (default), rgb_event_src, fusion_st, "
+                                                "rgb_event_src+fusion_st, rgb_st+event_s_rgb_t, rgb_st+event_st, "
+                                                "masked_event.", show_default=False)] = None,
     source_only: Annotated[bool, typer.Option("--source-only", help="No adaptation: source pass only "
                                               "(the reference every variant should beat).")] = False,
     preset: Annotated[str | None, typer.Option(help="Settings for another machine, e.g. cpu-sample (a few "
@@ -172,66 +180,85 @@ def train(
     batch: Annotated[int | None, typer.Option(help="Samples per domain per iteration (default 2).")] = None,
     crop: Annotated[int | None, typer.Option(help="Training crop size (default 512).")] = None,
     lr: Annotated[float | None, typer.Option(help="Base learning rate (default 6e-5; head x10).")] = None,
-    lambda_rgb_event_src: LambdaOpt = None,
-    lambda_fusion_st: LambdaOpt = None,
-    lambda_rgb_st: LambdaOpt = None,
-    lambda_event_s_rgb_t: LambdaOpt = None,
-    lambda_event_st: LambdaOpt = None,
+    lambda_rgb_event_src: _lambda("between the source image and source event features (both sides learn)") = None,
+    lambda_fusion_st: _lambda("pulling the mixed fusion features to the source fusion features") = None,
+    lambda_rgb_st: _lambda("pulling the mixed image features to the source image features") = None,
+    lambda_event_s_rgb_t: _lambda("pulling the mixed image features to the source event features") = None,
+    lambda_event_st: _lambda("pulling the mixed event features to the source event features") = None,
     mask_events: Annotated[float | None, typer.Option(help="Share of the mixed pass's event input masked "
                                                       "by random blocks.", show_default=False)] = None,
     pretrained: Annotated[str | None, typer.Option(help="ImageNet mit_bX.pth (default pretrained/<backbone>.pth "
                                                    "if present); 'none' = random init.")] = None,
     cyclegan: Annotated[str | None, typer.Option(help="cityscapes_ICD_to_dsec_EN.pth (default under pretrained/ "
                                                  "if present); 'none' = IC1 as source events.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<date>-<variant>).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Checkpoint file or run folder to continue.")] = None,
-    config_file: Annotated[Path | None, typer.Option("--config-file", help="YAML overrides "
-                                                     "({section: {key: value}}).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<date>-<variant>; on --resume the "
+                                             "run's own).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Run folder (its latest checkpoint) or checkpoint file to "
+                                                "continue, with the run's own settings.")] = None,
+    resume_override: Annotated[bool, typer.Option("--resume-override", help="With --resume: let settings given "
+                                                  "here replace the run's (logged in metrics.jsonl, both kept "
+                                                  "in config.json); without it a difference is an error.")] = False,
+    settings: Annotated[Path | None, typer.Option("--settings", "--config-file", help="YAML file of TRAINING "
+                                                  "settings ({section: {key: value}}, as --set); not the "
+                                                  "datasets.yaml.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any setting, e.g. "
                                                    "--set dacs.pseudo_threshold=0.9 (repeatable).")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto (cuda if available), cpu, cuda:0 ...")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), "
+                                               "cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
-    datasets: ConfigOpt = Path("datasets.yaml"),
+    datasets: Annotated[Path | None, typer.Option("--datasets", "--config", help="datasets.yaml: where the DATA "
+                                                  "is (default ./datasets.yaml; on --resume the run's).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and exit.")] = False,
 ) -> None:
     """Train CMDA with DACS self-training (Cityscapes day -> DSEC night, images + events).
 
     Defaults reproduce CMDA's published run (MiT-B5, 40k iterations, batch 2+2, crop 512). Settings
-    apply in order: defaults, --variant, --preset, --config-file, --set, then the dedicated flags.
+    apply in order: defaults, --variant, --preset, --settings, --set, then the dedicated flags.
+    --resume RUN starts from the run's saved settings instead of the defaults; any setting given here
+    that differs from them (device, workers and --out aside) is an error unless --resume-override.
     Multi-GPU: torchrun --nproc_per_node N $(which cmda) train ...
     """
     import json
+    import os
 
-    from train.config import TrainConfig, apply_preset, apply_variant, load_yaml_overrides, set_value, to_dict
+    from train.checkpoint import find_checkpoint, load_checkpoint
+    from train.config import TrainConfig, apply_layers, from_dict, set_value, to_dict, validate
+    from train.dacs import default_out
     from train.dacs import train as run_training
+    from train.inference import resolve_device
 
-    cfg = apply_variant(TrainConfig(), variant)
-    if preset is not None:
-        apply_preset(cfg, preset)
-    cfg.run.source_only = source_only
-    cfg.data.datasets = datasets
-    if config_file is not None:
-        load_yaml_overrides(cfg, config_file)
-    for item in set_ or []:
-        if "=" not in item:
-            raise InputError(None, f"--set expects section.key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        set_value(cfg, key.strip(), value.strip())
     flags = {"model.backbone": backbone, "run.iters": iters, "run.batch": batch, "data.crop": crop,
              "optim.lr": lr, "loss.rgb_event_src": lambda_rgb_event_src, "loss.fusion_st": lambda_fusion_st,
              "loss.rgb_st": lambda_rgb_st, "loss.event_s_rgb_t": lambda_event_s_rgb_t,
              "loss.event_st": lambda_event_st, "loss.mask_events": mask_events, "model.pretrained": pretrained,
-             "model.cyclegan": cyclegan, "run.out": out, "run.device": device, "run.seed": seed}
-    for key, value in flags.items():
-        if value is not None:
-            set_value(cfg, key, value)
-    if compile_:
-        cfg.run.compile = True
+             "model.cyclegan": cyclegan, "run.out": out, "run.device": device, "run.seed": seed,
+             "data.datasets": datasets.absolute() if datasets is not None else None,
+             "run.source_only": True if source_only else None, "run.compile": True if compile_ else None}
+    checkpoint = None
+    if resume is not None:  # the run's own settings, then only what is given here
+        checkpoint = find_checkpoint(resume)
+        state = load_checkpoint(checkpoint)
+        if not isinstance(state.get("config"), dict):
+            raise InputError(checkpoint, "checkpoint has no training config to resume with")
+        try:
+            cfg = from_dict(state["config"])
+        except InputError as exc:
+            raise InputError(checkpoint, f"stored training config is not valid here: {exc.problem}") from None
+        cfg.run.device = "auto"  # a machine setting: this machine's, unless given
+        cfg.run.out = checkpoint.parent.parent.absolute()
+    else:
+        cfg = TrainConfig()
+        cfg.data.datasets = Path("datasets.yaml").absolute()
+        variant = variant or "baseline"
+    apply_layers(cfg, variant=variant, preset=preset, settings=settings, sets=set_ or [], flags=flags)
+    validate(cfg)
+    set_value(cfg, "run.device", str(resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))))
+    cfg.run.out = (cfg.run.out or default_out(cfg)).absolute()
     if dry_run:
         typer.echo(json.dumps(to_dict(cfg), indent=2))
         return
-    result = run_training(cfg, resume=resume)
+    result = run_training(cfg, resume=checkpoint, override=resume_override)
     if result.get("eval"):
         typer.echo(f"final night mIoU (fusion): {100 * result['eval']['mIoU']:.2f}")
     typer.echo(f"run folder: {result['out']}")
@@ -244,8 +271,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Folder for metrics.json, iou.md, confusion PNGs.")] = None,
     teacher: Annotated[bool, typer.Option("--teacher", help="Evaluate the EMA teacher, not the student.")] = False,
     limit: Annotated[int, typer.Option(help="Only the first N test frames (0 = all).")] = 0,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda:0 ...")] = "auto",
-    datasets: Annotated[Path | None, typer.Option("--config", help="datasets.yaml (default: the run's).")] = None,
+    device: DeviceOpt = "auto",
+    datasets: RunDatasetsOpt = None,
     domain: Annotated[str, typer.Option(help="night: DSEC night test frames; day: Cityscapes val (IC1 as "
                                         "events), to see the day-night gap.")] = "night",
 ) -> None:
@@ -267,9 +294,10 @@ def evaluate(
 def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt).")],
     out: Annotated[
-        Path | None, typer.Option(help="Folder for the PNGs (default: predictions/ beside the checkpoint).")
+        Path | None, typer.Option(help="Folder for the PNGs (default: the run's predictions/iter_N/, one per "
+                                  "checkpoint, like evaluate's eval/iter_N/).")
     ] = None,
-    config: ConfigOpt = Path("datasets.yaml"),
+    config: RunDatasetsOpt = None,
     split: Annotated[
         str, typer.Option(help="test (labelled, top 440 rows) or train (unlabelled, whole frame).")
     ] = "test",
@@ -278,7 +306,7 @@ def predict(
     teacher: Annotated[
         bool, typer.Option("--teacher", help="Use the EMA teacher's weights instead of the student's.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Run a checkpoint on the DSEC night frames and write colour predictions and side-by-side panels.
 
@@ -302,17 +330,26 @@ def inspect_cmd(
     config: ConfigOpt = Path("datasets.yaml"),
     iter_: Annotated[int, typer.Option("--iter", help="Training iteration whose batch to show.")] = 0,
     seed: Annotated[int, typer.Option(help="Training seed (run.seed; batches depend only on seed and iteration).")] = 0,
-    out: Annotated[Path | None, typer.Option(help="PNG to write (default: inspect_<iter>.png).")] = None,
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: runs/inspect/iter_<N>_seed_<S>.png).")
+                   ] = None,
     batch: Annotated[int, typer.Option(help="Samples per domain to show.")] = 1,
+    preset: Annotated[str | None, typer.Option(help="Training preset whose data settings to use, e.g. "
+                                               "cpu-sample (as `cmda train --preset`).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Data/RCS setting as in `cmda train`, e.g. "
+                                                   "--set data.crop=256 (repeatable).")] = None,
 ) -> None:
     """Render one PNG of the training pair iteration N feeds the network.
 
     Rows: source image | label overlay | IC1 | day ISR, and target image | target events | night ISR
-    (red = positive, blue = negative). Uses the default data settings and Rare Class Sampling.
+    (red = positive, blue = negative). Uses the training data settings (defaults, or --preset and
+    --set as `cmda train` takes them) and Rare Class Sampling.
     """
+    from train.config import TrainConfig, apply_layers, validate
     from train.inspect_sample import inspect_iteration
 
-    path = inspect_iteration(config, iteration=iter_, seed=seed, out=out, batch=batch)
+    cfg = validate(apply_layers(TrainConfig(), preset=preset, sets=set_ or []))
+    out = out or Path("runs") / "inspect" / f"iter_{iter_:06d}_seed_{seed}.png"
+    path = inspect_iteration(config, iteration=iter_, seed=seed, out=out, batch=batch, data=cfg.data, rcs=cfg.rcs)
     typer.echo(f"wrote {path}")
 
 

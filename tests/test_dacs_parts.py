@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import OptimConfig
-from train.losses import pseudo_labels, weighted_ce
+from train.config import LossConfig, OptimConfig
+from train.losses import pseudo_labels, segmentation_terms, weighted_ce
 from train.metrics import confusion, iou_per_class, summarize
 from train.mixing import block_mask, class_masks, mix
 from train.schedule import ema_alpha, ema_update, learning_rate
@@ -63,6 +63,28 @@ def test_weighted_ce_averages_over_all_pixels():
     # one valid pixel with CE = ln 2, one ignored pixel counted as 0: mean = ln2 / 2
     assert weighted_ce(logits, label).item() == pytest.approx(math.log(2) / 2)
     assert weighted_ce(logits, label, torch.tensor([[[0.5, 1.0]]])).item() == pytest.approx(math.log(2) / 4)
+
+
+def test_segmentation_terms_weigh_each_output_as_cmda():
+    """fusion 0.5, image 0.5, ISR 0.25, events 0.25 (FACTS §7), each CE at the label's size; a zero
+    weight or an absent output adds no term; the per-pixel weight scales every term."""
+    # one 1x1 logit map per output, upsampled to the 1x2 label: every pixel sees the same logits
+    label = torch.tensor([[[0, 255]]])
+    ln = {"fusion": 1.0, "image": 2.0, "isr": 3.0, "events": 4.0}
+    logits = {k: torch.tensor([v, 0.0]).view(1, 2, 1, 1) for k, v in ln.items()}
+
+    def ce(v: float) -> float:  # class 0 has logit v, class 1 logit 0; the ignored pixel counts as 0
+        return (math.log(math.exp(v) + 1) - v) / 2
+
+    terms = segmentation_terms(logits, label, LossConfig(), prefix="src/")
+    assert set(terms) == {"src/fusion", "src/image", "src/isr", "src/events"}
+    for k, w in {"fusion": 0.5, "image": 0.5, "isr": 0.25, "events": 0.25}.items():
+        assert terms[f"src/{k}"].item() == pytest.approx(w * ce(ln[k]), rel=1e-5)
+    half = segmentation_terms(logits, label, LossConfig(), weight=torch.tensor([[[0.5, 1.0]]]))
+    assert half["fusion"].item() == pytest.approx(0.5 * 0.5 * ce(1.0), rel=1e-5)
+    only = segmentation_terms({"fusion": logits["fusion"]}, label, LossConfig(image=0.0))
+    assert set(only) == {"fusion"}
+    assert segmentation_terms(logits, label, LossConfig(fusion=0.0, image=0.0, isr=0.0, events=0.0)) == {}
 
 
 def test_class_masks_pick_half_of_the_batch_classes():

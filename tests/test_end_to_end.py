@@ -71,20 +71,27 @@ def test_baseline_beats_source_only_on_the_sample(tmp_path, monkeypatch):
 
 
 def test_torchrun_ddp_on_cpu(training_tree, tmp_path):
-    """Two processes with the gloo backend: rank 0 writes the run, both train."""
+    """Two processes with the gloo backend: rank 0 writes the run, both train, and after the first
+    optimiser step both ranks hold bitwise the same weights (their batches differ, so this only holds
+    if DistributedDataParallel averaged the gradients)."""
+    import os
     import shutil
     import subprocess
     import sys
+    from pathlib import Path
 
-    torchrun = shutil.which("torchrun") or str(__import__("pathlib").Path(sys.executable).with_name("torchrun"))
-    cmda = shutil.which("cmda") or str(__import__("pathlib").Path(sys.executable).with_name("cmda"))
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "CMDA_DDP_PROBE": str(tmp_path), "PYTHONPATH": str(repo)}
     res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", cmda, "train", "--preset", "cpu-sample", "--iters", "2", "--crop", "64",
-         "--set", "data.source_resize=128,64", "--set", "run.eval_every=2", "--set", "data.workers=0",
-         "--set", "rcs.min_pixels=50", "--device", "cpu", "--config", str(training_tree),
+        [torchrun, "--nproc_per_node", "2", str(repo / "tests" / "ddp_probe.py"), "train", "--preset", "cpu-sample",
+         "--iters", "2", "--crop", "64", "--set", "data.source_resize=128,64", "--set", "run.eval_every=2",
+         "--set", "data.workers=0", "--set", "rcs.min_pixels=50", "--device", "cpu", "--datasets", str(training_tree),
          "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "iter_000002.pt").exists()
     assert len([r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss/total"' in r]) == 2
+    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]

@@ -69,7 +69,7 @@ def _read(path: Path) -> np.ndarray:
 def test_predict_test_split_writes_palette_predictions_and_panels(tree, ckpt):
     path, student, _ = ckpt
     summary = predict(path, config=tree, split="test", device="cpu")
-    out = path.parent / "predictions"  # default: beside the checkpoint
+    out = path.parent.parent / "predictions" / "iter_5"  # default: the run's, one folder per checkpoint
     assert summary.out == out and summary.frames == len(TEST_FRAMES) and summary.iteration == 5
     assert summary.conf is not None and summary.conf.sum() > 0 and 0.0 <= summary.metrics["mIoU"] <= 1.0
     test = NightTest(load_config(tree), _train_config().data)
@@ -131,7 +131,9 @@ def test_predict_rejects_bad_checkpoints(tree, ckpt, tmp_path):
                                                                    "--config", str(tree)]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, res.output
-        assert res.output.startswith("error:") and "Traceback" not in res.output
+        assert isinstance(res.exception, SystemExit), res.exception  # not an escaped exception
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
 
 
 def test_predict_cli(tree, ckpt, tmp_path):
@@ -148,7 +150,7 @@ def test_inspect_renders_the_iterations_training_pair(training_tree, tmp_path, m
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["inspect", "--config", str(tree), "--iter", "3", "--seed", "7"])
     assert res.exit_code == 0, res.output
-    png = tmp_path / "inspect_3.png"  # default name
+    png = tmp_path / "runs" / "inspect" / "iter_000003_seed_7.png"  # default name, under runs/
     assert str(png.name) in res.output
     pic = _read(png)
     crop = DataConfig().crop
@@ -174,7 +176,8 @@ def test_inspect_renders_the_iterations_training_pair(training_tree, tmp_path, m
     for isr in (batch["source_isr"], batch["target_isr"]):
         assert (isr > 0.1).any() and (isr < -0.1).any()
     res = CliRunner().invoke(app, ["inspect", "--config", str(tree), "--iter", "-1"])
-    assert res.exit_code == 2 and "--iter" in res.output
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert res.stderr.strip().splitlines() == ["error: --iter must be >= 0, got -1"]
 
 
 @pytest.mark.slow

@@ -7,14 +7,16 @@ so restoring these is enough for ``--resume`` to reproduce the uninterrupted run
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
 
 FORMAT = "cmda-checkpoint-1"
@@ -41,8 +43,69 @@ def save_checkpoint(path: Path, *, iteration: int, student: torch.nn.Module, tea
         "config": config,
         **(extra or {}),
     }
-    with atomic_path(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
         torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+def temp_name(path: Path) -> Path:
+    """Where a checkpoint is written before its rename: the writer's pid in the name, so a later run
+    can tell a dead writer's leftover (kill -9 mid-write) from a file being written right now."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+_TEMP = re.compile(r"\.(?P<name>.+\.pt)\.(?P<tag>[^.]+)\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Delete checkpoint temp files whose writer is gone; returns what was deleted.
+
+    A pid-named temp file (``.iter_N.pt.<pid>.tmp``) goes when no process has that pid; a
+    ``mkstemp`` name from an older cmda (random tag, no pid) always goes: only one trainer writes
+    a run folder, and it has not started writing yet.
+    """
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP.fullmatch(p.name)
+        if m is None:
+            continue
+        tag = m.group("tag")
+        if tag.isdigit() and _alive(int(tag)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint file as given, or a run folder's latest ``checkpoints/iter_*.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("checkpoints/iter_*.pt")) or sorted(path.glob("iter_*.pt"))
+        if not found:
+            raise InputError(path, "no checkpoints/iter_*.pt to resume from")
+        return found[-1]
+    if not path.exists():
+        raise InputError(path, "checkpoint or run folder not found")
     return path
 
 

@@ -10,6 +10,8 @@ a checkpoint can be refused when it does not match.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +121,9 @@ class RunConfig:
     amp: bool = True  # bf16 autocast on CUDA (CPU always fp32)
     channels_last: bool = True
     compile: bool = False
+    # cudnn.benchmark on CUDA: autotuned convolution algorithms (faster, not bitwise repeatable).
+    # Process-wide torch state: the trainer sets it for the run and restores it afterwards.
+    cudnn_benchmark: bool = True
     log_every: int = 50
     eval_every: int = 4000
     ckpt_every: int = 4000
@@ -189,6 +194,28 @@ def apply_variant(cfg: TrainConfig, variant: str) -> TrainConfig:
     return cfg
 
 
+def apply_layers(cfg: TrainConfig, *, variant: str | None = None, preset: str | None = None,
+                 settings: Path | None = None, sets: list[str] | tuple[str, ...] = (),
+                 flags: dict[str, Any] | None = None) -> TrainConfig:
+    """Apply the command line's layers onto ``cfg`` in the documented order: --variant, --preset,
+    --settings file, --set pairs, then the dedicated flags (None = not given)."""
+    if variant is not None:
+        apply_variant(cfg, variant)
+    if preset is not None:
+        apply_preset(cfg, preset)
+    if settings is not None:
+        load_yaml_overrides(cfg, settings)
+    for item in sets:
+        if "=" not in item:
+            raise InputError(None, f"--set expects section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value.strip())
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_value(cfg, key, value)
+    return cfg
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -256,6 +283,109 @@ def load_yaml_overrides(cfg: TrainConfig, path: Path) -> TrainConfig:
     return cfg
 
 
+BACKBONES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+_DEVICE = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
+
+
+def parse_device(spec: str) -> tuple[str, int | None]:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> (kind, index or None); anything else is an InputError.
+
+    Pure syntax (no torch, no CUDA query), so options are checked where they are parsed; whether
+    CUDA is present is :func:`train.inference.resolve_device`'s question.
+    """
+    m = _DEVICE.fullmatch(str(spec).strip())
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise InputError(None, f"run.device: unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
+    return m.group(1), None if m.group(2) is None else int(m.group(2))
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise InputError(None, f"{key} must be {rule}, got {value!r}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every value's range once all layers (variant, preset, file, --set, flags) are applied.
+
+    Types are already checked by :func:`set_value`; this catches what a type cannot say (an
+    iteration count of 0, a NaN learning rate, an unknown backbone) as one InputError naming the
+    setting, before any data or model is touched.
+    """
+    r, m, d, o, dc, ls = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.dacs, cfg.loss
+    _check(r.variant in VARIANTS, "run.variant", r.variant, f"one of {', '.join(VARIANTS)}")
+    _check(m.backbone in BACKBONES, "model.backbone", m.backbone, f"one of {', '.join(BACKBONES)}")
+    parse_device(r.device)
+    for key in ("iters", "batch", "log_every", "eval_every", "ckpt_every"):
+        _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), ">= 1")
+    _check(r.eval_max >= 0, "run.eval_max", r.eval_max, ">= 0 (0 = every test frame)")
+    _check(m.num_classes >= 1, "model.num_classes", m.num_classes, ">= 1")
+    _check(m.head_channels >= 1, "model.head_channels", m.head_channels, ">= 1")
+    for key in ("drop_path", "fusion_drop_path"):
+        _check(_finite(getattr(m, key)) and 0 <= getattr(m, key) < 1, f"model.{key}", getattr(m, key), "in [0, 1)")
+    _check(d.crop >= 1, "data.crop", d.crop, ">= 1")
+    _check(d.target_crop >= 1, "data.target_crop", d.target_crop, ">= 1")
+    _check(min(d.source_resize) >= 1, "data.source_resize", d.source_resize, "two sizes >= 1")
+    _check(d.workers >= 0, "data.workers", d.workers, ">= 0 (0 = load in the main process)")
+    _check(d.test_rows >= 1, "data.test_rows", d.test_rows, ">= 1")
+    _check(_finite(d.test_scale) and d.test_scale > 0, "data.test_scale", d.test_scale, "a number > 0")
+    for key in ("flip", "cat_max_ratio"):
+        _check(_finite(getattr(d, key)) and 0 <= getattr(d, key) <= 1, f"data.{key}", getattr(d, key), "in [0, 1]")
+    for key in ("target_crop_x", "target_crop_y"):
+        lo, hi = getattr(d, key)
+        _check(0 <= lo <= hi, f"data.{key}", getattr(d, key), "[low, high] with 0 <= low <= high")
+    _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    for key in ("weight_decay", "min_lr", "warmup_ratio"):
+        _check(_finite(getattr(o, key)) and getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "a number >= 0")
+    _check(_finite(o.head_lr_mult) and o.head_lr_mult > 0, "optim.head_lr_mult", o.head_lr_mult, "a number > 0")
+    _check(all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
+    _check(o.warmup_iters >= 0, "optim.warmup_iters", o.warmup_iters, ">= 0")
+    _check(_finite(o.power) and o.power >= 0, "optim.power", o.power, "a number >= 0")
+    for key in ("ema_alpha", "pseudo_threshold", "jitter_p", "blur_p", "teacher_events_p", "fd_scale_min_ratio"):
+        _check(_finite(getattr(dc, key)) and 0 <= getattr(dc, key) <= 1, f"dacs.{key}", getattr(dc, key), "in [0, 1]")
+    _check(_finite(dc.fd_lambda) and dc.fd_lambda >= 0, "dacs.fd_lambda", dc.fd_lambda, "a number >= 0")
+    for f in dataclasses.fields(ls):
+        v = getattr(ls, f.name)
+        _check(_finite(v) and v >= 0, f"loss.{f.name}", v, "a number >= 0")
+    _check(ls.mask_events <= 1, "loss.mask_events", ls.mask_events, "in [0, 1]")
+    _check(ls.mask_block >= 1, "loss.mask_block", ls.mask_block, ">= 1")
+    rc = cfg.rcs
+    _check(_finite(rc.temperature) and rc.temperature > 0, "rcs.temperature", rc.temperature, "a number > 0")
+    _check(rc.min_pixels >= 0, "rcs.min_pixels", rc.min_pixels, ">= 0")
+    return cfg
+
+
+# Settings that say where and how fast a run goes, not what it computes: a resume may change them
+# freely (another machine, another folder), every other setting must match the run's own.
+MACHINE_KEYS = frozenset({"run.device", "run.out", "data.workers"})
+
+
+def flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """{section: {key: value}} -> {"section.key": value} (the names --set uses)."""
+    return {f"{s}.{k}": v for s, values in data.items() if isinstance(values, dict) for k, v in values.items()}
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{"section.key": [saved value, new value]}`` for every setting (but MACHINE_KEYS) that differs.
+
+    Both sides are :func:`to_dict` output (or a checkpoint's stored config), so values compare as
+    plain JSON values; a setting the saved config lacks (an older cmda) compares against its default.
+    """
+    default = flatten(to_dict(TrainConfig()))
+    old, new = flatten(saved), flatten(now)
+    out = {}
+    for key in new:
+        if key in MACHINE_KEYS:
+            continue
+        was = old.get(key, default.get(key))
+        if was != new[key]:
+            out[key] = [was, new[key]]
+    return out
+
+
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         if isinstance(v, Path):
@@ -272,6 +402,8 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig()
     for section, values in data.items():
+        if section == "history":  # config.json's record of earlier settings (resume --resume-override)
+            continue
         for key, value in values.items():
             set_value(cfg, f"{section}.{key}", value)
     return cfg

@@ -1,6 +1,8 @@
-"""The DACS self-training loop for CMDA (FACTS §8), in one readable function.
+"""The DACS self-training loop for CMDA (FACTS §8): :func:`train` builds a run (:func:`build`,
+:func:`restore`, :class:`RunFolder`), :func:`loop` runs its iterations, and :func:`iteration` /
+:func:`_step` are one iteration, top to bottom:
 
-One iteration:
+One iteration (:func:`iteration`, then :func:`_step`'s named passes):
   1. EMA teacher update (a copy at iteration 0, then ``alpha = min(1 - 1/(it+1), 0.999)``).
   2. Source pass: day image + source "events" (CycleGAN(IC1), or IC1 itself without the
      generator) + day ISR -> four-output segmentation loss (+ source-side L2 term) -> backward.
@@ -13,6 +15,11 @@ One iteration:
 Randomness is re-seeded from (seed, rank, iteration) at the start of every iteration and batches
 come from :class:`train.data.PairedBatches` by iteration number, so ``--resume`` reproduces the
 uninterrupted run. Everything a run writes goes under its output folder; rank 0 writes.
+
+Signals: the first Ctrl-C / SIGTERM stops after the iteration with a checkpoint, a second aborts
+and checkpoints only a consistent state (:class:`StopFlag`); loader workers ignore both, so a
+signal to the whole process group behaves like one to the trainer. Process-wide torch flags
+(TF32, cudnn.benchmark) are set from the settings for the run and restored after it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +45,20 @@ from tqdm import tqdm
 from pipeline.atomic import write_text
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from train.checkpoint import check_compatible, load_checkpoint, load_model_state, restore_rng, save_checkpoint
-from train.config import TrainConfig, to_dict
+from train.checkpoint import (
+    check_compatible,
+    clean_stale_temps,
+    find_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    restore_rng,
+    save_checkpoint,
+)
+from train.config import TrainConfig, differences, to_dict, validate
 from train.data import NightTest, PairedBatches, network_batch
 from train.evaluate import evaluate
-from train.inference import autocast
-from train.isr import ISR_DAY, ISR_NIGHT, image_content, isr_from_normalized
+from train.inference import autocast, resolve_device
+from train.isr import ISR_DAY, ISR_NIGHT, image_content, isr_from_normalized, random_directions
 from train.losses import (
     needed_source_features,
     pseudo_labels,
@@ -53,7 +69,6 @@ from train.losses import (
 from train.mixing import block_mask, class_masks, color_jitter, gaussian_blur, mix
 from train.schedule import ema_alpha, ema_update, learning_rate, set_learning_rate
 
-DIRECTIONS = ("leftdown", "leftup", "rightdown", "rightup")
 DEFAULT_CYCLEGAN = Path("pretrained/cityscapes_ICD_to_dsec_EN.pth")
 
 
@@ -75,10 +90,7 @@ def setup_context(device: str) -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
+    dev = resolve_device(device, local_rank=local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not tdist.is_initialized():
@@ -115,17 +127,34 @@ def resolve_weights(cfg: TrainConfig, say) -> tuple[Path | None, Path | None]:
 
 
 class StopFlag:
-    """First Ctrl-C / SIGTERM asks the loop to stop after the current iteration (checkpoint, exit)."""
+    """Signals and the run's consistency, in one place.
+
+    The first Ctrl-C / SIGTERM asks the loop to stop after the current iteration (checkpoint, exit).
+    A second one aborts at once (KeyboardInterrupt). The loop marks where its state is one
+    consistent whole (student, optimiser, EMA teacher and iteration count all "after iteration N"):
+    :meth:`changing` before the EMA update, :meth:`consistent` after the optimiser step. An abort
+    may checkpoint only a consistent state, so a signal landing inside the optimiser step can never
+    save an optimiser one step ahead of its iteration number.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.at: int | None = None  # iteration the state is consistent after; None while changing
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def changing(self) -> None:
+        self.at = None
+
+    def consistent(self, iteration: int) -> None:
+        self.at = iteration
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # second signal: stop now
@@ -133,13 +162,88 @@ class StopFlag:
         self.requested = True
         tqdm.write(f"received {signal.Signals(signum).name}: stopping after this iteration (again to abort)")
 
+    def ignore(self) -> None:
+        """No more signals (while the last checkpoint is written after an abort)."""
+        for sig in self._old:
+            signal.signal(sig, signal.SIG_IGN)
+
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block SIGINT/SIGTERM while loader workers start: a forked worker inherits the mask, so a
+    signal sent to the whole process group (timeout, Slurm, systemd) cannot kill it before
+    :func:`_worker_init` ignores the signals; the main process gets the pending signal on unblock."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which checkpoints and then shuts
+    them down; a worker killed by a process-group signal would end the run with a traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """An InputError/OSError raised inside a loader worker, carried back as data: the DataLoader
+    would re-raise it as ``RuntimeError: Caught InputError in DataLoader worker`` (a traceback)."""
+
+    path: str | None
+    problem: str
+
+
+class ReportingBatches(torch.utils.data.Dataset):
+    """:class:`PairedBatches` whose input errors come back as :class:`WorkerFailure` items."""
+
+    def __init__(self, batches: PairedBatches) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, it: int) -> dict[str, torch.Tensor] | WorkerFailure:
+        try:
+            return self.batches[it]
+        except InputError as exc:
+            return WorkerFailure(None if exc.path is None else str(exc.path), exc.problem)
+        except OSError as exc:
+            return WorkerFailure(exc.filename and str(exc.filename), exc.strerror or str(exc))
+
+
+def _checked(batch: dict[str, torch.Tensor] | WorkerFailure) -> dict[str, torch.Tensor]:
+    if isinstance(batch, WorkerFailure):
+        raise InputError(batch.path, batch.problem)
+    return batch
+
+
+@contextlib.contextmanager
+def backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
+    """TF32 matmuls and cudnn.benchmark are process-wide torch state: set them from the settings for
+    the run on CUDA, and put the previous values back when it ends (a caller's own choice survives)."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+            (torch.backends.cudnn, "benchmark")
+    old = [getattr(o, n) for o, n in flags]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    try:
+        yield
+    finally:
+        for (o, n), v in zip(flags, old, strict=True):
+            setattr(o, n, v)
 
 
 def _teacher_mode(teacher: torch.nn.Module) -> None:
@@ -176,36 +280,29 @@ def feature_distance(feat: torch.Tensor, feat_imnet: torch.Tensor, label: torch.
     return dist[mask].mean()
 
 
-# ---------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
-    from train.models import CMDAModel, ic1_to_events, load_cyclegan
+# ---------------------------------------------------------------------- building a run
+@dataclass
+class Parts:
+    """What one run trains with: the batches, the networks, the optimiser."""
 
-    ctx = setup_context(cfg.run.device)
-    say = tqdm.write if ctx.main else (lambda *_: None)
-    if resume is not None and resume.is_dir():
-        found = sorted(resume.glob("checkpoints/iter_*.pt")) or sorted(resume.glob("iter_*.pt"))
-        if not found:
-            raise InputError(resume, "no checkpoints/iter_*.pt to resume from")
-        resume = found[-1]
-    state = load_checkpoint(resume) if resume is not None else None
-    if state is not None:
-        check_compatible(resume, state, cfg.model.backbone, cfg.run.variant, cfg.run.source_only)
-        cfg.run.out = cfg.run.out or resume.parent.parent
-    out = cfg.run.out or default_out(cfg)
-    seed = cfg.run.seed + 1_000 * ctx.rank
-    cuda = ctx.device.type == "cuda"
-    amp = cfg.run.amp and cuda
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    batches: PairedBatches
+    test: NightTest | None
+    model: torch.nn.Module
+    fwd: torch.nn.Module  # model, compiled and/or wrapped in DDP
+    teacher: torch.nn.Module | None
+    gan: torch.nn.Module | None
+    imnet: torch.nn.Module | None
+    opt: torch.optim.Optimizer
 
-    # ---- data
+
+def build(cfg: TrainConfig, ctx: Context, say) -> Parts:
+    """Data, models (same initial weights on every rank and in every run with this seed), optimiser."""
+    from train.models import CMDAModel, load_cyclegan
+
     dcfg = load_config(cfg.data.datasets)
+    seed = cfg.run.seed + 1_000 * ctx.rank
     batches = PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=not cfg.run.source_only)
     test = NightTest(dcfg, cfg.data, limit=cfg.run.eval_max) if ctx.main else None
-
-    # ---- models (same initial weights on every rank and in every run with this seed)
     mit_path, gan_path = resolve_weights(cfg, say)
     torch.manual_seed(cfg.run.seed)
     model = CMDAModel(cfg.model.backbone, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path,
@@ -223,203 +320,358 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
         model.to(memory_format=torch.channels_last)
     teacher = None if cfg.run.source_only else copy.deepcopy(model).requires_grad_(False)
     gan = load_cyclegan(gan_path, ctx.device) if gan_path is not None else None
+    cuda = ctx.device.type == "cuda"
     opt = torch.optim.AdamW(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, fused=cuda)
     for g in opt.param_groups:  # head x10 (the model tags groups with lr_mult 1 or 10)
         g["lr_mult"] = cfg.optim.head_lr_mult if g.get("lr_mult", 1) > 1 else 1.0
+    return Parts(batches, test, model, model, teacher, gan, imnet, opt)
 
-    start = 0
-    if state is not None:
-        load_model_state(model, state["student"], resume)
-        if teacher is not None:
-            load_model_state(teacher, state["teacher"], resume)
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
-        restore_rng(state)
-        say(f"resumed from {resume} at iteration {start}")
-    fwd: torch.nn.Module = model
+
+def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) -> int:
+    """Load a checkpoint's weights, optimiser and RNG into ``parts``; returns the iteration to start at."""
+    if state is None or path is None:
+        return 0
+    load_model_state(parts.model, state["student"], path)
+    if parts.teacher is not None:
+        load_model_state(parts.teacher, state["teacher"], path)
+    parts.opt.load_state_dict(state["optimizer"])
+    restore_rng(state)
+    say(f"resumed from {path} at iteration {int(state['iteration'])}")
+    return int(state["iteration"])
+
+
+def wrap(parts: Parts, cfg: TrainConfig, ctx: Context) -> None:
+    """torch.compile and/or DistributedDataParallel around the student (after its weights are loaded)."""
     if cfg.run.compile:
-        fwd = torch.compile(model)
+        parts.fwd = torch.compile(parts.model)
     if ctx.world > 1:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[ctx.local_rank] if cuda else None)
+        cuda = ctx.device.type == "cuda"
+        parts.fwd = torch.nn.parallel.DistributedDataParallel(parts.fwd, device_ids=[ctx.local_rank] if cuda else None)
 
-    # ---- outputs
-    ckpt_dir = out / "checkpoints"
-    log_path = out / "metrics.jsonl"
-    writer = None
-    if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2))
-        if log_path.exists():  # drop lines from beyond the checkpoint of an interrupted run
-            keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["iter"] <= start]
-            write_text(log_path, "".join(k + "\n" for k in keep))
+
+def check_resume(cfg: TrainConfig, path: Path, state: dict[str, Any], override: bool) -> dict[str, list[Any]]:
+    """The differences between ``cfg`` and the checkpoint's own settings: an error unless ``override``.
+
+    A resume continues the run as it was; a changed seed, lr, length or loss weight would silently
+    make it another run. Machine settings (device, workers, output folder) may differ.
+    """
+    changes = differences(state.get("config") or {}, to_dict(cfg))
+    if changes and not override:
+        listed = "; ".join(f"{k}: {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in changes.items())
+        raise InputError(path, f"settings differ from the run's ({listed}); leave them out to continue the run "
+                         "as it was, or pass --resume-override to change them")
+    check_compatible(path, state, cfg.model.backbone, cfg.run.variant, cfg.run.source_only)
+    return changes
+
+
+def truncate_log(path: Path, start: int) -> None:
+    """Keep metrics.jsonl's records up to iteration ``start`` (the checkpoint resumed from).
+
+    A torn LAST line (a kill or a full disk while appending) is dropped; a broken line elsewhere is
+    an InputError naming it, since it is not what the trainer writes.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise InputError(path, f"line {n} is not valid JSON (only a torn last line is dropped)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("iter"), int):
+            raise InputError(path, f"line {n} is not a record with an integer 'iter'")
+        if rec["iter"] <= start:
+            keep.append(line)
+    write_text(path, "".join(k + "\n" for k in keep))
+
+
+class RunFolder:
+    """The run's files (rank 0 writes): config.json, metrics.jsonl, TensorBoard, checkpoints."""
+
+    def __init__(self, out: Path, ctx: Context) -> None:
+        self.out, self.main = out, ctx.main
+        self.ckpt_dir = out / "checkpoints"
+        self.log_path = out / "metrics.jsonl"
+        self.writer = None
+
+    def open(self, cfg: TrainConfig, start: int, saved: dict[str, Any] | None, changes: dict[str, list[Any]],
+             say) -> None:
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for p in clean_stale_temps(self.ckpt_dir):
+            say(f"removed {p.name}: left by a checkpoint write that never finished")
+        config = to_dict(cfg)
+        old = self.out / "config.json"
+        history = []
+        if old.exists():
+            with contextlib.suppress(ValueError, AttributeError):
+                history = list(json.loads(old.read_text()).get("history", []))
+        if changes and saved is not None:  # --resume-override: config.json keeps what the run had before
+            history.append({"iter": start, "config": {k: v for k, v in saved.items() if k != "history"},
+                            "changes": changes})
+        if history:
+            config["history"] = history
+        write_text(old, json.dumps(config, indent=2))
+        truncate_log(self.log_path, start)
+        if changes:
+            self.log({"iter": start, "resume_override": changes})
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
-    last_ckpt: Path | None = resume
+            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=start or None)
 
-    def checkpoint(it: int) -> None:
-        nonlocal last_ckpt
-        if ctx.main:
-            last_ckpt = save_checkpoint(ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=model,
-                                        teacher=teacher, optimizer=opt, config=to_dict(cfg))
-
-    def log(record: dict[str, Any]) -> None:
-        if not ctx.main:
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
             return
-        with log_path.open("a") as f:
+        with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if writer is not None:
+        if self.writer is not None:
             for k, v in record.items():
                 if k != "iter" and isinstance(v, int | float):
-                    writer.add_scalar(k, v, record["iter"])
+                    self.writer.add_scalar(k, v, record["iter"])
 
-    def run_eval(it: int) -> dict[str, Any] | None:
-        if not ctx.main or test is None:
+    def checkpoint(self, it: int, parts: Parts, cfg: TrainConfig) -> Path | None:
+        if not self.main:
             return None
-        res = evaluate(model, test, ctx.device, ("fusion",), amp, progress=False, scale=cfg.data.test_scale)["fusion"]
-        log({"iter": it, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"]})
-        say(f"iteration {it}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion output)")
-        return res
+        return save_checkpoint(self.ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=parts.model,
+                               teacher=parts.teacher, optimizer=parts.opt, config=to_dict(cfg))
 
-    loader = DataLoader(batches, batch_size=None, sampler=range(start, cfg.run.iters),
-                        num_workers=cfg.data.workers, pin_memory=cuda, worker_init_fn=_ignore_sigint,
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.main and self.log_path.exists():
+            from train.visualize import loss_curve_png
+
+            loss_curve_png(self.log_path, self.out / "loss_curve.png")
+
+
+# ---------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: Path | None = None, override: bool = False) -> dict[str, Any]:
+    """Train (or continue, from a checkpoint file or run folder) with ``cfg``; see the module docstring.
+
+    With ``resume``, every setting but device, workers and output folder must equal the
+    checkpoint's, unless ``override`` (then the changes are logged and kept in config.json).
+    """
+    validate(cfg)
+    ctx = setup_context(cfg.run.device)
+    say = tqdm.write if ctx.main else (lambda *_: None)
+    path = find_checkpoint(resume) if resume is not None else None
+    state = load_checkpoint(path) if path is not None else None
+    changes: dict[str, list[Any]] = {}
+    if state is not None and path is not None:
+        changes = check_resume(cfg, path, state, override)
+        cfg.run.out = cfg.run.out or path.parent.parent
+    out = Path(cfg.run.out or default_out(cfg))
+    cfg.run.out, cfg.run.device = out, str(ctx.device)  # config.json and checkpoints show resolved values
+    with backend_flags(cfg, ctx.device):
+        parts = build(cfg, ctx, say)
+        start = restore(parts, state, path, say)
+        wrap(parts, cfg, ctx)
+        run = RunFolder(out, ctx)
+        run.open(cfg, start, state.get("config") if state else None, changes, say)
+        try:
+            result = loop(cfg, ctx, parts, run, start, path, say)
+        finally:
+            run.close()
+    return result
+
+
+def iteration(cfg: TrainConfig, ctx: Context, parts: Parts, batch: dict[str, torch.Tensor], it: int, seed: int,
+              out: Path, last_ckpt: Path | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One training iteration: seed, lr, EMA teacher, the passes (:func:`_step`), checks, optimiser step."""
+    from train.models import ic1_to_events
+
+    torch.manual_seed(seed * 1_000_003 + it)
+    lr = learning_rate(it, cfg.run.iters, cfg.optim)
+    set_learning_rate(parts.opt, lr)
+    if parts.teacher is not None and it > 0:
+        ema_update(parts.teacher, parts.model, ema_alpha(it, cfg.dacs.ema_alpha))
+    try:
+        terms, extra = _step(cfg, batch, ctx, parts.fwd, parts.teacher, parts.gan, parts.imnet,
+                             ctx.device.type == "cuda" and cfg.run.amp, ic1_to_events)
+    except torch.OutOfMemoryError:
+        raise InputError(out, f"CUDA out of memory at iteration {it + 1} (backbone {cfg.model.backbone}, "
+                         f"batch {cfg.run.batch}, crop {cfg.data.crop}): lower --batch or --crop, "
+                         "add --set model.checkpoint=true, or use a smaller --backbone") from None
+    _finite_or_raise(terms, it, out, last_ckpt)
+    parts.opt.step()
+    parts.opt.zero_grad(set_to_none=True)
+    return terms, {"lr": lr, **extra}
+
+
+def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: int, resumed: Path | None,
+         say) -> dict[str, Any]:
+    """Iterations ``start`` .. ``run.iters``, logging, checkpoints, evaluation, stop and abort."""
+    cuda = ctx.device.type == "cuda"
+    amp = cfg.run.amp and cuda
+    seed = cfg.run.seed + 1_000 * ctx.rank
+    loader = DataLoader(ReportingBatches(parts.batches), batch_size=None, sampler=range(start, cfg.run.iters),
+                        num_workers=cfg.data.workers, pin_memory=cuda, worker_init_fn=_worker_init,
                         prefetch_factor=2 if cfg.data.workers else None)
-    model.train()
+    parts.model.train()
     say(f"training {'source-only' if cfg.run.source_only else cfg.run.variant} on {ctx.device} "
         f"({cfg.model.backbone}, {cfg.run.iters} iterations, batch {cfg.run.batch}+"
-        f"{0 if cfg.run.source_only else cfg.run.batch}, crop {cfg.data.crop}) -> {out}")
+        f"{0 if cfg.run.source_only else cfg.run.batch}, crop {cfg.data.crop}) -> {run.out}")
     bar = tqdm(total=cfg.run.iters, initial=start, desc="train", unit="it", dynamic_ncols=True, disable=not ctx.main)
-    result: dict[str, Any] = {"out": str(out)}
-    it = start
+    result: dict[str, Any] = {"out": str(run.out)}
+    last_ckpt, saved_at = resumed, start
     t_last, it_last = time.perf_counter(), start
-    try:
-        with StopFlag() as stop:
-            for it, batch in zip(range(start, cfg.run.iters), loader, strict=False):
-                torch.manual_seed(seed * 1_000_003 + it)
-                lr = learning_rate(it, cfg.run.iters, cfg.optim)
-                set_learning_rate(opt, lr)
-                if teacher is not None and it > 0:
-                    ema_update(teacher, model, ema_alpha(it, cfg.dacs.ema_alpha))
-                try:
-                    terms, extra = _step(cfg, batch, ctx, fwd, teacher, gan, imnet, amp, ic1_to_events)
-                except torch.OutOfMemoryError:
-                    raise InputError(out, f"CUDA out of memory at iteration {it + 1} (backbone {cfg.model.backbone}, "
-                                     f"batch {cfg.run.batch}, crop {cfg.data.crop}): lower --batch or --crop, "
-                                     "add --set model.checkpoint=true, or use a smaller --backbone") from None
-                _finite_or_raise(terms, it, out, last_ckpt)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+
+    def checkpoint(done: int) -> None:
+        nonlocal last_ckpt, saved_at
+        last_ckpt, saved_at = run.checkpoint(done, parts, cfg) or last_ckpt, done
+
+    def run_eval(done: int) -> dict[str, Any] | None:
+        if parts.test is None:
+            return None
+        res = evaluate(parts.model, parts.test, ctx.device, ("fusion",), amp, progress=False,
+                       scale=cfg.data.test_scale)["fusion"]
+        run.log({"iter": done, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"]})
+        say(f"iteration {done}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion output)")
+        return res
+
+    with StopFlag() as stop:
+        stop.consistent(start)
+        try:
+            with signals_blocked():
+                batches = iter(loader)
+            for it, batch in zip(range(start, cfg.run.iters), batches, strict=False):
+                stop.changing()
+                terms, extra = iteration(cfg, ctx, parts, _checked(batch), it, seed, run.out, last_ckpt)
                 done = it + 1
+                stop.consistent(done)
                 bar.update(1)
                 if done % cfg.run.log_every == 0 or done == cfg.run.iters or done == start + 1:
                     now = time.perf_counter()
                     total = float(sum(v.detach().float() for v in terms.values()))
-                    record = {"iter": done, "lr": lr, "loss/total": total,
+                    record = {"iter": done, "lr": extra.pop("lr"), "loss/total": total,
                               **{f"loss/{k}": float(v.detach().float()) for k, v in terms.items()}, **extra,
                               "time/iter_s": (now - t_last) / (done - it_last)}
                     if cuda:
                         record["mem/peak_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
                     t_last, it_last = now, done
-                    log(record)
-                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+                    run.log(record)
+                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{record['lr']:.2e}")
                 if done % cfg.run.ckpt_every == 0 or done == cfg.run.iters:
                     checkpoint(done)
                 if done % cfg.run.eval_every == 0 or done == cfg.run.iters:
                     result["eval"] = run_eval(done)
                 if stop.requested:
-                    if done % cfg.run.ckpt_every and done != cfg.run.iters:
+                    if saved_at != done:
                         checkpoint(done)
                     say(f"stopped at iteration {done}; resume with --resume {last_ckpt}")
                     result["stopped"] = done
                     break
-    except KeyboardInterrupt:  # second Ctrl-C mid-iteration: the last completed iteration is consistent
-        if it > start:
-            checkpoint(it)
-        say(f"aborted; resume with --resume {last_ckpt}")
-        result["stopped"] = it
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    if ctx.main and log_path.exists():
-        from train.visualize import loss_curve_png
-
-        loss_curve_png(log_path, out / "loss_curve.png")
+        except KeyboardInterrupt:  # second signal: keep only a consistent state (see StopFlag)
+            stop.ignore()
+            if stop.at is not None and stop.at > saved_at:
+                checkpoint(stop.at)
+            say(f"aborted; resume with --resume {last_ckpt}")
+            result["stopped"] = stop.at if stop.at is not None else saved_at
+        finally:
+            bar.close()
     result["checkpoint"] = str(last_ckpt) if last_ckpt else None
     return result
-
-
-def _directions(n: int) -> list[str]:
-    # CMDA derives the ISR shift direction from crop/jitter parities; we draw it at random per sample.
-    return [DIRECTIONS[int(i)] for i in torch.randint(len(DIRECTIONS), (n,))]
 
 
 def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: torch.nn.Module,
           teacher: torch.nn.Module | None, gan: torch.nn.Module | None, imnet: torch.nn.Module | None, amp: bool,
           ic1_to_events) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One DACS iteration's forward/backward passes; returns the loss terms (already backpropagated)."""
-    dev = ctx.device
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    inputs = _inputs(batch, ctx.device, mem, gan, ic1_to_events)
+    terms, keep = _source_pass(cfg, inputs, fwd, imnet, amp)  # 1. source pass
+    if teacher is None:
+        return terms, {}
+    pseudo, pseudo_w, use_events = _pseudo_labels(cfg, inputs, teacher, amp)  # 2. pseudo-labels
+    mixed = _mix(cfg, inputs, pseudo, pseudo_w, mem)  # 3. ClassMix + strong augmentation
+    terms.update(_mixed_pass(cfg, mixed, keep, fwd, amp))  # 4. mixed pass
+    return terms, {"pseudo/weight": float(pseudo_w.mean()), "pseudo/teacher_events": float(use_events)}
+
+
+def _inputs(batch: dict[str, torch.Tensor], dev: torch.device, mem: torch.memory_format,
+            gan: torch.nn.Module | None, ic1_to_events) -> dict[str, torch.Tensor]:
+    """Network inputs on the device: normalised images, ISR of both domains, source "events"."""
     raw = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
     b = raw["source_image"].shape[0]
+    out = network_batch(raw, dev, mem)
     with torch.no_grad():  # ISR from the exact uint8 images (CMDA computes it from the PIL image)
-        src_isr = image_content(raw["source_image"], ISR_DAY, _directions(b)).contiguous(memory_format=mem)
-        tgt_isr = (image_content(raw["target_image"], ISR_NIGHT, _directions(b)).contiguous(memory_format=mem)
-                   if "target_image" in raw else None)
-    batch = network_batch(raw, dev, mem)
-    src_img, src_lbl, src_ic1 = batch["source_image"], batch["source_label"], batch["source_ic1"]
-    with torch.no_grad():
-        src_evt = ic1_to_events(gan, src_ic1) if gan is not None else src_ic1
+        out["source_isr"] = image_content(raw["source_image"], ISR_DAY,
+                                          random_directions(b)).contiguous(memory_format=mem)
+        if "target_image" in raw:
+            out["target_isr"] = image_content(raw["target_image"], ISR_NIGHT,
+                                              random_directions(b)).contiguous(memory_format=mem)
+        out["source_events"] = ic1_to_events(gan, out["source_ic1"]) if gan is not None else out["source_ic1"]
+    return out
 
-    # 1. source pass
+
+def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Module, imnet: torch.nn.Module | None,
+                 amp: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Day image + source events + day ISR -> segmentation (+ source L2, + feature distance) -> backward.
+
+    Returns the terms and the detached deepest source features the target-side L2 terms need.
+    """
+    dev = x["source_image"].device
     with autocast(dev, amp):
-        out = fwd(image=src_img, events=src_evt, isr=src_isr)
-    terms = segmentation_terms(out.logits, src_lbl, cfg.loss, prefix="src/")
+        out = fwd(image=x["source_image"], events=x["source_events"], isr=x["source_isr"])
+    terms = segmentation_terms(out.logits, x["source_label"], cfg.loss, prefix="src/")
     terms.update(source_feature_terms(out.features, cfg.loss))
     if imnet is not None:
         with torch.no_grad(), autocast(dev, amp):
-            feat_imnet = imnet(src_img)[-1]
+            feat_imnet = imnet(x["source_image"])[-1]
         terms["src/fd"] = cfg.dacs.fd_lambda * feature_distance(
-            out.features["image"][-1], feat_imnet, src_lbl, cfg.dacs.fd_classes, cfg.dacs.fd_scale_min_ratio)
+            out.features["image"][-1], feat_imnet, x["source_label"], cfg.dacs.fd_classes, cfg.dacs.fd_scale_min_ratio)
     sum(terms.values()).backward()
-    keep = {k: out.features[k][-1].detach() for k in needed_source_features(cfg.loss)}
-    del out
-    if teacher is None:
-        return terms, {}
+    return terms, {k: out.features[k][-1].detach() for k in needed_source_features(cfg.loss)}
 
-    # 2. pseudo-labels from the EMA teacher
-    tgt_img, tgt_evt = batch["target_image"], batch["target_events"]
-    with torch.no_grad():
-        _teacher_mode(teacher)
-        use_events = bool(torch.rand(()) < cfg.dacs.teacher_events_p)
-        with autocast(dev, amp):
-            t_out = teacher(image=tgt_img, events=tgt_evt if use_events else None,
-                            isr=None if use_events else tgt_isr, fuse_with="events" if use_events else "isr",
-                            outputs=("fusion",))
-        pseudo, pseudo_w = pseudo_labels(t_out.logits["fusion"], tgt_img.shape[-2:], cfg.dacs.pseudo_threshold)
 
-        # 3. ClassMix + strong augmentation of the mixed image; ISR recomputed from it
-        mask = class_masks(src_lbl)
-        mixed_img = mix(mask, src_img, tgt_img)
-        mixed_img = color_jitter(mixed_img, cfg.dacs.jitter_p, cfg.dacs.jitter)
-        mixed_img = gaussian_blur(mixed_img, cfg.dacs.blur_p, cfg.dacs.blur_sigma).contiguous(memory_format=mem)
-        mixed_evt = mix(mask, src_evt, tgt_evt)
-        if cfg.loss.mask_events > 0:
-            mixed_evt = mixed_evt * block_mask(mixed_evt.shape, cfg.loss.mask_events, cfg.loss.mask_block, dev)
-        mixed_evt = mixed_evt.contiguous(memory_format=mem)
-        mixed_lbl = mix(mask, src_lbl, pseudo)
-        mixed_w = mix(mask, torch.ones_like(pseudo_w), pseudo_w)
-        mixed_isr = isr_from_normalized(mixed_img, ISR_NIGHT, _directions(b)).contiguous(memory_format=mem)
+@torch.no_grad()
+def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.nn.Module, amp: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """EMA teacher on the night image fused, at random, with the night events or the night ISR."""
+    _teacher_mode(teacher)
+    use_events = bool(torch.rand(()) < cfg.dacs.teacher_events_p)
+    img = x["target_image"]
+    with autocast(img.device, amp):
+        t_out = teacher(image=img, events=x["target_events"] if use_events else None,
+                        isr=None if use_events else x["target_isr"], fuse_with="events" if use_events else "isr",
+                        outputs=("fusion",))
+    pseudo, weight = pseudo_labels(t_out.logits["fusion"], img.shape[-2:], cfg.dacs.pseudo_threshold)
+    return pseudo, weight, use_events
 
-    # 4. mixed pass
-    with autocast(dev, amp):
-        m_out = fwd(image=mixed_img, events=mixed_evt, isr=mixed_isr)
-    mix_terms = segmentation_terms(m_out.logits, mixed_lbl, cfg.loss, mixed_w, prefix="mix/")
-    mix_terms.update(target_feature_terms(m_out.features, keep, cfg.loss))
-    sum(mix_terms.values()).backward()
-    terms.update(mix_terms)
-    extra = {"pseudo/weight": float(pseudo_w.mean()), "pseudo/teacher_events": float(use_events)}
-    return terms, extra
 
+@torch.no_grad()
+def _mix(cfg: TrainConfig, x: dict[str, torch.Tensor], pseudo: torch.Tensor, pseudo_w: torch.Tensor,
+         mem: torch.memory_format) -> dict[str, torch.Tensor]:
+    """ClassMix (half the source classes pasted onto the target); the mixed image gets colour jitter
+    and blur, the events are only mixed (optionally block-masked), the ISR is recomputed from the image."""
+    src_lbl = x["source_label"]
+    mask = class_masks(src_lbl)
+    image = mix(mask, x["source_image"], x["target_image"])
+    image = color_jitter(image, cfg.dacs.jitter_p, cfg.dacs.jitter)
+    image = gaussian_blur(image, cfg.dacs.blur_p, cfg.dacs.blur_sigma).contiguous(memory_format=mem)
+    events = mix(mask, x["source_events"], x["target_events"])
+    if cfg.loss.mask_events > 0:
+        events = events * block_mask(events.shape, cfg.loss.mask_events, cfg.loss.mask_block, events.device)
+    return {"image": image, "events": events.contiguous(memory_format=mem),
+            "label": mix(mask, src_lbl, pseudo), "weight": mix(mask, torch.ones_like(pseudo_w), pseudo_w),
+            "isr": isr_from_normalized(image, ISR_NIGHT,
+                                       random_directions(image.shape[0])).contiguous(memory_format=mem)}
+
+
+def _mixed_pass(cfg: TrainConfig, m: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], fwd: torch.nn.Module,
+                amp: bool) -> dict[str, torch.Tensor]:
+    """Mixed batch with the pseudo weights (+ target-side L2 terms) -> backward."""
+    with autocast(m["image"].device, amp):
+        out = fwd(image=m["image"], events=m["events"], isr=m["isr"])
+    terms = segmentation_terms(out.logits, m["label"], cfg.loss, m["weight"], prefix="mix/")
+    terms.update(target_feature_terms(out.features, keep, cfg.loss))
+    sum(terms.values()).backward()
+    return terms

@@ -18,7 +18,7 @@ turns them into network inputs there (ImageNet normalisation, 3-channel events a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -55,6 +55,17 @@ def read_grey(path: str | Path) -> np.ndarray:
     if img.ndim == 3:
         img = img[..., 0]
     return img
+
+
+def check_label(label: np.ndarray, path: str | Path, num_classes: int = 19) -> np.ndarray:
+    """A trainId label must hold only 0..num_classes-1 and 255 (ignore); anything else would crash
+    the loss or the confusion matrix far from the file, so it is an InputError naming the file."""
+    bad = (label >= num_classes) & (label != IGNORE)
+    if bad.any():
+        values = np.unique(label[bad])
+        raise InputError(path, f"label holds value {int(values[0])} at {int(bad.sum())} pixel(s) "
+                         f"(trainIds are 0-{num_classes - 1} and {IGNORE}; values: {values[:8].tolist()})")
+    return label
 
 
 def normalize_image(rgb: np.ndarray) -> np.ndarray:
@@ -114,18 +125,34 @@ def crop_max_ratio(label: np.ndarray, size: int, rng: np.random.Generator, cat_m
 
 
 # ---------------------------------------------------------------------- target domain
+def index_base(cfg: DatasetsConfig) -> Path:
+    """The folder relative paths in index.csv are relative to: the datasets.yaml's folder (as every
+    path inside datasets.yaml is), so ``--datasets`` works from any working directory."""
+    return Path(cfg.source).parent if getattr(cfg, "source", None) else Path(".")
+
+
+def resolve_row(row: Row, base: Path) -> Row:
+    """``row`` with its relative file paths joined to ``base`` (absolute paths and "" kept)."""
+    def join(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str(base / p)
+
+    return replace(row, image=join(row.image), warp_image=join(row.warp_image), label=join(row.label),
+                   store=join(row.store))
+
+
 class NightFrames:
     """The DSEC night frames of one split, with their voxel stores opened once."""
 
     def __init__(self, cfg: DatasetsConfig, split: str):
         self.cfg = cfg
-        self.rows: list[Row] = read_index(cfg.dsec.out / "index.csv", split)
+        self.rows: list[Row] = [resolve_row(r, index_base(cfg)) for r in read_index(cfg.dsec.out / "index.csv", split)]
         if not self.rows:
             raise InputError(cfg.dsec.out / "index.csv", f"no {split} frames (check datasets.yaml and `cmda index`)")
+        # One read-only Zarr handle per store, opened lazily so each loader worker process opens its
+        # own; they live as long as this object (no OS file handles are held between reads).
         self.stores = {r.store: None for r in self.rows}
 
     def store(self, path: str) -> VoxelStore:
-        # Opened lazily so each loader worker process opens its own handles.
         if self.stores[path] is None:
             self.stores[path] = VoxelStore.open(path, bins=self.cfg.representation.bins)
         return self.stores[path]  # type: ignore[return-value]
@@ -177,7 +204,7 @@ class NightTest(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
         image, events, row = self.frames.load(i)
-        label = read_grey(row.label)
+        label = check_label(read_grey(row.label), row.label)
         if label.shape != image.shape[:2]:
             raise InputError(row.label, f"label is {label.shape[1]}x{label.shape[0]}, image is "
                              f"{image.shape[1]}x{image.shape[0]}")
@@ -216,7 +243,7 @@ class CityscapesTrain:
     @staticmethod
     def load(f: SourceFile, resize_to: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image (h, w, 3) uint8, label (h, w) uint8, IC1 (h, w) uint8, resized to ``resize_to`` (w, h)."""
-        image, label, ic1 = read_rgb(f.image), read_grey(f.label), read_grey(f.ic1)
+        image, label, ic1 = read_rgb(f.image), check_label(read_grey(f.label), f.label), read_grey(f.ic1)
         if label.shape != image.shape[:2] or ic1.shape != image.shape[:2]:
             raise InputError(f.label, f"label/IC1 size {label.shape}/{ic1.shape} differs from the image "
                              f"{image.shape[:2]} ({f.image})")

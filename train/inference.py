@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import InputError
 from train.checkpoint import load_checkpoint, load_model_state
-from train.config import TrainConfig, from_dict
+from train.config import TrainConfig, from_dict, parse_device
 from train.models import CMDAModel
 
 
@@ -27,17 +27,21 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything torch does not know is an InputError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InputError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, f"device {device!r} requested but CUDA is not available")
-    return dev
+def resolve_device(device: str, local_rank: int = 0, cuda_available: bool | None = None) -> torch.device:
+    """The one reading of a device option, for train, evaluate, predict alike.
+
+    'auto' -> ``cuda:<local_rank>`` when CUDA is available, else cpu; 'cuda' -> ``cuda:<local_rank>``
+    (an index is needed by ``torch.cuda.set_device``; under torchrun each process takes its own GPU);
+    'cuda:N' as given; 'cpu'. CUDA asked for where there is none, or any other name, is an InputError.
+    """
+    kind, index = parse_device(device)
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if kind == "cpu" or (kind == "auto" and not available):
+        return torch.device("cpu")
+    if not available:
+        raise InputError(None, f"device {device!r} requested but CUDA is not available on this machine "
+                         "(use --device cpu or auto)")
+    return torch.device("cuda", local_rank if index is None else index)
 
 
 def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:

@@ -67,19 +67,20 @@ def render_batch(batch: dict[str, Any], header: str = "") -> np.ndarray:
 
 
 def inspect_iteration(config: str | Path = "datasets.yaml", iteration: int = 0, seed: int = 0,
-                      out: str | Path | None = None, batch: int = 1, direction: str = "rightdown") -> Path:
-    """Render iteration ``iteration``'s batch (default DataConfig / RcsConfig, ``batch`` samples per
-    domain) to ``out`` (default ``inspect_<iteration>.png``); returns the path written."""
+                      out: str | Path | None = None, batch: int = 1, direction: str = "rightdown",
+                      data: DataConfig | None = None, rcs: RcsConfig | None = None) -> Path:
+    """Render iteration ``iteration``'s batch (``data``/``rcs`` settings, default ones if None; ``batch``
+    samples per domain) to ``out`` (default ``runs/inspect/iter_<N>_seed_<S>.png``); returns the path."""
     if iteration < 0:
         raise InputError(None, f"--iter must be >= 0, got {iteration}")
     if batch < 1:
         raise InputError(None, f"--batch must be >= 1, got {batch}")
     cfg = load_config(config)
-    data = PairedBatches(cfg, DataConfig(), RcsConfig(), batch=batch, seed=seed)
-    raw = data[iteration]
+    batches = PairedBatches(cfg, data or DataConfig(), rcs or RcsConfig(), batch=batch, seed=seed)
+    raw = batches[iteration]
     items = network_batch(raw)
     items.update(batch_isr(raw, direction))
     picture = render_batch(items, header=f"iteration {iteration}, seed {seed}")
-    path = Path(out) if out is not None else Path(f"inspect_{iteration}.png")
+    path = Path(out) if out is not None else Path("runs") / "inspect" / f"iter_{iteration:06d}_seed_{seed}.png"
     write_png(path, picture)
     return path

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from pipeline.image_change import DIRECTIONS, ISR_DAY, ISR_NIGHT, IsrParams, isr_log_table, split_direction
@@ -40,7 +39,7 @@ __all__ = [
     "denormalize_to_uint8",
     "image_content",
     "isr_from_normalized",
-    "random_direction",
+    "random_directions",
 ]
 
 #: DAFormer/CMDA image normalisation, on the 0..255 scale.
@@ -57,9 +56,10 @@ def cmda_direction(a: int, b: int) -> str:
     return (("leftdown", "leftup"), ("rightdown", "rightup"))[int(a) % 2][int(b) % 2]
 
 
-def random_direction(generator: np.random.Generator) -> str:
-    """One of the four direction pairs, uniformly."""
-    return DIRECTIONS[int(generator.integers(len(DIRECTIONS)))]
+def random_directions(n: int) -> list[str]:
+    """``n`` direction pairs drawn uniformly from torch's RNG (the trainer's per-sample ISR shifts;
+    CMDA derives them from crop/jitter parities instead, see :func:`cmda_direction`)."""
+    return [DIRECTIONS[int(i)] for i in torch.randint(len(DIRECTIONS), (n,))]
 
 
 def denormalize_to_uint8(
@@ -72,6 +72,8 @@ def denormalize_to_uint8(
     return ((x * s + m) / 255).clamp(0, 1).mul(255).to(torch.uint8)
 
 
+# Module-level cache, safe to keep: at most 16 small read-only tables (one per ISR setting and
+# device), never written after creation, identical whichever caller or thread builds them.
 @functools.lru_cache(maxsize=16)
 def _log_table(params: IsrParams, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(isr_log_table(params)).to(device)

@@ -87,12 +87,13 @@ def frame_panel(image: np.ndarray, events: np.ndarray, pred: np.ndarray, label: 
     return panel(cols)
 
 
-def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: str | Path = "datasets.yaml",
+def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: str | Path | None = None,
             split: str = "test", limit: int = 0, output: str = "fusion", teacher: bool = False,
             device: str = "auto") -> PredictSummary:
     """Predict every frame of ``split`` (the first ``limit`` if > 0) and write the PNGs into ``out``
-    (default: ``predictions/`` beside the checkpoint). Returns counts and, for the test split, the
-    confusion matrix and metrics over the frames written."""
+    (default: the run's ``predictions/<checkpoint name>/``, one folder per checkpoint as evaluate's
+    ``eval/<checkpoint name>/``). ``config`` is the datasets.yaml, by default the one the run trained
+    with. Returns counts and, for the test split, the confusion matrix and metrics over the frames written."""
     checkpoint = Path(checkpoint)
     if output not in OUTPUT_CHOICES:
         raise InputError(None, f"--output must be one of {', '.join(OUTPUT_CHOICES)}, not {output!r}")
@@ -102,8 +103,8 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
         raise InputError(None, f"--limit must be >= 0, got {limit}")
     dev = resolve_device(device)
     model, cfg, state = load_for_inference(checkpoint, teacher=teacher, device=dev)
-    out = Path(out) if out is not None else checkpoint.parent / "predictions"
-    total, frames = night_frames(Path(config), cfg, split, limit)
+    out = Path(out) if out is not None else checkpoint.parent.parent / "predictions" / checkpoint.stem
+    total, frames = night_frames(Path(config or cfg.data.datasets), cfg, split, limit)
     conf_total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) if split == "test" else None
     count = 0
     for item in tqdm(frames, total=total, desc=f"predict {split}", unit="frame"):

@@ -127,10 +127,6 @@ class RareClassSampler:
             raise InputError(self.stats_dir / SAMPLES_WITH_CLASS, f"does not match {SAMPLE_CLASS_STATS}")
 
     # ------------------------------------------------------------------ sampling
-    @property
-    def class_probs(self) -> dict[int, float]:
-        return {c: float(p) for c, p in zip(self.classes, self.probs, strict=True)}
-
     def sample_class(self) -> int:
         return int(self.classes[self.rng.choice(len(self.classes), p=self.probs)])
 

@@ -21,9 +21,6 @@ from train.models.mit import Block, MixVisionTransformer, get_config, map_to_tok
 OUTPUTS = ("image", "events", "fusion", "isr")
 """The four heads' outputs, in a fixed order."""
 
-LOSS_WEIGHTS: dict[str, float] = {"fusion": 0.5, "image": 0.5, "isr": 0.25, "events": 0.25}
-"""CMDA's per-output cross-entropy weights (its config says events 0.5, its loss code halves it)."""
-
 FuseWith = Literal["events", "isr"]
 
 
@@ -118,7 +115,7 @@ class CMDAModel(nn.Module):
 
         out = model(image=img, events=ev, isr=isr)                 # source pass: all four outputs
         out = teacher(image=img, isr=isr, fuse_with="isr", outputs=("fusion",))   # pseudo-labels
-        loss = sum(LOSS_WEIGHTS[k] * ce(up(out.logits[k]), y) for k in out.logits)
+        loss = sum(segmentation_terms(out.logits, y, cfg.loss).values())  # train.losses
         feat = out.features["fusion"][-1]                          # deepest stage, for feature losses
 
     Only the encoders needed by the requested outputs run: the fusion reuses the events/ISR features when

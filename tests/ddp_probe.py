@@ -1,0 +1,37 @@
+"""`cmda train` under torchrun, recording each rank's student weights after the first optimiser step.
+
+Used by tests/test_end_to_end.py::test_torchrun_ddp_on_cpu: the EMA update of iteration 1 receives
+the student right after step 1, on every rank; this writes a SHA-256 of its parameters to
+``$CMDA_DDP_PROBE/rank<RANK>.txt``. Ranks draw different batches (seed + 1000 * rank), so equal
+digests mean the gradients really were averaged across ranks (DistributedDataParallel at work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from train import dacs
+
+_real_ema_update = dacs.ema_update
+
+
+def _probe(teacher, student, alpha) -> None:
+    if not getattr(_probe, "done", False):
+        _probe.done = True
+        digest = hashlib.sha256()
+        for p in student.parameters():
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        out = Path(os.environ["CMDA_DDP_PROBE"])
+        (out / f"rank{os.environ.get('RANK', '0')}.txt").write_text(digest.hexdigest())
+    _real_ema_update(teacher, student, alpha)
+
+
+dacs.ema_update = _probe
+
+if __name__ == "__main__":
+    from cli import app
+
+    sys.exit(app(sys.argv[1:]))
