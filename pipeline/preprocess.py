@@ -29,7 +29,14 @@ from pipeline.config import DatasetsConfig
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
 from pipeline.parallel import default_workers, run_tasks
-from pipeline.voxel import Rectifier, accumulate_voxels, first_decrease, invalid_events, rectifier
+from pipeline.voxel import (
+    Rectifier,
+    accumulate_voxels,
+    accumulate_window_in_pieces,
+    first_decrease,
+    invalid_events,
+    rectifier,
+)
 
 MAX_FRAMES_PER_TASK = 64  # tasks stay small enough for a smooth progress bar and resume
 WINDOW_RULE = "cmda: events idx[i-1]..idx[i] inclusive; idx = last event with t + t_offset <= image timestamp"
@@ -185,22 +192,25 @@ def _run_batch(
     else:
         # One window longer than a streaming chunk (plan_batches isolates those): stream it in
         # pieces, normalising time with the window's own first and last event times.
-        t_first = ef.read_t(batch.first_event, batch.first_event + 1).astype(np.int64)
-        t_last = ef.read_t(batch.stop_event - 1, batch.stop_event).astype(np.int64)
-        prev_t = None
-        for pos in range(batch.first_event, batch.stop_event, chunk_events):
-            end = min(pos + chunk_events, batch.stop_event)
-            ev = ef.read(pos, end)
-            if len(ev["t"]) != end - pos:
-                raise InputError(events_path, f"events {pos}..{end - 1} lie past the end of the file "
-                                 "(was it changed while being preprocessed?)")
-            if prev_t is not None and ev["t"][0] < prev_t:
-                _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
-            _check_events(events_path, ev, pos, rect)
-            prev_t = ev["t"][-1]
-            accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], rect, np.zeros(1, np.int64),
-                              np.full(1, end - pos, np.int64), t_first, t_last, buf, checked=True)
-            fed += end - pos
+        t_first = int(ef.read_t(batch.first_event, batch.first_event + 1)[0])
+        t_last = int(ef.read_t(batch.stop_event - 1, batch.stop_event)[0])
+
+        def pieces():
+            prev_t = None
+            for pos in range(batch.first_event, batch.stop_event, chunk_events):
+                end = min(pos + chunk_events, batch.stop_event)
+                ev = ef.read(pos, end)
+                if len(ev["t"]) != end - pos:
+                    raise InputError(events_path, f"events {pos}..{end - 1} lie past the end of the file "
+                                     "(was it changed while being preprocessed?)")
+                if prev_t is not None and ev["t"][0] < prev_t:
+                    _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
+                _check_events(events_path, ev, pos, rect)
+                prev_t = ev["t"][-1]
+                yield ev["x"], ev["y"], ev["p"], ev["t"]
+
+        accumulate_window_in_pieces(pieces(), span, rect, t_first, t_last, buf, checked=True)
+        fed += span
         writer.write(int(frames[0]), buf[0])
     zstore.mark_done(store, int(frames[0]), int(frames[-1]), events=fed)
     return span
