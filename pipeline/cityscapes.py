@@ -136,9 +136,12 @@ def load_annotation(path: Path):
         raise InputError(path, f"not a Cityscapes polygon JSON ({type(exc).__name__}: {exc})") from None
     if min(size) <= 0:
         raise InputError(path, f"bad image size {size}")
-    for obj in ann.objects:
+    for k, obj in enumerate(ann.objects):
         if obj.deleted:
             continue
+        if len(obj.polygon) < 2:  # PIL cannot fill it: cityscapesscripts would crash in the drawing
+            raise InputError(path, f"object {k} ({obj.label!r}) has a polygon of {len(obj.polygon)} point(s), "
+                             "at least 2 are needed")
         label = obj.label
         if label not in name2label and label.endswith("group"):  # cityscapesscripts' own fallback
             label = label[: -len("group")]

@@ -125,22 +125,37 @@ def _rectifier(path: Path, digest: str, height: int, width: int) -> Rectifier:
 
 
 _HANDLES = threading.local()
+_OPENED: list[EventFile] = []  # every handle the threads of this process hold, to close after a run
+_OPENED_LOCK = threading.Lock()
+_GENERATION = [0]  # bumped when the handles are closed: a thread's cached handle is then stale
 
 
 def _event_file(path: Path, token: str) -> EventFile:
     """This thread's open handle on the sequence's events.h5 (re-opened when ``token`` changes).
 
     Opening costs ~1.5 ms, a tenth of a task; ``token`` (size, mtime, content fingerprint) makes a
-    handle opened by an earlier run on a since-modified file unusable.
+    handle opened by an earlier run on a since-modified file unusable. The handles are closed at
+    the end of every successful run (:func:`_close_event_files`), so no file stays open once
+    :func:`preprocess_sequence` returns (an open HDF5 handle stops the same process from opening
+    the file for writing).
     """
+    key = (str(path), token, _GENERATION[0])
     cur = getattr(_HANDLES, "file", None)
-    if cur is not None and cur[0] == (str(path), token):
+    if cur is not None and cur[0] == key:
         return cur[1]
-    if cur is not None:
-        cur[1].close()
     ef = EventFile(path, check=False)
-    _HANDLES.file = ((str(path), token), ef)
+    with _OPENED_LOCK:
+        _OPENED.append(ef)
+    _HANDLES.file = (key, ef)
     return ef
+
+
+def _close_event_files() -> None:
+    """Close every handle opened by :func:`_event_file` in this process (no task may be running)."""
+    with _OPENED_LOCK:
+        _GENERATION[0] += 1
+        while _OPENED:
+            _OPENED.pop().close()
 
 
 def _run_batch(
@@ -352,6 +367,9 @@ def _preprocess_locked(cfg: DatasetsConfig, seq: str, out: Path, *, scheduler: s
         )
     finally:
         index_written.result()  # waits, and re-raises the side thread's error if it had one
+    # Every task has finished (after an error some may still run on the pool's threads, so the
+    # handles are then left to the next run, which closes them the same way).
+    _close_event_files()
     zstore.check_written(out, valid, int(count.sum()))
     zstore.mark_complete(group, out, summary)
     return {**summary, "status": "built", "frames_written": int(sum(len(b.frames) for b in batches))}
