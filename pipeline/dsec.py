@@ -269,8 +269,9 @@ class EventFile:
             if direct is not None:
                 h.update(b"stored chunks")
                 n_chunks = direct.table.offset.size
-                for raw in direct._fetch(0, n_chunks):
-                    h.update(raw)
+                for c in range(0, n_chunks, 64):  # bounded runs: the scratch buffer stays a few MB
+                    for raw in direct._fetch(c, min(c + 64, n_chunks)):
+                        h.update(raw)
             else:
                 h.update(b"values")
                 for a in range(0, self.n_events, 1 << 20):
