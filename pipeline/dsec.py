@@ -252,7 +252,7 @@ class EventFile:
     def fingerprint(self, workers: int = 4) -> dict[str, int | str]:
         """Identity of the file's content: everything that determines a preprocessed store.
 
-        ``digest`` is a BLAKE2b hash of every stored chunk of events/x, y, p and t exactly as HDF5
+        ``digest`` is a SHA-256 hash of every stored chunk of events/x, y, p and t exactly as HDF5
         keeps them on disk (the compressed bytes at the offsets HDF5 reports, read outside its lock),
         plus ms_to_idx and t_offset. Changing any event anywhere changes a chunk's bytes, so it
         changes the digest, without decompressing anything: the cost is reading the file once
@@ -264,7 +264,7 @@ class EventFile:
             self._reader(k)  # build the readers here: _reader is not thread-safe
 
         def field_digest(k: str) -> bytes:
-            h = hashlib.blake2b(digest_size=16)
+            h = hashlib.sha256()  # SHA-256: hardware-accelerated on current x86/ARM, ~2x BLAKE2b there
             direct = self._direct[k]
             if direct is not None:
                 h.update(b"stored chunks")
@@ -280,7 +280,7 @@ class EventFile:
 
         with ThreadPoolExecutor(max(1, min(workers, len(fields)))) as pool:
             parts = list(pool.map(field_digest, fields))
-        digest = hashlib.blake2b(digest_size=16)
+        digest = hashlib.sha256()
         for part in parts:
             digest.update(part)
         digest.update(self.ms_to_idx.tobytes())
@@ -290,7 +290,7 @@ class EventFile:
             "size": self.path.stat().st_size,
             "n_events": self.n_events,
             "t_offset": self.t_offset,
-            "content": "blake2b-128 of the stored chunks of events/x,y,p,t + ms_to_idx + t_offset",
+            "content": "sha256 of the stored chunks of events/x,y,p,t + ms_to_idx + t_offset",
             "digest": digest.hexdigest(),
         }
 
