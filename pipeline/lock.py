@@ -49,8 +49,8 @@ def exclusive(artefact: str | Path, what: str) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
-def remove_stale_temp_files(folder: str | Path) -> int:
-    """Delete the ``.*.tmp`` files of :mod:`pipeline.atomic` in ``folder`` (not recursive).
+def remove_stale_temp_files(folder: str | Path, recursive: bool = False) -> int:
+    """Delete the ``.*.tmp`` files of :mod:`pipeline.atomic` in ``folder`` (and below, if ``recursive``).
 
     Only call this while holding the folder's artefact lock: then no live writer can own them, and
     they are what a killed run left behind. Returns how many were removed.
@@ -60,7 +60,10 @@ def remove_stale_temp_files(folder: str | Path) -> int:
     if not folder.is_dir():
         return 0
     for entry in os.scandir(folder):
-        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                removed += remove_stale_temp_files(entry.path, recursive=True)
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed += 1

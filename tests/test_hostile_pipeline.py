@@ -382,3 +382,29 @@ def test_an_unparsable_store_is_rebuilt(tmp_path):
     assert pre.preprocess_sequence(cfg, SEQ, workers=1)["status"] == "built"
     assert VoxelStore.open(path)
 
+
+
+def test_warp_and_cityscapes_remove_a_killed_runs_temp_files_and_refuse_a_second_writer(tmp_path):
+    from pipeline import lock
+    from pipeline.cityscapes import convert_cityscapes
+    from pipeline.warp import warp_sequence
+    from tests.test_cityscapes import make_tree
+    from tests.test_warp import _tiny_sequence
+
+    paths = _tiny_sequence(tmp_path / "dsec", n=2)
+    out = tmp_path / "processed" / paths.name
+    stale = out / "warp_images" / ".000001.png.x8k2_.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a png")
+    with lock.exclusive(out / "warp_images", "`cmda warp`"), pytest.raises(InputError, match="another `cmda warp`"):
+        warp_sequence(paths, out)
+    assert stale.exists()  # a live writer's file is left alone
+    assert warp_sequence(paths, out)["written"] == 2 and not stale.exists()
+
+    root = make_tree(tmp_path / "cs", samples=[("train", "aachen", "aachen_000000_000019")])
+    cs_out = tmp_path / "cs_out"
+    stale = cs_out / "gtFine" / "train" / "aachen" / ".aachen_000000_000019_gtFine_labelTrainIds.png.q1.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
+    convert_cityscapes(root, cs_out, workers=1)
+    assert not list(cs_out.rglob("*.tmp"))
