@@ -55,7 +55,7 @@ def sample(tmp_path_factory) -> Path:
     cfg = _config(folder)
     result = CliRunner().invoke(app, ["sample", "--config", str(cfg), "--out", str(folder / "sample"),
                                       "--step-us", "10000"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and result.exception is None, result.output
     assert "SYNTHETIC" in result.output
     return folder / "sample"
 
