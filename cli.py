@@ -36,7 +36,7 @@ AllOpt = Annotated[bool, typer.Option("--all", help="Every sequence listed in da
 SchedulerOpt = Annotated[
     str | None, typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786 (default: local threads).")
 ]
-WorkersOpt = Annotated[int, typer.Option(help="Local threads (0 = one per core).")]
+WorkersOpt = Annotated[int, typer.Option(min=0, help="Local threads (0 = one per core).")]
 
 
 @app.callback()
@@ -54,6 +54,10 @@ def reports_input_errors(fn: F) -> F:
         except InputError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # a full disk, a read-only or vanished folder: the system's words, one line
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -62,6 +66,8 @@ def _sequences(cfg: Any, seq: list[str] | None, all_: bool) -> list[str]:
     if all_ or not seq:
         if not all_ and not seq:
             raise InputError(cfg.source, "name a sequence with --seq NAME or pass --all")
+        if not cfg.dsec.sequences:
+            raise InputError(cfg.source, "--all: no sequences are listed under dsec.sequences")
         return list(cfg.dsec.sequences)
     return [cfg.sequence(s) for s in seq]
 
@@ -83,10 +89,15 @@ def preprocess(
     """
     from pipeline.config import load_config
     from pipeline.preprocess import preprocess_sequence
+    from pipeline.preprocess import store_path as preprocess_store_path
 
     cfg = load_config(config)
     for name in _sequences(cfg, seq, all_):
-        preprocess_sequence(cfg, name, scheduler=scheduler, workers=workers)
+        s = preprocess_sequence(cfg, name, scheduler=scheduler, workers=workers)
+        state = ("already complete, nothing to do" if s["status"] == "already complete"
+                 else f"{s['frames_written']} frames written")
+        typer.echo(f"{name}: {state}; {s['frames_with_window']} of {s['frames']} images have an event window "
+                   f"({s['events_in_windows']:,} events) -> {preprocess_store_path(cfg, name)}")
 
 
 @app.command()

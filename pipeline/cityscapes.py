@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline import lock
 from pipeline.atomic import write_png, write_text
 from pipeline.errors import InputError
 from pipeline.image_change import ic1, ic1_to_uint8
@@ -136,9 +137,12 @@ def load_annotation(path: Path):
         raise InputError(path, f"not a Cityscapes polygon JSON ({type(exc).__name__}: {exc})") from None
     if min(size) <= 0:
         raise InputError(path, f"bad image size {size}")
-    for obj in ann.objects:
+    for k, obj in enumerate(ann.objects):
         if obj.deleted:
             continue
+        if len(obj.polygon) < 2:  # PIL cannot fill it: cityscapesscripts would crash in the drawing
+            raise InputError(path, f"object {k} ({obj.label!r}) has a polygon of {len(obj.polygon)} point(s), "
+                             "at least 2 are needed")
         label = obj.label
         if label not in name2label and label.endswith("group"):  # cityscapesscripts' own fallback
             label = label[: -len("group")]
@@ -221,16 +225,18 @@ def convert_cityscapes(
     samples = find_samples(root)
     _check_inputs(root, out, samples)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stats(out)
-    for split in SPLITS:
-        (out / f"{split}.txt").unlink(missing_ok=True)
+    with lock.exclusive(out, "`cmda cityscapes`"):  # one writer; its .tmp files are a killed run's
+        lock.remove_stale_temp_files(out, recursive=True)
+        remove_stats(out)
+        for split in SPLITS:
+            (out / f"{split}.txt").unlink(missing_ok=True)
 
-    tasks = [functools.partial(convert_sample, root, out, s, cmda_compat) for s in samples]
-    counts = run_tasks(tasks, desc="cityscapes", scheduler=scheduler, workers=workers, unit="file")
+        tasks = [functools.partial(convert_sample, root, out, s, cmda_compat) for s in samples]
+        counts = run_tasks(tasks, desc="cityscapes", scheduler=scheduler, workers=workers, unit="file")
 
-    for split in SPLITS:
-        write_text(out / f"{split}.txt", "".join(f"{s.entry}\n" for s in samples if s.split == split))
-    entries = [(s.label_rel(), c) for s, c in zip(samples, counts, strict=True) if s.split == "train"]
-    write_stats(out, entries)
+        for split in SPLITS:
+            write_text(out / f"{split}.txt", "".join(f"{s.entry}\n" for s in samples if s.split == split))
+        entries = [(s.label_rel(), c) for s, c in zip(samples, counts, strict=True) if s.split == "train"]
+        write_stats(out, entries)
     n_train = sum(s.split == "train" for s in samples)
     return ConvertSummary(train=n_train, val=len(samples) - n_train, seconds=time.perf_counter() - t0)

@@ -171,15 +171,61 @@ def _resolve(cfg: DatasetsConfig, base: Path) -> DatasetsConfig:
     )
 
 
+# Allowed ranges, checked at load time so a bad value is one line naming the key, not an all-zero
+# store or a crash deep inside a kernel: key -> (lowest, highest) inclusive (None: unbounded).
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "representation.bins": (1, 1000),
+    "representation.height": (2, 100_000),
+    "representation.width": (2, 100_000),
+    "representation.chunk_events": (1, None),
+    "representation.clevel": (0, 9),
+    "dsec.label_first": (0, None),
+    "dsec.label_every": (1, None),
+    "dsec.train_min_frame": (0, None),
+    "sample.seed": (0, 2**32 - 1),
+    "sample.frames": (2, None),
+    "sample.event_rate": (1e-9, None),
+    "sample.cityscapes_train": (1, None),
+    "sample.cityscapes_val": (0, None),
+}
+
+
+def _check_ranges(cfg: DatasetsConfig, path: Path) -> None:
+    for key, (lo, hi) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # NaN too
+            want = (f"between {lo} and {hi}" if lo is not None and hi is not None
+                    else f">= {lo}" if lo is not None else f"<= {hi}")
+            if key == "sample.event_rate":
+                want = "> 0"
+            raise InputError(path, f"{key} must be {want}, got {value!r}")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: 'line L, column C: problem'."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
     """Read and validate ``datasets.yaml``; paths in it are relative to the file's folder."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "configuration file not found (run from the repository root or pass --config)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise InputError(path, f"not valid YAML: {exc}") from None
+        raise InputError(path, f"not valid YAML ({_yaml_problem(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the configuration ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(path, f"the top level must be a mapping of sections (dsec:, representation:, ...), "
+                         f"got a {type(data).__name__}")
     data = {k: v for k, v in data.items() if k != "source"}
     cfg = _build(DatasetsConfig, data, "datasets.yaml", path)
     cfg = dataclasses.replace(cfg, source=path)
@@ -190,10 +236,9 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
         raise InputError(path, f"dsec.warp_png must be 'fast' or 'small', got {cfg.dsec.warp_png!r}")
     if rep.compressor not in ("lz4", "lz4hc", "zstd", "zlib", "blosclz"):
         raise InputError(path, f"representation.compressor must be a Blosc codec name, got {rep.compressor!r}")
-    if rep.bins < 1:
-        raise InputError(path, f"representation.bins must be >= 1, got {rep.bins}")
+    _check_ranges(cfg, path)
     for name, spec in cfg.dsec.sequences.items():
         lo, hi = spec.labelled
-        if hi < lo and hi != -1:
+        if lo < 0 or (hi < lo and hi != -1):
             raise InputError(path, f"dsec.sequences.{name}.labelled must be [first, last], got {list(spec.labelled)}")
     return _resolve(cfg, path.parent)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,13 +22,21 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import lock
 from pipeline import store as zstore
 from pipeline.atomic import write_text
 from pipeline.config import DatasetsConfig
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
 from pipeline.parallel import default_workers, run_tasks
-from pipeline.voxel import Rectifier, accumulate_voxels, first_decrease, rectifier
+from pipeline.voxel import (
+    Rectifier,
+    accumulate_voxels,
+    accumulate_window_in_pieces,
+    first_decrease,
+    invalid_events,
+    rectifier,
+)
 
 MAX_FRAMES_PER_TASK = 64  # tasks stay small enough for a smooth progress bar and resume
 WINDOW_RULE = "cmda: events idx[i-1]..idx[i] inclusive; idx = last event with t + t_offset <= image timestamp"
@@ -86,6 +95,16 @@ def _check_ordered(path: Path, t: np.ndarray, offset: int) -> None:
                          f"event {k - 1} ({int(t[i - 1])} us)")
 
 
+def _check_events(path: Path, ev: dict[str, np.ndarray], offset: int, rect: Rectifier) -> None:
+    """The streaming pass over every event read: timestamps ordered, x/y on the rectify map's
+    sensor, p in {0, 1}. The kernels have no bounds checks, so nothing reaches them unchecked."""
+    _check_ordered(path, ev["t"], offset)
+    sensor_h, sensor_w = rect.map_x.shape
+    bad = invalid_events(ev["x"], ev["y"], ev["p"], sensor_w, sensor_h)
+    if bad is not None:
+        raise InputError(path, bad.describe(offset))
+
+
 _RECTIFIERS: dict[tuple[str, str, int, int], Rectifier] = {}
 _RECTIFIERS_LOCK = threading.Lock()
 
@@ -106,22 +125,37 @@ def _rectifier(path: Path, digest: str, height: int, width: int) -> Rectifier:
 
 
 _HANDLES = threading.local()
+_OPENED: list[EventFile] = []  # every handle the threads of this process hold, to close after a run
+_OPENED_LOCK = threading.Lock()
+_GENERATION = [0]  # bumped when the handles are closed: a thread's cached handle is then stale
 
 
 def _event_file(path: Path, token: str) -> EventFile:
     """This thread's open handle on the sequence's events.h5 (re-opened when ``token`` changes).
 
     Opening costs ~1.5 ms, a tenth of a task; ``token`` (size, mtime, content fingerprint) makes a
-    handle opened by an earlier run on a since-modified file unusable.
+    handle opened by an earlier run on a since-modified file unusable. The handles are closed at
+    the end of every successful run (:func:`_close_event_files`), so no file stays open once
+    :func:`preprocess_sequence` returns (an open HDF5 handle stops the same process from opening
+    the file for writing).
     """
+    key = (str(path), token, _GENERATION[0])
     cur = getattr(_HANDLES, "file", None)
-    if cur is not None and cur[0] == (str(path), token):
+    if cur is not None and cur[0] == key:
         return cur[1]
-    if cur is not None:
-        cur[1].close()
     ef = EventFile(path, check=False)
-    _HANDLES.file = ((str(path), token), ef)
+    with _OPENED_LOCK:
+        _OPENED.append(ef)
+    _HANDLES.file = (key, ef)
     return ef
+
+
+def _close_event_files() -> None:
+    """Close every handle opened by :func:`_event_file` in this process (no task may be running)."""
+    with _OPENED_LOCK:
+        _GENERATION[0] += 1
+        while _OPENED:
+            _OPENED.pop().close()
 
 
 def _run_batch(
@@ -152,34 +186,48 @@ def _run_batch(
     w_stop = stop[frames] + 1  # exclusive
     ef = _event_file(events_path, events_token)
     span = batch.stop_event - batch.first_event
+    fed = 0  # events given to the kernel, summed over frames: recorded with the frames' marker
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
     if span <= chunk_events:
         ev = ef.read(batch.first_event, batch.stop_event)
-        _check_ordered(events_path, ev["t"], batch.first_event)
+        if len(ev["t"]) != span:
+            raise InputError(events_path, f"events {batch.first_event}..{batch.stop_event - 1} lie past the end "
+                             "of the file (was it changed while being preprocessed?)")
+        _check_events(events_path, ev, batch.first_event, rect)
         t = ev["t"]
         lo, hi = w_start - batch.first_event, w_stop - batch.first_event
         t_first, t_last = t[lo].astype(np.int64), t[hi - 1].astype(np.int64)
         for k, frame in enumerate(frames):
             buf.fill(0)
             accumulate_voxels(ev["x"], ev["y"], ev["p"], t, rect, lo[k:k + 1], hi[k:k + 1],
-                              t_first[k:k + 1], t_last[k:k + 1], buf)
+                              t_first[k:k + 1], t_last[k:k + 1], buf, checked=True)
+            fed += int(hi[k] - lo[k])
             writer.write(int(frame), buf[0])
     else:
         # One window longer than a streaming chunk (plan_batches isolates those): stream it in
         # pieces, normalising time with the window's own first and last event times.
-        t_first = ef.read_t(batch.first_event, batch.first_event + 1).astype(np.int64)
-        t_last = ef.read_t(batch.stop_event - 1, batch.stop_event).astype(np.int64)
-        prev_t = None
-        for pos in range(batch.first_event, batch.stop_event, chunk_events):
-            end = min(pos + chunk_events, batch.stop_event)
-            ev = ef.read(pos, end)
-            if prev_t is not None and ev["t"][0] < prev_t:
-                _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
-            _check_ordered(events_path, ev["t"], pos)
-            prev_t = ev["t"][-1]
-            accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], rect, np.zeros(1, np.int64),
-                              np.full(1, end - pos, np.int64), t_first, t_last, buf)
+        t_first = int(ef.read_t(batch.first_event, batch.first_event + 1)[0])
+        t_last = int(ef.read_t(batch.stop_event - 1, batch.stop_event)[0])
+
+        def pieces():
+            prev_t = None
+            for pos in range(batch.first_event, batch.stop_event, chunk_events):
+                end = min(pos + chunk_events, batch.stop_event)
+                ev = ef.read(pos, end)
+                if len(ev["t"]) != end - pos:
+                    raise InputError(events_path, f"events {pos}..{end - 1} lie past the end of the file "
+                                     "(was it changed while being preprocessed?)")
+                if prev_t is not None and ev["t"][0] < prev_t:
+                    _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
+                _check_events(events_path, ev, pos, rect)
+                prev_t = ev["t"][-1]
+                yield ev["x"], ev["y"], ev["p"], ev["t"]
+
+        accumulate_window_in_pieces(pieces(), span, rect, t_first, t_last, buf, checked=True)
+        fed += span
         writer.write(int(frames[0]), buf[0])
-    zstore.mark_done(store, int(frames[0]), int(frames[-1]))
+    zstore.mark_done(store, int(frames[0]), int(frames[-1]), events=fed)
     return span
 
 
@@ -192,6 +240,31 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def _check_rectify_map(path: Path, rmap: np.ndarray, height: int, width: int) -> None:
+    """A map that sends every pixel off the grid would give all-zero grids: an error. One that keeps
+    less than half of them is suspicious (a map for another resolution?): a warning with the count."""
+    xf, yf = rmap[..., 0], rmap[..., 1]
+    on_grid = int(np.count_nonzero((xf > -1) & (xf < width) & (yf > -1) & (yf < height)))
+    if on_grid == 0:
+        raise InputError(path, f"rectify_map sends every one of its {xf.size} pixels off the {width}x{height} "
+                         "voxel grid (wrong map, or wrong representation.width/height?)")
+    if on_grid * 2 < xf.size:
+        warn(path, f"rectify_map sends {xf.size - on_grid} of {xf.size} pixels off the {width}x{height} voxel grid")
+
+
+def _check_image_count(paths: SequencePaths, n_timestamps: int) -> None:
+    """DSEC has one timestamp per image: more images than timestamps would silently drop images."""
+    if not paths.images_dir.is_dir():
+        return  # events-only trees (the images are only needed by `cmda warp`)
+    n_images = sum(1 for e in os.scandir(paths.images_dir)
+                   if e.name.endswith(".png") and len(e.name) == 10 and e.name[:6].isdigit())
+    if n_images > n_timestamps:
+        raise InputError(paths.timestamps, f"{n_timestamps} timestamps for {n_images} images in "
+                         f"{paths.images_dir}: {n_images - n_timestamps} image(s) would have no timestamp")
+    if 0 < n_images < n_timestamps:
+        warn(paths.timestamps, f"{n_timestamps} timestamps but only {n_images} images in {paths.images_dir}")
+
+
 def preprocess_sequence(
     cfg: DatasetsConfig,
     seq: str,
@@ -199,24 +272,41 @@ def preprocess_sequence(
     scheduler: str | None = None,
     workers: int = 0,
 ) -> dict[str, Any]:
-    """Build (or resume) the voxel store of sequence ``seq``. Returns the store's summary."""
+    """Build (or resume) the voxel store of sequence ``seq``. Returns the store's summary, with
+    ``status`` "already complete" or "built" and ``frames_written`` (frames computed by this run).
+
+    Holds the store's lock for the whole run: a second run on the same sequence fails at once
+    with one line, and temporary files of a killed earlier run are removed before writing.
+    """
+    out = store_path(cfg, seq)
+    with lock.exclusive(out, "`cmda preprocess`"):
+        return _preprocess_locked(cfg, seq, out, scheduler=scheduler, workers=workers)
+
+
+def _preprocess_locked(cfg: DatasetsConfig, seq: str, out: Path, *, scheduler: str | None,
+                       workers: int) -> dict[str, Any]:
     paths = SequencePaths(cfg.dsec.root, seq)
     rep = cfg.representation
-    out = store_path(cfg, seq)
 
     timestamps = load_timestamps(paths.timestamps)
+    _check_image_count(paths, len(timestamps))
     rmap = load_rectify_map(paths.rectify_map, rep.height, rep.width)
+    _check_rectify_map(paths.rectify_map, rmap, rep.height, rep.width)
     with EventFile(paths.events) as ef:
         index = ef.index_of_time(timestamps, workers=workers or default_workers())
-        fingerprint = ef.fingerprint()
+        fingerprint = ef.fingerprint(workers=workers or default_workers())
         n_events = ef.n_events
     fingerprint["path"] = str(paths.events)
 
     outside = np.flatnonzero(index < 0)
+    start, stop, valid = window_bounds(index)
+    if not valid.any():
+        raise InputError(paths.timestamps, f"no image has an event window: {outside.size} of {len(timestamps)} "
+                         f"image timestamps lie outside the event stream of {paths.events} (wrong sequence, or "
+                         "timestamps on another clock?)")
     if outside.size:
         listed = ", ".join(f"{i:06d}" for i in outside[:8]) + (" ..." if outside.size > 8 else "")
         warn(paths.timestamps, f"{outside.size} image(s) lie outside the event stream (index -1), skipped: {listed}")
-    start, stop, valid = window_bounds(index)
     count = np.where(valid, stop - start + 1, 0)
 
     settings = {"bins": rep.bins, "height": rep.height, "width": rep.width, "window": WINDOW_RULE,
@@ -246,7 +336,9 @@ def preprocess_sequence(
     }
     write_text(event_index_path(cfg, seq), "".join(f"{int(v)}\n" for v in index))
     if complete:
-        return summary
+        return {**summary, "status": "already complete", "frames_written": 0}
+    for folder in (out, out / "voxels", zstore.progress_dir(out)):
+        lock.remove_stale_temp_files(folder)  # we hold the lock: these are a killed run's leftovers
     # The small index arrays are deterministic (a resumed run rewrites them); Zarr takes ~20 ms to
     # create them, so that happens on a side thread while the voxel tasks run.
     side = ThreadPoolExecutor(1)
@@ -275,5 +367,9 @@ def preprocess_sequence(
         )
     finally:
         index_written.result()  # waits, and re-raises the side thread's error if it had one
+    # Every task has finished (after an error some may still run on the pool's threads, so the
+    # handles are then left to the next run, which closes them the same way).
+    _close_event_files()
+    zstore.check_written(out, valid, int(count.sum()))
     zstore.mark_complete(group, out, summary)
-    return summary
+    return {**summary, "status": "built", "frames_written": int(sum(len(b.frames) for b in batches))}

@@ -30,6 +30,7 @@ from pipeline.config import DatasetsConfig
 from pipeline.dsec import SequencePaths, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
 from pipeline.preprocess import event_index_path, store_path
+from pipeline.store import VoxelStore
 
 TRAIN_TXT = "night_dataset_warp.txt"
 TEST_TXT = "night_test_dataset_warp.txt"
@@ -104,6 +105,7 @@ def build_rows(cfg: DatasetsConfig, seq: str) -> list[Row]:
     """Train and test rows of one sequence (needs its event index and warped images)."""
     paths = SequencePaths(cfg.dsec.root, seq)
     spath = store_path(cfg, seq)
+    VoxelStore.open(spath, bins=cfg.representation.bins)  # refuses a missing or unfinished store
     ts = load_timestamps(paths.timestamps)
     index = read_event_index(event_index_path(cfg, seq), len(ts))
     start, stop, valid = window_bounds(index)

@@ -44,10 +44,42 @@ def progress_dir(store_path: Path) -> Path:
 
 
 def _read_attrs(store_path: Path) -> dict[str, Any] | None:
+    """The store's attributes, or None when it is not there or its metadata does not parse.
+
+    Only those two cases mean "no reusable store" (and let :func:`open_for_writing` rebuild it):
+    any other error (a permission problem, an I/O error on a network disk) propagates, so a
+    transient failure never deletes a finished store.
+    """
     try:
-        return dict(zarr.open_group(store_path, mode="r").attrs)
-    except Exception:  # missing or unreadable: treat as absent
+        attrs = dict(zarr.open_group(store_path, mode="r").attrs)
+    except FileNotFoundError:  # includes zarr's GroupNotFoundError
         return None
+    except (ValueError, TypeError, KeyError):  # unparsable zarr.json (JSONDecodeError is a ValueError)
+        return None
+    return attrs
+
+
+def read_marks(store_path: Path, frames: int) -> tuple[np.ndarray, int]:
+    """Frames recorded as written by progress markers, and the events their tasks accumulated.
+
+    A marker whose content is not an event count (torn, or from an older version) does not count:
+    its frames are redone.
+    """
+    done = np.zeros(frames, dtype=bool)
+    events = 0
+    marks = progress_dir(store_path)
+    if not marks.exists():
+        return done, 0
+    for marker in marks.glob("*.done"):
+        try:
+            first, last = (int(v) for v in marker.stem.split("-"))
+            n = int(marker.read_text())
+        except ValueError:
+            continue
+        if 0 <= first <= last < frames and not done[first:last + 1].any():
+            done[first:last + 1] = True
+            events += n
+    return done, events
 
 
 def open_for_writing(
@@ -73,10 +105,7 @@ def open_for_writing(
         if attrs.get("complete"):
             done[:] = True
             return group, done, True
-        if marks.exists():
-            for marker in marks.glob("*.done"):
-                first, last = (int(v) for v in marker.stem.split("-"))
-                done[first : last + 1] = True
+        done, _ = read_marks(store_path, frames)
         return group, done, False
     # Fresh build: nothing of an older store (other settings, other source, or corrupt) survives.
     if store_path.exists():
@@ -156,12 +185,24 @@ def write_index_arrays(group: zarr.Group, arrays: dict[str, np.ndarray]) -> None
         arr[...] = values
 
 
-def mark_done(store_path: Path, first: int, last: int) -> None:
-    """Record that frames ``first..last`` are written (atomic marker file)."""
-    write_text(progress_dir(store_path) / f"{first:06d}-{last:06d}.done", "")
+def mark_done(store_path: Path, first: int, last: int, events: int = 0) -> None:
+    """Record that frames ``first..last`` are written, from ``events`` events (atomic marker file)."""
+    write_text(progress_dir(store_path) / f"{first:06d}-{last:06d}.done", f"{int(events)}\n")
+
+
+def check_written(store_path: Path, valid: np.ndarray, events: int) -> None:
+    """Refuse to call a store complete unless its markers cover every frame with a window and
+    account for exactly ``events`` accumulated events (the sum of the windows' counts)."""
+    done, counted = read_marks(store_path, len(valid))
+    missing = np.flatnonzero(valid & ~done)
+    if missing.size or counted != events:
+        raise InputError(store_path, f"not marking the store complete: {missing.size} frame(s) with a window "
+                         f"were not written and {counted} of {events} window events were accumulated "
+                         "(rerun `cmda preprocess` to finish it)")
 
 
 def mark_complete(group: zarr.Group, store_path: Path, summary: dict[str, Any]) -> None:
+    """Declare the store finished (callers run :func:`check_written` first)."""
     group.attrs.update({"summary": summary, "complete": True})
     marks = progress_dir(store_path)
     if marks.exists():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numba as nb
@@ -99,6 +100,49 @@ def _splat_pixel(g, b, w, fv, weight, pix):  # pragma: no cover - numba
     g[b + w + 1] += fv * weight[pix, 3]
 
 
+@nb.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _hist_dense(x, y, p, lo, hi, sensor_w, hist):  # pragma: no cover - numba
+    for i in range(lo, hi):
+        hist[np.int64(y[i]) * sensor_w + np.int64(x[i])] += 2 * np.int32(p[i]) - 1
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _hist_sparse(x, y, p, lo, hi, sensor_w, hist, seen, touched, n_touched):  # pragma: no cover - numba
+    # Like _hist_dense, and lists the pixels in the order they are first touched.
+    for i in range(lo, hi):
+        pix = np.int64(y[i]) * sensor_w + np.int64(x[i])
+        hist[pix] += 2 * np.int32(p[i]) - 1
+        if seen[pix] == 0:
+            seen[pix] = 1
+            touched[n_touched] = pix
+            n_touched += 1
+    return n_touched
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _splat_dense(g, base, weight, w, hist, touched):  # pragma: no cover - numba
+    # List the non-zero pixels in raster order without branching (a data-dependent branch at ~50%
+    # density mispredicts), then splat that list; leaves hist all-zero.
+    m = 0
+    for pix in range(hist.shape[0]):
+        touched[m] = pix
+        m += hist[pix] != 0
+    for j in range(m):
+        pix = touched[j]
+        _splat_pixel(g, base[pix], w, np.float32(hist[pix]), weight, pix)
+        hist[pix] = 0
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _splat_sparse(g, base, weight, w, hist, seen, touched, n_touched):  # pragma: no cover - numba
+    # Splat only the touched pixels, in touch order; leaves hist and seen all-zero.
+    for j in range(n_touched):
+        pix = touched[j]
+        _splat_pixel(g, base[pix], w, np.float32(hist[pix]), weight, pix)
+        hist[pix] = 0
+        seen[pix] = 0
+
+
 @nb.njit(nogil=True, cache=True, boundscheck=False)
 def _accumulate_1bin(x, y, p, base, weight, sensor_w, starts, stops, grids, hist, seen, touched):  # pragma: no cover
     # bins == 1: tn == 0 for every event, so the time weight is exactly 1 and every event at raw
@@ -110,34 +154,28 @@ def _accumulate_1bin(x, y, p, base, weight, sensor_w, starts, stops, grids, hist
     w = grids.shape[3]
     for k in range(starts.shape[0]):
         g = grids[k, 0].reshape(-1)
-        if (stops[k] - starts[k]) * 8 > n:
-            # Dense window: sum, list the non-zero pixels in raster order without branching (a
-            # data-dependent branch at ~50% density mispredicts), then splat that list.
-            for i in range(starts[k], stops[k]):
-                hist[np.int64(y[i]) * sensor_w + np.int64(x[i])] += 2 * np.int32(p[i]) - 1
-            m = 0
-            for pix in range(n):
-                touched[m] = pix
-                m += hist[pix] != 0
-            for j in range(m):
-                pix = touched[j]
-                _splat_pixel(g, base[pix], w, np.float32(hist[pix]), weight, pix)
-                hist[pix] = 0
+        if (stops[k] - starts[k]) * 8 > n:  # dense window
+            _hist_dense(x, y, p, starts[k], stops[k], sensor_w, hist)
+            _splat_dense(g, base, weight, w, hist, touched)
         else:
-            # Sparse window: remember which pixels were touched and splat only those.
-            n_touched = 0
-            for i in range(starts[k], stops[k]):
-                pix = np.int64(y[i]) * sensor_w + np.int64(x[i])
-                hist[pix] += 2 * np.int32(p[i]) - 1
-                if seen[pix] == 0:
-                    seen[pix] = 1
-                    touched[n_touched] = pix
-                    n_touched += 1
-            for j in range(n_touched):
-                pix = touched[j]
-                _splat_pixel(g, base[pix], w, np.float32(hist[pix]), weight, pix)
-                hist[pix] = 0
-                seen[pix] = 0
+            n_touched = _hist_sparse(x, y, p, starts[k], stops[k], sensor_w, hist, seen, touched, 0)
+            _splat_sparse(g, base, weight, w, hist, seen, touched, n_touched)
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False)
+def _hist_piece(x, y, p, sensor_w, dense, hist, seen, touched, n_touched):  # pragma: no cover - numba
+    if dense:
+        _hist_dense(x, y, p, 0, x.shape[0], sensor_w, hist)
+        return n_touched
+    return _hist_sparse(x, y, p, 0, x.shape[0], sensor_w, hist, seen, touched, n_touched)
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False)
+def _splat_hist(g, base, weight, w, dense, hist, seen, touched, n_touched):  # pragma: no cover - numba
+    if dense:
+        _splat_dense(g, base, weight, w, hist, touched)
+    else:
+        _splat_sparse(g, base, weight, w, hist, seen, touched, n_touched)
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,7 +205,65 @@ class Rectifier:
 def rectifier(rectify_map: np.ndarray, height: int = 480, width: int = 640) -> Rectifier:
     """Prepare a (H_sensor, W_sensor, 2) rectify map for a (height, width) voxel grid."""
     rmap = np.asarray(rectify_map, dtype=np.float32)
+    if rmap.ndim != 3 or rmap.shape[2] != 2 or min(rmap.shape[:2]) < 1:
+        raise ValueError(f"rectify map must have shape (H, W, 2), got {rmap.shape}")
+    if height < 2 or width < 2:
+        raise ValueError(f"voxel grids must be at least 2x2, got {height}x{width}")
+    if not np.all(np.isfinite(rmap)):
+        raise ValueError("rectify map contains NaN or inf")
     return Rectifier(np.ascontiguousarray(rmap[..., 0]), np.ascontiguousarray(rmap[..., 1]), height, width)
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False)
+def _count_invalid(x, y, p, width, height):  # pragma: no cover - numba
+    # Branch-free count of events off the sensor or with a polarity other than 0/1 (LLVM
+    # vectorises it; the widening to int64 also catches negative values of signed inputs).
+    bad = 0
+    for i in range(x.size):
+        xi = np.int64(x[i])
+        yi = np.int64(y[i])
+        pi = np.int64(p[i])
+        bad += (xi < 0) | (xi >= width) | (yi < 0) | (yi >= height) | (pi < 0) | (pi > 1)
+    return bad
+
+
+@dataclass(frozen=True)
+class InvalidEvents:
+    """The first event off the sensor (or with a bad polarity) in an array, and how many there are."""
+
+    field: str  # "x", "y" or "p"
+    index: int  # position of the first invalid event in the arrays
+    value: int
+    limit: str  # what the value should satisfy, e.g. "< 640"
+    count: int  # invalid events in the arrays (any field)
+    span: int  # length of the checked arrays
+
+    def describe(self, offset: int = 0) -> str:
+        return (f"events/{self.field}[{offset + self.index}] = {self.value} is outside the sensor "
+                f"(must be {self.limit}); {self.count} invalid event(s) among events "
+                f"{offset}..{offset + self.span - 1}")
+
+
+def invalid_events(x: np.ndarray, y: np.ndarray, p: np.ndarray, width: int, height: int) -> InvalidEvents | None:
+    """None when every event has ``0 <= x < width``, ``0 <= y < height`` and ``p`` in {0, 1}.
+
+    One branch-free pass (~1 ms per million events on one core); only when something is wrong are
+    the fields searched again to name the first bad value.
+    """
+    n = len(x)
+    if len(y) != n or len(p) != n:
+        raise ValueError(f"x, y, p must have the same length, got {len(x)}, {len(y)}, {len(p)}")
+    count = int(_count_invalid(x, y, p, width, height)) if n else 0
+    if count == 0:
+        return None
+    found = []
+    for field, arr, lo, hi in (("x", x, 0, width), ("y", y, 0, height), ("p", p, 0, 2)):
+        a = np.asarray(arr).astype(np.int64, copy=False)
+        bad = np.flatnonzero((a < lo) | (a >= hi))
+        if bad.size:
+            limit = "0 or 1" if field == "p" else f"0 <= {field} < {hi}"
+            found.append(InvalidEvents(field, int(bad[0]), int(a[bad[0]]), limit, count, n))
+    return min(found, key=lambda f: f.index)
 
 
 def accumulate_voxels(
@@ -181,12 +277,19 @@ def accumulate_voxels(
     t_first: np.ndarray,
     t_last: np.ndarray,
     grids: np.ndarray,
+    *,
+    checked: bool = False,
 ) -> np.ndarray:
     """Add events ``starts[k] .. stops[k]-1`` of the arrays into ``grids[k]`` (float32, (K, B, H, W)).
 
     ``t_first[k]``/``t_last[k]`` (int64, same clock as ``t``) are the window's first and last event
     times; they set the time normalisation, so a window fed in pieces still gets one normalisation.
     ``rect`` is :func:`rectifier` of the rectify map, for the grids' height and width. Returns ``grids``.
+
+    The kernels run without bounds checks, so every argument is validated here first: an event off
+    the rectify map's sensor or a polarity outside {0, 1} raises ValueError. ``checked=True`` skips
+    only that per-event pass, for callers that have just run :func:`invalid_events` on the same
+    arrays (``cmda preprocess`` does it while it checks the timestamp order).
     """
     if grids.dtype != np.float32 or grids.ndim != 4 or not grids.flags.c_contiguous:
         raise ValueError("grids must be a C-contiguous float32 array of shape (K, bins, H, W)")
@@ -194,10 +297,23 @@ def accumulate_voxels(
     stops = np.ascontiguousarray(stops, dtype=np.int64)
     if starts.shape != (grids.shape[0],) or stops.shape != starts.shape:
         raise ValueError("starts/stops must have one entry per grid")
-    if starts.size and (starts.min() < 0 or stops.max() > len(x) or np.any(stops < starts)):
+    n = len(x)
+    if len(y) != n or len(p) != n or len(t) != n:
+        raise ValueError(f"x, y, p, t must have the same length, got {len(x)}, {len(y)}, {len(p)}, {len(t)}")
+    for name, a in (("x", x), ("y", y), ("p", p), ("t", t)):
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"events {name} must be a 1-D integer array")
+    if starts.size and (starts.min() < 0 or stops.max() > n or np.any(stops < starts)):
         raise ValueError("window bounds outside the event arrays")
     if grids.shape[2:] != (rect.height, rect.width):
         raise ValueError(f"grids are {grids.shape[2:]}, the rectifier was prepared for {(rect.height, rect.width)}")
+    if np.shape(t_first) != starts.shape or np.shape(t_last) != starts.shape:
+        raise ValueError("t_first/t_last must have one entry per grid")
+    if not checked:
+        sensor_h, sensor_w = rect.map_x.shape
+        bad = invalid_events(x, y, p, sensor_w, sensor_h)
+        if bad is not None:
+            raise ValueError(bad.describe())
     if grids.shape[1] == 1:
         base, weight = rect.splat
         _accumulate_1bin(x, y, p, base, weight, rect.map_x.shape[1], starts, stops, grids, *rect.scratch())
@@ -206,6 +322,62 @@ def accumulate_voxels(
         t_last = np.ascontiguousarray(t_last, dtype=np.int64)
         _accumulate(x, y, p, t, rect.map_x, rect.map_y, starts, stops, t_first, t_last, grids)
     return grids
+
+
+def accumulate_window_in_pieces(
+    pieces: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    n_events: int,
+    rect: Rectifier,
+    t_first: int,
+    t_last: int,
+    grid: np.ndarray,
+    *,
+    checked: bool = False,
+) -> np.ndarray:
+    """Add ONE window of ``n_events`` events, given as consecutive pieces ``(x, y, p, t)``, to
+    ``grid`` (float32, (1, B, H, W)): bounded memory for windows of any length.
+
+    The result is bit-identical to one :func:`accumulate_voxels` call on the whole window: with
+    several bins the kernel adds event by event in stream order either way; with one bin the
+    per-pixel polarity sums are carried across pieces and splatted once at the end, in the order
+    the one-call kernel would use (raster order for a dense window, first-touch order otherwise).
+    """
+    if grid.ndim != 4 or grid.shape[0] != 1:
+        raise ValueError("grid must have shape (1, bins, H, W)")
+    t0 = np.array([t_first], np.int64)
+    t1 = np.array([t_last], np.int64)
+    fed = 0
+    if grid.shape[1] != 1:
+        for x, y, p, t in pieces:
+            accumulate_voxels(x, y, p, t, rect, np.zeros(1, np.int64), np.array([len(x)], np.int64), t0, t1,
+                              grid, checked=checked)
+            fed += len(x)
+    else:
+        if grid.dtype != np.float32 or not grid.flags.c_contiguous or grid.shape[2:] != (rect.height, rect.width):
+            raise ValueError("grid must be a C-contiguous float32 (1, 1, H, W) array of the rectifier's size")
+        base, weight = rect.splat
+        hist, seen, touched = rect.scratch()
+        sensor_h, sensor_w = rect.map_x.shape
+        dense = n_events * 8 > base.shape[0]
+        n_touched = 0
+        try:
+            for x, y, p, _ in pieces:
+                if len(y) != len(x) or len(p) != len(x):
+                    raise ValueError("x, y, p must have the same length")
+                if not checked:
+                    bad = invalid_events(x, y, p, sensor_w, sensor_h)
+                    if bad is not None:
+                        raise ValueError(bad.describe())
+                n_touched = _hist_piece(x, y, p, sensor_w, dense, hist, seen, touched, n_touched)
+                fed += len(x)
+        except BaseException:
+            hist[:] = 0  # leave the shared scratch all-zero for the next window
+            seen[:] = 0
+            raise
+        _splat_hist(grid[0, 0].reshape(-1), base, weight, grid.shape[3], dense, hist, seen, touched, n_touched)
+    if fed != n_events:
+        raise ValueError(f"the pieces held {fed} events, the window has {n_events}")
+    return grid
 
 
 def voxel_grid(

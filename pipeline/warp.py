@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, lock
 from pipeline.calib import event_to_frame_homography, load_calibration
 from pipeline.dsec import SENSOR_HEIGHT, SENSOR_WIDTH, SequencePaths
 from pipeline.errors import InputError
@@ -96,12 +96,14 @@ def warp_sequence(paths: SequencePaths, out_dir: str | Path, *, scheduler: str |
     maps = warp_grid(H, calib.rect[0].resolution)
     src_size = calib.rect[1].resolution
     out.mkdir(parents=True, exist_ok=True)
-    todo = [f for f in frames if not (out / f"{f:06d}.png").exists()]
-    chunks = [todo[i:i + FRAMES_PER_TASK] for i in range(0, len(todo), FRAMES_PER_TASK)]
-    start = time.perf_counter()
-    tasks = [lambda c=c: _warp_frames(paths, out, c, maps, src_size, png == "fast") for c in chunks]
-    written = run_tasks(tasks, desc=f"warp {paths.name}", scheduler=scheduler, workers=workers, unit="image",
-                        weights=[len(c) for c in chunks])
+    with lock.exclusive(out, "`cmda warp`"):  # one writer; its .tmp files are a killed run's
+        lock.remove_stale_temp_files(out)
+        todo = [f for f in frames if not (out / f"{f:06d}.png").exists()]
+        chunks = [todo[i:i + FRAMES_PER_TASK] for i in range(0, len(todo), FRAMES_PER_TASK)]
+        start = time.perf_counter()
+        tasks = [lambda c=c: _warp_frames(paths, out, c, maps, src_size, png == "fast") for c in chunks]
+        written = run_tasks(tasks, desc=f"warp {paths.name}", scheduler=scheduler, workers=workers, unit="image",
+                            weights=[len(c) for c in chunks])
     return {"sequence": paths.name, "images": len(frames), "written": int(sum(written)),
             "skipped": len(frames) - len(todo), "out": str(out), "homography": H.tolist(),
             "seconds": time.perf_counter() - start}

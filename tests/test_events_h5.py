@@ -74,15 +74,19 @@ def test_streamed_equals_one_shot(tmp_path):
     assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
 
 
-def test_offset_needs_widening(tmp_path):
+def test_times_are_widened_before_the_offset_is_added(tmp_path):
+    """t (uint32) + t_offset (int64, beyond uint32) must be computed in int64 by the reader: the
+    image->event index of the last event's absolute time is the last event, and the time uint32
+    arithmetic would produce (wrapped modulo 2**32) lies outside the stream."""
     x, y, p, t = _events(1000, 4_000_000)
     write_events_h5(tmp_path / "e.h5", x, y, p, t, T_OFFSET)
-    with h5py.File(tmp_path / "e.h5", "r") as f:
-        t_last, off = f["events/t"][-1], f["t_offset"][()]
-    right = np.int64(t_last) + np.int64(off)
-    wrong = np.add(np.array([t_last]), np.array([off]).astype(np.uint32), dtype=np.uint32)[0]
-    assert right == int(t[-1]) + T_OFFSET
-    assert int(wrong) != int(right)
+    last_abs = int(t[-1]) + T_OFFSET
+    assert np.iinfo(np.uint32).max < T_OFFSET
+    with EventFile(tmp_path / "e.h5") as ef:
+        assert ef.t_offset + ef.t_last == last_abs
+        got = ef.index_of_time([last_abs, last_abs - 1, int(t[0]) + T_OFFSET - 1, last_abs % 2**32])
+    before_last = int(np.flatnonzero(t.astype(np.int64) <= int(t[-1]) - 1)[-1])
+    assert got.tolist() == [999, before_last, -1, -1]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -14,13 +14,15 @@ from pipeline.errors import InputError
 from pipeline.splits import TEST_TXT, TRAIN_TXT, read_index, train_frames, warp_dir, write_index
 from pipeline.splits import test_frames as split_test_frames
 from pipeline.store import VoxelStore
-from tests.dsec_fixtures import real_sequence_tree, write_config
+from tests.dsec_fixtures import sequence_tree, write_config
 
 
-@pytest.fixture()
-def indexed(real_dir, tmp_path):
-    # ~20 frames every 5 ms over the 96 ms recording; frames 0..7 labelled, labels on 2 and 5.
-    _, ts = real_sequence_tree(real_dir, tmp_path, step_us=5_000)
+@pytest.fixture(params=["generated", "real"])
+def indexed(request, tmp_path):
+    # ~20 frames every 5 ms over the 96 ms recording (generated, or the real one where ../shared
+    # exists); frames 0..7 labelled, labels on 2 and 5.
+    source = request.getfixturevalue("real_dir") if request.param == "real" else None
+    _, ts = sequence_tree(source, tmp_path, step_us=5_000)
     cfg = load_config(write_config(tmp_path, tmp_path / "DSEC", {"zurich_city_09_a": (0, 7)}))
     paths = SequencePaths(cfg.dsec.root, "zurich_city_09_a")
     paths.labels_dir.mkdir(parents=True)

@@ -61,17 +61,27 @@ def assert_close_on_conditioned(got, ref, atol=1e-4, floor=1e-5):
     assert np.abs(got[~mask]).max(initial=0) < 1e-3
 
 
-@pytest.fixture(scope="module")
-def real_events(real_dir):
-    with EventFile(real_dir / "prophesee_gen3_vga" / "events.h5") as ef:
+@pytest.fixture(scope="module", params=["generated", "real"])
+def real_events(request, tmp_path_factory):
+    """A recording's events and rectify map: one the tests write (always), and the real Prophesee
+    recording where ../shared exists. Both go through events.h5 and EventFile, as preprocess reads."""
+    if request.param == "real":
+        real_dir = request.getfixturevalue("real_dir")
+        folder = real_dir / "prophesee_gen3_vga"
+        events, rmap_path = folder / "events.h5", folder / "rectify_map.h5"
+    else:
+        from tests.dsec_fixtures import synthetic_sequence_tree
+
+        seq, _ = synthetic_sequence_tree(tmp_path_factory.mktemp("voxel"), n=500_000)
+        events, rmap_path = seq / "events" / "left" / "events.h5", seq / "events" / "left" / "rectify_map.h5"
+    with EventFile(events) as ef:
         ev = ef.read(0, ef.n_events)
-    rmap = load_rectify_map(real_dir / "prophesee_gen3_vga" / "rectify_map.h5")
-    return ev, rmap
+    return ev, load_rectify_map(rmap_path)
 
 
 @pytest.mark.parametrize("bins", [1, 5, 15])
 @pytest.mark.parametrize("window", [(0, 1_000), (100_000, 150_001), (200_000, 460_000)])
-def test_kernel_matches_reference_on_real_recording(real_events, bins, window):
+def test_kernel_matches_reference_on_a_recording(real_events, bins, window):
     ev, rmap = real_events
     a, b = window
     x, y, p, t = (ev[k][a:b] for k in "xypt")
@@ -84,7 +94,7 @@ def test_kernel_matches_reference_on_real_recording(real_events, bins, window):
 
 
 @pytest.mark.parametrize("bins", [1, 5, 15])
-def test_events_norm_matches_reference_on_real_recording(real_events, bins):
+def test_events_norm_matches_reference_on_a_recording(real_events, bins):
     ev, rmap = real_events
     x, y, p, t = (ev[k][50_000:300_000] for k in "xypt")
     grid = voxel_grid(x, y, p, t, rmap, bins)
