@@ -339,7 +339,7 @@ def sample(
     polygon JSON. Deterministic for a seed; built in a temporary folder and swapped in at the end.
     """
     from pipeline.config import load_config
-    from pipeline.sample import generate_sample
+    from pipeline.synthetic.sample import generate_sample
 
     cfg = load_config(config)
     summary = generate_sample(cfg, out, seed=seed, frames=frames, event_rate=event_rate, scheduler=scheduler,

@@ -20,7 +20,7 @@ from pipeline.calib import event_to_frame_homography, load_calibration, rectify_
 from pipeline.config import load_config
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps
 from pipeline.events_h5 import CHUNK
-from pipeline.sample import SampleSpec, generate_sample, plan_sequence
+from pipeline.synthetic.sample import SampleSpec, generate_sample, plan_sequence
 from pipeline.warp import warp_image
 
 SEQS = ("zurich_city_09_a", "zurich_city_09_b")
