@@ -265,6 +265,8 @@ class DarkZurichSubmission:
         item = self.test.get(name)
         if item is None:
             raise InputError(None, f"{name!r} is not a test image of this split")
+        if name in self.done:
+            raise InputError(item.image, "a second prediction for this test image")
         pred = np.asarray(prediction)
         if pred.ndim != 2 or not np.issubdtype(pred.dtype, np.integer):
             raise InputError(item.image, f"prediction must be an (H, W) integer array, got {pred.shape} {pred.dtype}")

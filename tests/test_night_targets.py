@@ -21,6 +21,7 @@ from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.night_targets import (
     DarkZurichSubmission,
+    TargetImage,
     check_labels_agree,
     detect_layout,
     discover,
@@ -296,3 +297,30 @@ def test_write_label_ids_round_trips(tmp_path):
     lid = cv2.imread(str(tmp_path / "x_labelIds.png"), cv2.IMREAD_UNCHANGED)
     assert lid.tolist() == [[7, 8, 33], [0, 23, 26]]
     assert np.array_equal(_cs_train_ids(lid), t)
+
+
+def test_export_is_at_the_real_test_image_size(tmp_path):
+    """A 960x540 prediction of a real-size (1920x1080) test image is written at 1920x1080."""
+    img = tmp_path / "rgb_anon/test/night/GOPR0364/GOPR0364_frame_000001_rgb_anon.png"
+    img.parent.mkdir(parents=True)
+    cv2.imwrite(str(img), np.zeros((1080, 1920, 3), np.uint8))
+    item = TargetImage(img, "GOPR0364_frame_000001", "GOPR0364")
+    pred = np.zeros((540, 960), np.uint8)
+    pred[:, 480:] = 18
+    with DarkZurichSubmission(tmp_path / "s.zip", [item]) as sub:
+        sub.add(item.name, pred)
+        with pytest.raises(InputError, match="second prediction"):
+            sub.add(item.name, pred)
+    with zipfile.ZipFile(tmp_path / "s.zip") as z:
+        lab = cv2.imdecode(np.frombuffer(z.read("labelTrainIds/GOPR0364_frame_000001.png"), np.uint8),
+                           cv2.IMREAD_UNCHANGED)
+    assert lab.shape == (1080, 1920) and lab.dtype == np.uint8
+    assert (lab[:, :960] == 0).all() and (lab[:, 960:] == 18).all()
+
+
+@pytest.mark.parametrize("section", ["darkzurich: {crop: 0}", "acdc: {resize: [960]}", "darkzurich: {size: 3}",
+                                     "sample: {targets: {val: 0}}"])
+def test_bad_target_settings_are_errors(tmp_path, section):
+    (tmp_path / "datasets.yaml").write_text(section + "\n")
+    with pytest.raises(InputError):
+        load_config(tmp_path / "datasets.yaml")
