@@ -28,6 +28,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
 from pipeline import atomic
+from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
 
 LAYOUTS = ("darkzurich", "acdc")
@@ -167,6 +168,13 @@ def discover(root: str | Path, layout: str | None = None, condition: str = "nigh
             raise InputError(item.image, f"val image without a label: expected {lab}{TRAIN_IDS_SUFFIX} "
                                          f"or {lab}{LABEL_IDS_SUFFIX}")
     return TargetSplits(layout, root, condition, splits["train"], splits["val"], splits["test"])
+
+
+def discover_target(cfg: DatasetsConfig, name: str, condition: str = "night") -> TargetSplits:
+    """The splits of datasets.yaml's ``darkzurich`` or ``acdc`` section (its root, in that layout)."""
+    if name not in LAYOUTS:
+        raise InputError(cfg.source, f"unknown night target {name!r} (known: {', '.join(LAYOUTS)})")
+    return discover(getattr(cfg, name).root, layout=name, condition=condition)
 
 
 # ---------------------------------------------------------------------------------------------- labels

@@ -25,6 +25,7 @@ from pipeline.night_targets import (
     check_labels_agree,
     detect_layout,
     discover,
+    discover_target,
     export_darkzurich_test,
     read_label,
     write_label_ids,
@@ -324,3 +325,14 @@ def test_bad_target_settings_are_errors(tmp_path, section):
     (tmp_path / "datasets.yaml").write_text(section + "\n")
     with pytest.raises(InputError):
         load_config(tmp_path / "datasets.yaml")
+
+
+def test_discover_target_reads_the_datasets_yaml_section(trees, tmp_path):
+    cfg = tmp_path / "datasets.yaml"
+    cfg.write_text(f"darkzurich: {{root: {trees['darkzurich']}}}\nacdc: {{root: {trees['darkzurich']}}}\n")
+    c = load_config(cfg)
+    assert discover_target(c, "darkzurich").val == discover(trees["darkzurich"]).val
+    with pytest.raises(InputError, match="no train images: expected rgb_anon/night/train"):
+        discover_target(c, "acdc")  # a Dark Zurich tree where ACDC is expected
+    with pytest.raises(InputError, match="unknown night target"):
+        discover_target(c, "nighttime_driving")
