@@ -367,8 +367,11 @@ def inspect_cmd(
 @app.command()
 @reports_input_errors
 def sample(
-    out: Annotated[Path, typer.Option(help="Folder to (re)create with the synthetic tree.")] = Path("data/sample"),
+    out: Annotated[Path | None, typer.Option(help="Folder to (re)create with the synthetic tree (default: "
+                                             "data/sample, or data/sample_targets/<target>).")] = None,
     config: ConfigOpt = Path("datasets.yaml"),
+    target: Annotated[str, typer.Option(help="dsec (DSEC night + Cityscapes day), or an image-only night "
+                                        "target in its official layout: darkzurich, acdc.")] = "dsec",
     seed: Annotated[int | None, typer.Option(help="Random seed (default: sample.seed); same seed, same bytes.")] = None,
     frames: Annotated[int | None, typer.Option(help="Images per DSEC sequence at 20 Hz (default: sample.frames).")
                       ] = None,
@@ -385,11 +388,28 @@ def sample(
     schema), rectify_map.h5 and cam_to_cam.yaml of a synthetic calibration, 1440x1080 night images at
     20 Hz with timestamps, trainId test labels in the event frame, and daylight Cityscapes frames with
     polygon JSON. Deterministic for a seed; built in a temporary folder and swapped in at the end.
+
+    --target darkzurich / acdc instead writes a Dark Zurich- or ACDC-format night tree (rgb_anon/ images,
+    gt/ labelTrainIds and labelIds PNGs for the labelled splits) from the same kind of scenes, sized by
+    sample.targets in datasets.yaml (default out data/sample_targets/<target>).
     """
     from pipeline.config import load_config
-    from pipeline.sample import generate_sample
 
     cfg = load_config(config)
+    if target != "dsec":
+        from pipeline.synthetic.night_targets import TARGETS, generate_target
+
+        if target not in TARGETS:
+            raise InputError(None, f"unknown --target {target!r} (known: dsec, {', '.join(TARGETS)})")
+        s = generate_target(cfg, target, out or Path("data/sample_targets") / target, seed=seed,
+                            scheduler=scheduler, workers=workers)
+        counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
+        typer.echo(f"{target}: {counts} images ({s['size'][0]}x{s['size'][1]}, {s['labelled']} labelled) written "
+                   f"to {s['out']} in {s['seconds']:.1f} s (SYNTHETIC data, see its README.md)")
+        return
+    from pipeline.synthetic.sample import generate_sample
+
+    out = out or Path("data/sample")
     summary = generate_sample(cfg, out, seed=seed, frames=frames, event_rate=event_rate, scheduler=scheduler,
                               workers=workers, dt_us=step_us)
     for seq in summary["sequences"]:

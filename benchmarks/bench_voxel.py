@@ -76,7 +76,7 @@ def tonic_voxels(tf, x, y, p, t, bins: int):
 def make_sequence(root: Path, frames: int, rate: float) -> Path:
     """One synthetic DSEC sequence with `frames` images at `rate` events/s; returns datasets.yaml."""
     from pipeline.config import load_config
-    from pipeline.sample import generate_sample
+    from pipeline.synthetic.sample import generate_sample
 
     cfg_path = root / "datasets.yaml"
     cfg_path.write_text(

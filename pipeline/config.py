@@ -72,6 +72,22 @@ class CityscapesConfig:
 
 
 @dataclass(frozen=True)
+class TargetSampleConfig:
+    """Size of the synthetic Dark Zurich / ACDC night trees (``cmda sample --target darkzurich|acdc``).
+
+    Counts are images per split; ``day`` adds Dark Zurich's day training images (no labels; ACDC's
+    tree has none). The real images are 1920x1080; the sample is smaller so it renders in seconds.
+    """
+
+    train: int = 16
+    val: int = 8
+    test: int = 6
+    day: int = 4
+    width: int = 960
+    height: int = 540
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     """Size of the synthetic tree written by ``cmda sample`` (kept small so CI runs it in seconds)."""
 
@@ -80,6 +96,34 @@ class SampleConfig:
     event_rate: float = 400_000.0  # events per second (real DSEC night: ~6.6 M/s)
     cityscapes_train: int = 12
     cityscapes_val: int = 4
+    targets: TargetSampleConfig = field(default_factory=TargetSampleConfig)
+
+
+@dataclass(frozen=True)
+class NightTargetConfig:
+    """An image-only night target in its official layout (Dark Zurich or ACDC night; FACTS section 14).
+
+    ``root`` holds ``rgb_anon/`` and ``gt/``; ``out`` is where cmda writes what it derives (predictions,
+    the test-server zip). The rest are CMDA's settings for this target, read by the trainer: target
+    images resized to ``resize`` (width, height) then cropped ``crop`` x ``crop``; val/test at ``resize``;
+    the pseudo-label weight is zero on the top ``pseudo_ignore_top`` and bottom ``pseudo_ignore_bottom``
+    rows (the ego car and the sky border in Dark Zurich's frames).
+    """
+
+    root: Path = Path("data/sample_targets/darkzurich")
+    out: Path = Path("data/processed/darkzurich")
+    resize: tuple[int, int] = (960, 540)
+    crop: int = 512
+    pseudo_ignore_top: int = 15
+    pseudo_ignore_bottom: int = 120
+
+
+@dataclass(frozen=True)
+class AcdcConfig(NightTargetConfig):
+    """ACDC night: the same settings as Dark Zurich (CMDA has no ACDC config; DAFormer uses these)."""
+
+    root: Path = Path("data/sample_targets/acdc")
+    out: Path = Path("data/processed/acdc")
 
 
 @dataclass(frozen=True)
@@ -88,6 +132,8 @@ class DatasetsConfig:
     representation: Representation = field(default_factory=Representation)
     cityscapes: CityscapesConfig = field(default_factory=CityscapesConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    darkzurich: NightTargetConfig = field(default_factory=NightTargetConfig)
+    acdc: AcdcConfig = field(default_factory=AcdcConfig)
     source: Path = DEFAULT_CONFIG
 
     # ------------------------------------------------------------------ sequences
@@ -168,6 +214,8 @@ def _resolve(cfg: DatasetsConfig, base: Path) -> DatasetsConfig:
         cfg,
         dsec=dataclasses.replace(cfg.dsec, root=rel(cfg.dsec.root), out=rel(cfg.dsec.out)),
         cityscapes=dataclasses.replace(cfg.cityscapes, root=rel(cfg.cityscapes.root), out=rel(cfg.cityscapes.out)),
+        darkzurich=dataclasses.replace(cfg.darkzurich, root=rel(cfg.darkzurich.root), out=rel(cfg.darkzurich.out)),
+        acdc=dataclasses.replace(cfg.acdc, root=rel(cfg.acdc.root), out=rel(cfg.acdc.out)),
     )
 
 
@@ -237,6 +285,14 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
     if rep.compressor not in ("lz4", "lz4hc", "zstd", "zlib", "blosclz"):
         raise InputError(path, f"representation.compressor must be a Blosc codec name, got {rep.compressor!r}")
     _check_ranges(cfg, path)
+    for key in ("darkzurich", "acdc"):
+        t = getattr(cfg, key)
+        if min(t.resize) < 1 or t.crop < 1 or t.pseudo_ignore_top < 0 or t.pseudo_ignore_bottom < 0:
+            raise InputError(path, f"{key}: resize and crop must be positive, the pseudo_ignore rows >= 0")
+    st = cfg.sample.targets
+    if min(st.train, st.val, st.test, st.day) < 0 or st.train < 1 or st.val < 1 or min(st.width, st.height) < 64:
+        raise InputError(path, "sample.targets: train and val need >= 1 image, test and day >= 0, "
+                               "width and height >= 64")
     for name, spec in cfg.dsec.sequences.items():
         lo, hi = spec.labelled
         if lo < 0 or (hi < lo and hi != -1):

@@ -259,9 +259,9 @@ def test_cli_ok_and_exit_code_2(tmp_path):
 
 def test_converts_cmda_sample_output(tmp_path):
     """The synthetic Cityscapes frames of `cmda sample` (full 2048x1024) convert cleanly and exactly."""
-    sample = pytest.importorskip("pipeline.sample")
+    sample = pytest.importorskip("pipeline.synthetic.sample")
     if not hasattr(sample, "write_cityscapes_frame"):
-        pytest.skip("pipeline.sample has no write_cityscapes_frame")
+        pytest.skip("pipeline.synthetic.sample has no write_cityscapes_frame")
     from train.rcs import RareClassSampler
 
     spec = sample.SampleSpec(seed=0, frames=10, event_rate=1e5, cityscapes_train=2, cityscapes_val=1, dt_us=5000)

@@ -1,4 +1,4 @@
-"""pipeline.esim: ESIM-style events from log-intensity frames (threshold crossings, interpolated times)."""
+"""pipeline.synthetic.esim: ESIM-style events from log-intensity frames (threshold crossings, interpolated times)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from pipeline.esim import count_events, merge_noise, step_events, threshold_maps
+from pipeline.synthetic.esim import count_events, merge_noise, step_events, threshold_maps
 
 
 def _maps(shape, c):

@@ -20,7 +20,7 @@ from pipeline.calib import event_to_frame_homography, load_calibration, rectify_
 from pipeline.config import load_config
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps
 from pipeline.events_h5 import CHUNK
-from pipeline.sample import SampleSpec, generate_sample, plan_sequence
+from pipeline.synthetic.sample import SampleSpec, generate_sample, plan_sequence
 from pipeline.warp import warp_image
 from tests.cli_checks import assert_one_line_error
 
@@ -272,3 +272,40 @@ def test_bad_options_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["sample", "--config", str(cfg), "--out", str(tmp_path / "s"), "--frames", "2"])
     assert_one_line_error(result, "at least 4 frames")
     assert not (tmp_path / "s").exists()
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of what a file holds (decoded PNG pixels, HDF5 datasets, other files' bytes), so the check
+    below does not depend on the PNG / HDF5 encoders' versions."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if path.suffix == ".png":
+        a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    elif path.suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            names: list[str] = []
+            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+            for n in sorted(names):
+                a = f[n][()]
+                h.update(f"{n}{a.shape}{a.dtype}".encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+    else:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# Content of the fixture's tree as written by the generator before it moved into pipeline/synthetic/
+# (commit 9ef4b17, pipeline/sample.py): sha256 over the sorted "<path> <content digest>" lines.
+SAMPLE_CONTENT_SHA256 = "2b89547e96a807fd5561bf5f2c09adffbd117bf689bcff8ff2e8d86fec06cf45"
+
+
+def test_sample_content_unchanged_by_the_move_to_pipeline_synthetic(sample):
+    import hashlib
+
+    files = sorted(p for p in sample.rglob("*") if p.is_file())
+    lines = "".join(f"{p.relative_to(sample)} {_content_digest(p)}\n" for p in files)
+    assert len(files) == 51
+    assert hashlib.sha256(lines.encode()).hexdigest() == SAMPLE_CONTENT_SHA256, lines

@@ -1,4 +1,4 @@
-"""pipeline.scene + pipeline.render: labelled 3-D street polygons, projection, drawing order, shading."""
+"""pipeline.synthetic scene + render: labelled 3-D street polygons, projection, drawing order, shading."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from cityscapesscripts.helpers.annotation import Annotation
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 
-from pipeline.render import (
+from pipeline.synthetic.render import (
     DAY,
     NIGHT,
     CompiledScene,
@@ -20,8 +20,8 @@ from pipeline.render import (
     rasterize,
     render_radiance,
 )
-from pipeline.sample import CITYSCAPES_K
-from pipeline.scene import CITYSCAPES_RIG, DSEC_RIG, Scene, Trajectory, _Builder, rect, street_scene, train_id
+from pipeline.synthetic.sample import CITYSCAPES_K
+from pipeline.synthetic.scene import CITYSCAPES_RIG, DSEC_RIG, Scene, Trajectory, _Builder, rect, street_scene, train_id
 
 EVENT_VIEW = View(np.array([[580.0, 0, 330], [0, 580.0, 225], [0, 0, 1]]), (640, 480))
 

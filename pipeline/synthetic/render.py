@@ -1,4 +1,4 @@
-"""Render a :mod:`pipeline.scene` street through a pinhole camera: polygons, labels and shaded images.
+"""Render a :mod:`pipeline.synthetic.scene` street through a pinhole camera: polygons, labels and shaded images.
 
 Three steps, each usable alone:
 
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from numba import njit
 
-from pipeline.scene import TEX, TEXTURES, Scene, train_id
+from pipeline.synthetic.scene import TEX, TEXTURES, Scene, train_id
 
 NEAR = 0.3  # metres: polygons are clipped here
 MAX_LIGHTS = 6  # nearest lights that light surfaces and glare in a frame (bounds the shading cost)

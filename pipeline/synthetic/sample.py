@@ -1,6 +1,6 @@
 """``cmda sample``: a small, SYNTHETIC but format-exact DSEC night + Cityscapes day tree.
 
-One procedural street per DSEC sequence (pipeline.scene) drives everything, so all parts agree:
+One procedural street per DSEC sequence (pipeline.synthetic.scene) drives everything, so all parts agree:
 
 * ``DSEC_Night/<seq>/events/left/events.h5`` — events simulated from the scene rendered as night log
   intensity at the RAW (distorted) event pixels: each raw pixel samples the rectified render at
@@ -41,10 +41,10 @@ from pipeline.calib import (
 from pipeline.config import DatasetsConfig
 from pipeline.dsec import SENSOR_HEIGHT, SENSOR_WIDTH, SequencePaths
 from pipeline.errors import InputError
-from pipeline.esim import count_events, merge_noise, step_events, threshold_maps
 from pipeline.events_h5 import EventsH5Writer
 from pipeline.parallel import run_tasks
-from pipeline.render import (
+from pipeline.synthetic.esim import count_events, merge_noise, step_events, threshold_maps
+from pipeline.synthetic.render import (
     DAY,
     NIGHT,
     CompiledScene,
@@ -54,7 +54,7 @@ from pipeline.render import (
     render_labels,
     render_radiance,
 )
-from pipeline.scene import CITYSCAPES_RIG, DSEC_RIG, street_scene
+from pipeline.synthetic.scene import CITYSCAPES_RIG, DSEC_RIG, street_scene
 
 FRAME_PERIOD_US = 50_000  # DSEC images: 20 Hz
 CITYSCAPES_K = np.array([[2262.52, 0.0, 1096.98], [0.0, 2265.30, 513.14], [0.0, 0.0, 1.0]])

@@ -27,7 +27,7 @@ SIDE, GROUND, FRONTAL, FLAT = 0, 1, 2, 3
 L_GROUND, L_ROAD, L_MARKING, L_SIDEWALK, L_BACKGROUND, L_BUILDING, L_BARRIER, L_THING, L_EGO = (
     1.0, 1.1, 1.2, 1.3, 2.0, 3.0, 3.5, 4.0, 9.0)
 
-# Surface textures (rows of the atlas in pipeline.render); shared by day and night so the per-class
+# Surface textures (rows of the atlas in pipeline.synthetic.render); shared by day and night so the per-class
 # appearance is the same in both domains and only the lighting changes.
 TEXTURES = ("flat", "asphalt", "paving", "facade", "concrete", "fence", "foliage", "grass", "metal", "cloth",
             "paint", "glass")
