@@ -506,6 +506,14 @@ def iteration(cfg: TrainConfig, ctx: Context, parts: Parts, batch: dict[str, tor
     return terms, {"lr": lr, **extra}
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is True on any (one tiny all-reduce): ranks that stopped at
+    different iterations would wait on each other's gradients forever."""
+    t = torch.tensor([float(flag)], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def metrics_record(done: int, terms: dict[str, torch.Tensor], extra: dict[str, float], seconds_per_iter: float,
                    device: torch.device) -> dict[str, Any]:
     """One metrics.jsonl line: lr, total and per-term losses, pseudo-label stats, s/iter, peak GPU memory."""
@@ -558,6 +566,8 @@ def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: in
                 terms, extra = iteration(cfg, ctx, parts, _checked(batch), it, seed, run.out, last_ckpt)
                 done = it + 1
                 stop.consistent(done)
+                if ctx.world > 1:  # a signal to one rank stops every rank after the same iteration
+                    stop.requested = _any_rank(stop.requested, ctx.device)
                 bar.update(1)
                 if done % cfg.run.log_every == 0 or done == cfg.run.iters or done == start + 1:
                     now = time.perf_counter()
