@@ -1,4 +1,5 @@
-"""`cmda train` under torchrun, recording each rank's student weights after the first optimiser step.
+"""`cmda train` under torchrun, recording each rank's student weights after the first optimiser step
+(and, with ``CMDA_DDP_SIGTERM_RANK=r``, sending SIGTERM to rank r alone during iteration 2).
 
 Used by tests/test_end_to_end.py::test_torchrun_ddp_on_cpu: the EMA update of iteration 1 receives
 the student right after step 1, on every rank; this writes a SHA-256 of its parameters to
@@ -19,6 +20,11 @@ _real_ema_update = dacs.ema_update
 
 
 def _probe(teacher, student, alpha) -> None:
+    if os.environ.get("CMDA_DDP_SIGTERM_RANK") == os.environ.get("RANK", "0"):
+        import signal
+
+        os.environ.pop("CMDA_DDP_SIGTERM_RANK")
+        signal.raise_signal(signal.SIGTERM)  # this rank alone is asked to stop, during iteration 2
     if not getattr(_probe, "done", False):
         _probe.done = True
         digest = hashlib.sha256()

@@ -95,3 +95,26 @@ def test_torchrun_ddp_on_cpu(training_tree, tmp_path):
     assert len([r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss/total"' in r]) == 2
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
+
+
+def test_torchrun_sigterm_to_one_rank_stops_every_rank(training_tree, tmp_path):
+    """A SIGTERM that reaches one rank only: every rank stops after the same iteration, rank 0
+    checkpoints it, and the run exits cleanly instead of waiting forever on the stopped rank."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "CMDA_DDP_PROBE": str(tmp_path), "CMDA_DDP_SIGTERM_RANK": "1", "PYTHONPATH": str(repo)}
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", str(repo / "tests" / "ddp_probe.py"), "train", "--preset", "cpu-sample",
+         "--iters", "6", "--crop", "64", "--set", "data.source_resize=128,64", "--set", "run.eval_every=6",
+         "--set", "data.workers=0", "--set", "rcs.min_pixels=50", "--device", "cpu", "--datasets", str(training_tree),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=400, env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*.pt")) == ["iter_000002.pt"]

@@ -1,8 +1,8 @@
-"""The DACS self-training loop for CMDA (FACTS §8): :func:`train` builds a run (:func:`build`,
-:func:`restore`, :class:`RunFolder`), :func:`loop` runs its iterations, and :func:`iteration` /
-:func:`_step` are one iteration, top to bottom:
+"""The DACS self-training loop for CMDA (FACTS §8).
 
-One iteration (:func:`iteration`, then :func:`_step`'s named passes):
+:func:`train` builds a run (:func:`build`, :func:`restore`, :class:`RunFolder`) and hands it to
+:func:`loop`, which runs the iterations; one iteration is :func:`iteration` (seed, lr, EMA,
+optimiser step) around :func:`_step`'s named passes, top to bottom:
   1. EMA teacher update (a copy at iteration 0, then ``alpha = min(1 - 1/(it+1), 0.999)``).
   2. Source pass: day image + source "events" (CycleGAN(IC1), or IC1 itself without the
      generator) + day ISR -> four-output segmentation loss (+ source-side L2 term) -> backward.
@@ -506,6 +506,25 @@ def iteration(cfg: TrainConfig, ctx: Context, parts: Parts, batch: dict[str, tor
     return terms, {"lr": lr, **extra}
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is True on any (one tiny all-reduce): ranks that stopped at
+    different iterations would wait on each other's gradients forever."""
+    t = torch.tensor([float(flag)], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def metrics_record(done: int, terms: dict[str, torch.Tensor], extra: dict[str, float], seconds_per_iter: float,
+                   device: torch.device) -> dict[str, Any]:
+    """One metrics.jsonl line: lr, total and per-term losses, pseudo-label stats, s/iter, peak GPU memory."""
+    record = {"iter": done, "lr": extra["lr"], "loss/total": float(sum(v.detach().float() for v in terms.values())),
+              **{f"loss/{k}": float(v.detach().float()) for k, v in terms.items()},
+              **{k: v for k, v in extra.items() if k != "lr"}, "time/iter_s": seconds_per_iter}
+    if device.type == "cuda":
+        record["mem/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
+
+
 def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: int, resumed: Path | None,
          say) -> dict[str, Any]:
     """Iterations ``start`` .. ``run.iters``, logging, checkpoints, evaluation, stop and abort."""
@@ -547,18 +566,15 @@ def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: in
                 terms, extra = iteration(cfg, ctx, parts, _checked(batch), it, seed, run.out, last_ckpt)
                 done = it + 1
                 stop.consistent(done)
+                if ctx.world > 1:  # a signal to one rank stops every rank after the same iteration
+                    stop.requested = _any_rank(stop.requested, ctx.device)
                 bar.update(1)
                 if done % cfg.run.log_every == 0 or done == cfg.run.iters or done == start + 1:
                     now = time.perf_counter()
-                    total = float(sum(v.detach().float() for v in terms.values()))
-                    record = {"iter": done, "lr": extra.pop("lr"), "loss/total": total,
-                              **{f"loss/{k}": float(v.detach().float()) for k, v in terms.items()}, **extra,
-                              "time/iter_s": (now - t_last) / (done - it_last)}
-                    if cuda:
-                        record["mem/peak_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                    record = metrics_record(done, terms, extra, (now - t_last) / (done - it_last), ctx.device)
                     t_last, it_last = now, done
                     run.log(record)
-                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{record['lr']:.2e}")
+                    bar.set_postfix(loss=f"{record['loss/total']:.3f}", lr=f"{record['lr']:.2e}")
                 if done % cfg.run.ckpt_every == 0 or done == cfg.run.iters:
                     checkpoint(done)
                 if done % cfg.run.eval_every == 0 or done == cfg.run.iters:
