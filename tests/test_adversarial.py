@@ -96,3 +96,12 @@ def test_poly_lr_and_resume_is_exact():
         resumed.discriminator_step(s, t)
     for k, v in adv.disc.state_dict().items():
         assert torch.equal(v, resumed.disc.state_dict()[k])
+
+
+def test_upsample_feeds_full_resolution_maps():
+    torch.manual_seed(0)
+    adv = Adversary(AdvConfig(enabled=True, upsample=4), 19)
+    logits = torch.randn(1, 19, 8, 8)
+    d = adv.disc(torch.softmax(torch.nn.functional.interpolate(logits, scale_factor=4, mode="bilinear"), 1))
+    bce = nn.functional.binary_cross_entropy_with_logits(d, torch.zeros_like(d))
+    assert adv.generator_terms(logits)["adv/generator"].item() == pytest.approx(1e-3 * bce.item(), rel=1e-5)

@@ -12,7 +12,9 @@ Which "target" prediction cmda feeds it (``adv.input``): the CMDA loop has no st
 target image, so by default (``"mixed"``) the discriminator sees the student's *mixed* fusion output,
 its BCE weighted per pixel by the target-pixel map (1 - ClassMix mask): no extra forward pass. ``"target"``
 asks the loop for an extra student fusion pass on the target image + events (the project's setting,
-at the cost of one more forward/backward).
+at the cost of one more forward/backward). The discriminator sees the head's 1/4-resolution logits
+(``adv.upsample = 1``; 32 px of logits, i.e. crops >= 128, are needed by its five stride-2 blocks); the
+project feeds full-resolution outputs, ``adv.upsample = 4``, at 16x the discriminator's FLOPs.
 
 Loop-integration contract (train/dacs.py; ``adv = Adversary(cfg.adv, num_classes, device)`` created once
 in ``train()`` after the model; ``adv.state_dict()`` saved with the checkpoint under ``"adversary"`` and
@@ -58,6 +60,7 @@ class AdvConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     power: float = 0.9         # poly decay of the discriminator lr (0 = constant)
     input: str = "mixed"       # "mixed" (target pixels of the mixed pass) or "target" (extra target pass)
+    upsample: int = 1          # resize factor of the logits before D (4 = full resolution, as the project)
 
 
 class LightDiscriminator(nn.Module):
@@ -124,7 +127,10 @@ class Adversary:
         self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
 
     def _d(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.disc(torch.softmax(logits.float(), dim=1))
+        x = logits.float()
+        if self.cfg.upsample != 1:
+            x = F.interpolate(x, scale_factor=self.cfg.upsample, mode="bilinear", align_corners=False)
+        return self.disc(torch.softmax(x, dim=1))
 
     def generator_terms(self, target_logits: torch.Tensor, weight: torch.Tensor | None = None
                         ) -> dict[str, torch.Tensor]:
