@@ -40,7 +40,7 @@ Loop-integration contract (train/dacs.py ``_step``; ``cfg.dsr`` is a :class:`Dsr
 Extra metrics worth logging: ``bank.n_entries`` as ``dsr/bank_entries``.
 
 Costs: grouped ClassMix and the bank are a few masked copies per iteration; the bank holds ``capacity``
-batches of image + events + label + mask (~6.3 x 4 bytes per pixel per sample). The prototype loss works
+batches of image + events (fp32) + label + mask (uint8, bool): 26 bytes per pixel per sample. The prototype loss works
 at the deepest stage (1/32), a [classes x pixels] matrix per sample: negligible next to the encoders.
 """
 
@@ -151,7 +151,7 @@ class TailBank:
         self.entries.append({
             "image": torch.where(m, image.detach(), 0).clone(),
             "events": torch.where(m, events.detach(), 0).clone(),
-            "label": torch.where(mask, label, IGNORE).clone(),
+            "label": torch.where(mask, label, IGNORE).to(torch.uint8),  # trainIds and 255 fit a byte
             "mask": mask.clone(),
         })
         del self.entries[: max(0, len(self.entries) - self.capacity)]
