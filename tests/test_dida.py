@@ -178,3 +178,15 @@ def test_dida_memory_stays_at_decoder_resolution():
         dida_terms(DidaConfig(**{**cfg.__dict__, "chunk": 0}), bank, torch.rand(1, 8, 8, 8), emb,
                    torch.rand(1, 4, 8, 8), torch.ones(1, 32, 32))
     assert biggest == 20 * 64  # unchunked: the [B, K, H/4, W/4] map, still not full resolution
+
+
+def test_head_returns_its_embedding_without_changing_the_logits():
+    from train.models.head import DAFormerHead
+
+    torch.manual_seed(0)
+    head = DAFormerHead((8, 8, 8, 8), num_classes=3, embed_dim=16, channels=16).eval()
+    feats = [torch.randn(1, 8, 16 // 2**i, 16 // 2**i) for i in range(4)]
+    logits, emb = head(feats, dropout=False, return_embedding=True)
+    assert torch.equal(logits, head(feats, dropout=False))
+    assert torch.equal(emb, head.decode(feats)) and emb.shape == (1, 16, 16, 16)
+    assert bool((emb >= 0).all())  # after a ReLU: DIDA's sum-normalised dot products stay non-negative
