@@ -32,7 +32,8 @@ in ``train()`` after the model; ``adv.state_dict()`` saved with the checkpoint u
 
 The generator term sends gradient to the segmentation network only (the discriminator's parameters do
 not require grad while it is built); the discriminator step takes detached inputs and steps only the
-discriminator's optimiser, zeroing its gradients after the step.
+discriminator's optimiser, zeroing its gradients after the step. Under DDP, wrap ``adv.disc`` in
+DistributedDataParallel (or all-reduce its gradients before ``opt.step``) so the ranks' D stay equal.
 """
 
 from __future__ import annotations

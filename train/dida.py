@@ -42,7 +42,8 @@ Loop-integration contract (train/dacs.py ``_step``; ``bank = InstanceBank(cfg.di
                                     m_out.logits["fusion"], 1 - mask[:, 0]))   # -> "dida/instance"
 
 (``mask`` is the ClassMix mask, 1 on source pixels; any [B, H, W] weight map works.) Log
-``bank.n_filled`` as ``dida/bank_filled``.
+``bank.n_filled`` as ``dida/bank_filled``. Under DDP each rank updates its bank from its own batch
+(as DIDA on one GPU would); all-reduce ``bank.feats`` after ``update`` to keep the ranks identical.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ Loop-integration contract (train/dacs.py ``_step``; ``cfg.dsr`` is a :class:`Dsr
 
 ``iteration`` gating (``proto_start``) is the caller's: :func:`prototype_terms` does not know the iteration.
 Extra metrics worth logging: ``bank.n_entries`` as ``dsr/bank_entries``.
+Under DDP each rank keeps its own bank from its own source batches; saving rank 0's bank only means
+other ranks resume with rank 0's entries (save one per rank for an exact multi-GPU resume).
 
 Costs: grouped ClassMix and the bank are a few masked copies per iteration; the bank holds ``capacity``
 batches of image + events (fp32) + label + mask (uint8, bool): 26 bytes per pixel per sample. The prototype loss works
