@@ -33,11 +33,14 @@ class ModelOutput:
     ``"image"``, ``"events"``, ``"isr"`` (event encoder on ISR) and ``"fusion"``;
     ``features[name][-1]`` is the deepest stage, ``[B, 512, H/32, W/32]`` for b1..b5.
     ``fused_with`` says which event-encoder branch fed the fusion (None when no fusion ran).
+    ``embeddings[name]``: the head's ``[B, 256, H/4, W/4]`` map before its classifier, only for the outputs
+    named in ``forward(embeddings=...)`` (DIDA's instance bank, train/dida.py).
     """
 
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     fused_with: str | None = None
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class AttentionAvgFusion(nn.Module):
@@ -159,11 +162,13 @@ class CMDAModel(nn.Module):
         isr: torch.Tensor | None = None,
         fuse_with: FuseWith = "events",
         outputs: Iterable[str] | None = None,
+        embeddings: Iterable[str] = (),
     ) -> ModelOutput:
         """Run the branches needed for ``outputs`` (default: every output the given inputs allow).
 
         Inputs are ``[B, 3, H, W]`` (events and ISR repeated to 3 channels). ``fuse_with`` picks the
         event-encoder input the fusion uses: ``"events"`` (source and mixed passes) or ``"isr"``.
+        ``embeddings``: outputs whose decoder embedding is returned as well (no extra compute).
         Raises ValueError when a requested output lacks its input.
         """
         wanted = _resolve_outputs(outputs, image, events, isr, fuse_with)
@@ -179,8 +184,14 @@ class CMDAModel(nn.Module):
         if "fusion" in wanted:
             feats["fusion"] = self.fusion_module(feats["image"], feats[fuse_with])
         # image output only goes through Dropout2d, as in CMDA's shared head
-        logits = {o: self.decode_head(feats[o], dropout=(o == "image")) for o in wanted}
-        return ModelOutput(logits, feats, fuse_with if "fusion" in wanted else None)
+        want_emb = {embeddings} if isinstance(embeddings, str) else set(embeddings)
+        logits, embs = {}, {}
+        for o in wanted:
+            if o in want_emb:
+                logits[o], embs[o] = self.decode_head(feats[o], dropout=(o == "image"), return_embedding=True)
+            else:
+                logits[o] = self.decode_head(feats[o], dropout=(o == "image"))
+        return ModelOutput(logits, feats, fuse_with if "fusion" in wanted else None, embs)
 
     def load_pretrained(self, mit_path: str | Path) -> None:
         """Load one official ImageNet ``mit_bX.pth`` into both encoders (InputError on any mismatch)."""

@@ -110,8 +110,10 @@ class DAFormerHead(nn.Module):
             maps.append(e)
         return self.fuse_layer(torch.cat(maps, dim=1))
 
-    def forward(self, features: Sequence[torch.Tensor], dropout: bool = True) -> torch.Tensor:
-        x = self.decode(features)
-        if dropout:
-            x = self.dropout(x)
-        return self.conv_seg(x)
+    def forward(self, features: Sequence[torch.Tensor], dropout: bool = True, return_embedding: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; with ``return_embedding`` also the 256-d map before dropout and classifier (DIDA's bank)."""
+        emb = self.decode(features)
+        x = self.dropout(emb) if dropout else emb
+        logits = self.conv_seg(x)
+        return (logits, emb) if return_embedding else logits
