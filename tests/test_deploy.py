@@ -151,7 +151,7 @@ def _pngs(folder: Path, frames) -> dict[int, np.ndarray]:
 def test_stream_checkpoint_predictions_equal_cmda_predict(tree, ckpt, tmp_path):
     _ok(["predict", ckpt, "--config", tree, "--out", tmp_path / "predict", "--device", "cpu"])
     out = _ok(["stream", "--seq", "zurich_city_09a", "--model", ckpt, "--config", tree, "--out", tmp_path / "stream",
-               "--device", "cpu", "--video"])
+               "--device", "cpu", "--video", "--first", "2", "--limit", "4"])
     for stage in ("read", "voxelise", "warp", "normalise", "model"):
         assert stage in out
     assert "frames/s end to end" in out
@@ -165,7 +165,7 @@ def test_stream_checkpoint_predictions_equal_cmda_predict(tree, ckpt, tmp_path):
     while cap.read()[0]:
         count += 1
     cap.release()
-    assert n == 7 and count == n  # images 1..7 have a window (image 0 has no previous image)
+    assert n == 4 and count == n  # images 2..5
 
 
 def test_stream_onnx_agrees_with_checkpoint_and_realtime_counts_deadlines(tree, ckpt, exported, tmp_path):
@@ -274,3 +274,15 @@ def test_dynamic_export_runs_at_other_sizes(tree, tmp_path):
         expected = predict_logits(model, image, ev.repeat(1, 3, 1, 1), ("fusion",), scale=cfg.data.test_scale)
         got = sess.run(None, {"image": image.numpy(), "events": ev.numpy()})[0]
         assert got.shape == (1, 19, h, w) and np.abs(got - expected["fusion"].numpy()).max() <= 1e-3
+
+
+def test_a_model_that_fails_the_check_is_not_written(tree, ckpt, tmp_path, monkeypatch):
+    """The export is compared before it is renamed into place: a disagreeing model leaves nothing behind."""
+    import train.export as export
+
+    monkeypatch.setattr(export, "_export_onnx", lambda graph, example, path, dynamic, output: _fake_onnx(
+        Path(path), 440, 640, 1))
+    monkeypatch.setattr(export, "compare", lambda got, expected, argmax: (0.5, 0.9))
+    out = tmp_path / "bad.onnx"
+    _fails(["export", ckpt, "--out", out, "--config", tree], "disagrees with PyTorch", "90.000 %", "not written")
+    assert list(tmp_path.iterdir()) == []

@@ -259,9 +259,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
     if graph.event_channels == 1 and events.shape[1] != 1:
         events = events[:, :1]
     example = (torch.from_numpy(image), torch.from_numpy(events))
-    reference_graph = DeploymentGraph(model, bins=bins, scale=cfg.data.test_scale, argmax=argmax, fp16=False)
-    with torch.no_grad():
-        expected = reference_graph(*example).numpy()
+    # the reference is cmda predict's own computation: the unfolded model, three event channels, fp32
+    from train.inference import predict_logits
+
+    ev3 = torch.from_numpy(np.repeat(events, 3, axis=1) if graph.event_channels == 1 else events)
+    logits = predict_logits(model, example[0], ev3, ("fusion",), amp=False, scale=cfg.data.test_scale)["fusion"]
+    expected = (logits.argmax(1).to(torch.uint8) if argmax else logits).numpy()
     meta = {"backbone": cfg.model.backbone, "bins": str(bins), "event_channels": str(graph.event_channels),
             "height": str(height), "width": str(width), "test_scale": repr(cfg.data.test_scale),
             "output": output, "precision": "fp16" if fp16 else "fp32", "dynamic": str(dynamic).lower(),
