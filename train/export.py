@@ -252,12 +252,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
     bins = bins or (rep.bins if rep else 1)
     if height < 32 or width < 32:
         raise InputError(None, f"--height and --width must be at least 32, got {height}x{width}")
-    graph = DeploymentGraph(model, bins=bins, scale=cfg.data.test_scale, argmax=argmax, fp16=fp16)
+    try:
+        graph = DeploymentGraph(model, bins=bins, scale=cfg.data.test_scale, argmax=argmax, fp16=fp16)
+    except InputError as exc:
+        raise InputError(checkpoint, exc.problem) from None
     out = Path(out) if out is not None else checkpoint.with_suffix(".onnx")
     output = "labels" if argmax else "logits"
     frame, image, events = sample_frame(Path(config) if config else None, cfg, height, width, bins)
-    if graph.event_channels == 1 and events.shape[1] != 1:
-        events = events[:, :1]
     example = (torch.from_numpy(image), torch.from_numpy(events))
     # the reference is cmda predict's own computation: the unfolded model, three event channels, fp32
     from train.inference import predict_logits
