@@ -33,7 +33,7 @@ from train.export import DeploymentGraph, _export_onnx, ort_session
 from train.inference import predict_logits
 from train.models import CMDAModel
 
-DSEC_RATE = 6.6e6  # events/s, DSEC night (FACTS)
+DSEC_RATE = 6.6e6  # events/s, DSEC night (as pipeline/config.py SampleConfig notes)
 INTERVAL_MS = 50.0  # DSEC images are 20 Hz
 
 
