@@ -1,0 +1,288 @@
+"""`cmda export` and `cmda stream` on a tiny raw DSEC sequence (tests/raw_tree.py) and random MiT-B0 weights.
+
+One B0 checkpoint (narrow head, test_scale 0.2 so a 440x640 frame costs little) is exported once at the
+test geometry and shared by the tests: the ONNX model is compared with PyTorch, streamed, and its
+metadata checked. Exports of other settings (fp16, another backbone/bins/variant, dynamic shapes) take
+~20 s of CPU each and are marked slow.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.config import load_config
+from pipeline.store import VoxelStore
+from tests.raw_tree import SEQ, TEST_FRAMES, raw_tree
+from train.checkpoint import save_checkpoint
+from train.config import TrainConfig, apply_variant, to_dict
+from train.data import NightTest
+from train.export import DeploymentGraph, fold_event_channels, open_onnx
+from train.inference import predict_logits
+from train.models import CMDAModel
+from train.stream import window_grids
+
+onnx = pytest.importorskip("onnx", reason="deploy extra not installed (pip install -e '.[test]')")
+ort = pytest.importorskip("onnxruntime", reason="deploy extra not installed (pip install -e '.[test]')")
+
+
+def _ok(args: list[str]) -> str:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _fails(args: list[str], *needles: str) -> str:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def _checkpoint(path: Path, backbone: str = "mit_b0", variant: str = "baseline", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    cfg = apply_variant(TrainConfig(), variant)
+    cfg.model.backbone, cfg.model.head_channels, cfg.data.test_scale = backbone, 32, 0.2
+    model = CMDAModel(backbone, head_channels=32)
+    with torch.no_grad():  # BatchNorm statistics away from the identity, so folding/export see real numbers
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(path, iteration=7, student=model, teacher=None, optimizer=None, config=to_dict(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return raw_tree(tmp_path_factory.mktemp("deploy_tree"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("deploy_run") / "checkpoints" / "iter_7.pt")
+
+
+@pytest.fixture(scope="module")
+def exported(tree, ckpt) -> tuple[Path, str]:
+    out = ckpt.parent / "b0.onnx"
+    output = _ok(["export", ckpt, "--out", out, "--config", tree])
+    return out, output
+
+
+def _student(path: Path) -> tuple[CMDAModel, TrainConfig]:
+    from train.export import load_model
+
+    model, cfg, _ = load_model(path)
+    return model, cfg
+
+
+def test_export_reports_the_check_and_writes_a_self_contained_model(exported):
+    path, output = exported
+    assert "checked on test frame zurich_city_09_a_000002" in output and "1x1 at 440x640" in output
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith("b0.onnx")] == ["b0.onnx"]  # no .data
+    model = open_onnx(path)
+    assert (model.height, model.width, model.event_channels, model.output) == (440, 640, 1, "logits")
+    assert model.metadata["backbone"] == "mit_b0" and model.metadata["bins"] == "1"
+    assert model.metadata["test_scale"] == "0.2" and model.metadata["iteration"] == "7"
+
+
+def test_exported_b0_matches_pytorch_on_test_frames_and_random_frames(tree, ckpt, exported):
+    """fp32: max |logit difference| <= 1e-3 and argmax agreement >= 99.9 % against the 3-channel PyTorch model."""
+    model, cfg = _student(ckpt)
+    sess = ort.InferenceSession(str(exported[0]), providers=["CPUExecutionProvider"])
+    test = NightTest(load_config(tree), cfg.data)
+    rng = np.random.default_rng(1)
+    frames = [(test[i]["image"][None], test[i]["events"][None]) for i in range(len(test))]
+    frames.append((torch.from_numpy(rng.standard_normal((1, 3, 440, 640)).astype(np.float32)),
+                   torch.from_numpy(np.repeat(rng.uniform(-1, 1, (1, 1, 440, 640)).astype(np.float32), 3, 1))))
+    for image, events in frames:
+        expected = predict_logits(model, image, events, ("fusion",), scale=cfg.data.test_scale)["fusion"].numpy()
+        got = sess.run(None, {"image": image.numpy(), "events": events[:, :1].numpy()})[0]
+        assert got.shape == expected.shape == (1, 19, 440, 640)
+        assert np.abs(got - expected).max() <= 1e-3
+        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
+
+
+def test_folded_one_channel_encoder_equals_three_channel_model(ckpt):
+    model, cfg = _student(ckpt)
+    torch.manual_seed(3)
+    image, ev1 = torch.randn(1, 3, 96, 128), torch.rand(1, 1, 96, 128) * 2 - 1
+    folded = fold_event_channels(model.backbone_events)
+    assert folded.patch_embed1.proj.in_channels == 1 and model.backbone_events.patch_embed1.proj.in_channels == 3
+    with torch.no_grad():
+        for a, b in zip(folded(ev1), model.backbone_events(ev1.repeat(1, 3, 1, 1)), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        graph = DeploymentGraph(model, bins=1, scale=cfg.data.test_scale)
+        expected = predict_logits(model, image, ev1.repeat(1, 3, 1, 1), ("fusion",), scale=cfg.data.test_scale)
+        torch.testing.assert_close(graph(image, ev1), expected["fusion"], atol=1e-4, rtol=1e-4)
+
+
+def test_stream_windows_equal_the_preprocessed_store(tree):
+    cfg = load_config(tree)
+    store = VoxelStore.open(cfg.dsec.out / SEQ / "events.zarr", bins=1)
+    valid = store.index("valid")
+    frames = [int(f) for f in np.flatnonzero(valid)]
+    assert len(frames) >= 5
+    seen = 0
+    for raw in window_grids(cfg, SEQ, frames):
+        assert raw.start == store.index("window_start")[raw.frame] and raw.stop == store.index("window_stop")[raw.frame]
+        np.testing.assert_array_equal(raw.grid, store.voxels(raw.frame))
+        warped = cv2.imread(str(cfg.dsec.out / SEQ / "warp_images" / f"{raw.frame:06d}.png"))[..., ::-1]
+        np.testing.assert_array_equal(raw.rgb, warped)
+        seen += 1
+    assert seen == len(frames)
+
+
+def _pngs(folder: Path, frames) -> dict[int, np.ndarray]:
+    return {f: cv2.imread(str(folder / f"{SEQ}_{f:06d}_pred.png")) for f in frames}
+
+
+def test_stream_checkpoint_predictions_equal_cmda_predict(tree, ckpt, tmp_path):
+    _ok(["predict", ckpt, "--config", tree, "--out", tmp_path / "predict", "--device", "cpu"])
+    out = _ok(["stream", "--seq", "zurich_city_09a", "--model", ckpt, "--config", tree, "--out", tmp_path / "stream",
+               "--device", "cpu", "--video", "--first", "2", "--limit", "4"])
+    for stage in ("read", "voxelise", "warp", "normalise", "model"):
+        assert stage in out
+    assert "frames/s end to end" in out
+    streamed, predicted = _pngs(tmp_path / "stream", TEST_FRAMES), _pngs(tmp_path / "predict", TEST_FRAMES)
+    for f in TEST_FRAMES:
+        assert streamed[f] is not None and predicted[f] is not None
+        np.testing.assert_array_equal(streamed[f], predicted[f])
+    n = len(list((tmp_path / "stream").glob("*_pred.png")))
+    cap = cv2.VideoCapture(str(tmp_path / "stream" / f"{SEQ}.mp4"))
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    cap.release()
+    assert n == 4 and count == n  # images 2..5
+
+
+def test_stream_onnx_agrees_with_checkpoint_and_realtime_counts_deadlines(tree, ckpt, exported, tmp_path):
+    from train.stream import stream
+
+    a = stream(SEQ, ckpt, config=tree, out=tmp_path / "pt", device="cpu", progress=False, limit=3)
+    b = stream(SEQ, exported[0], config=tree, out=tmp_path / "onnx", realtime=True, progress=False, limit=3)
+    assert a.frames == b.frames == 3 and b.missed is not None and 0 <= b.missed <= 3
+    for f in range(1, 4):
+        pa, pb = (cv2.imread(str(tmp_path / d / f"{SEQ}_{f:06d}_pred.png")) for d in ("pt", "onnx"))
+        assert (pa == pb).all(axis=2).mean() >= 0.999
+
+
+def _fake_onnx(path: Path, h: int, w: int, channels: int) -> Path:
+    """A tiny valid model with cmda's input names (labels = zeros), to test the shape checks cheaply."""
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, h, w])
+    events = helper.make_tensor_value_info("events", TensorProto.FLOAT, [1, channels, h, w])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, h, w])
+    node = helper.make_node("Mul", ["image", "image"], ["logits"])
+    model = helper.make_model(helper.make_graph([node], "fake", [image, events], [logits]),
+                              opset_imports=[helper.make_opsetid("", 20)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_bad_inputs_are_one_line_errors(tree, ckpt, tmp_path, monkeypatch):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    _fails(["export", junk, "--config", tree], "junk.pt")
+    _fails(["stream", "--seq", SEQ, "--model", junk, "--config", tree], "junk.pt")
+    _fails(["stream", "--seq", SEQ, "--model", _fake_onnx(tmp_path / "small.onnx", 64, 128, 1), "--config", tree],
+           "small.onnx", "128x64")
+    _fails(["stream", "--seq", SEQ, "--model", _fake_onnx(tmp_path / "bins.onnx", 440, 640, 5), "--config", tree],
+           "bins.onnx", "5 event channel")
+    (tmp_path / "text.onnx").write_text("nope")
+    _fails(["stream", "--seq", SEQ, "--model", tmp_path / "text.onnx", "--config", tree], "text.onnx")
+    # an unsupported setting: the event encoder takes 3 channels, 5 bins cannot feed it
+    _fails(["export", ckpt, "--config", tree, "--bins", "5"], "5 bins")
+    # a sequence whose images all come before the first event
+    root = tmp_path / "early"
+    shutil.copytree(tree.parent / "DSEC", root / "DSEC")
+    (root / "datasets.yaml").write_text(tree.read_text())
+    ts = root / "DSEC" / SEQ / "images" / "timestamps.txt"
+    ts.write_text("".join(f"{1_000 + 10 * i}\n" for i in range(8)))
+    _fails(["stream", "--seq", SEQ, "--model", ckpt, "--config", root / "datasets.yaml"], "timestamps.txt",
+           "no image after the event stream starts")
+    # onnxruntime missing: the commands say which extra to install
+    import importlib
+
+    real = importlib.import_module
+
+    def no_ort(name, *a, **k):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_ort)
+    _fails(["export", ckpt, "--config", tree], "onnxruntime is not installed", ".[deploy]")
+    _fails(["stream", "--seq", SEQ, "--model", tmp_path / "small.onnx", "--config", tree], ".[deploy]")
+
+
+@pytest.mark.slow
+def test_fp16_export_agrees_with_fp32_pytorch(tree, ckpt, tmp_path):
+    out = tmp_path / "b0_fp16.onnx"
+    text = _ok(["export", ckpt, "--out", out, "--config", tree, "--fp16"])
+    assert "fp16" in text
+    model, cfg = _student(ckpt)
+    test = NightTest(load_config(tree), cfg.data)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for i in range(len(test)):
+        image, events = test[i]["image"][None], test[i]["events"][None]
+        expected = predict_logits(model, image, events, ("fusion",), scale=cfg.data.test_scale)["fusion"]
+        got = sess.run(None, {"image": image.numpy(), "events": events[:, :1].numpy()})[0]
+        assert (got.argmax(1) == expected.argmax(1).numpy()).mean() >= 0.99
+
+
+@pytest.mark.slow
+def test_export_other_backbone_bins_and_variant_with_label_output(tmp_path):
+    tree3 = raw_tree(tmp_path / "tree3", bins=3)
+    ckpt = _checkpoint(tmp_path / "run" / "iter_7.pt", backbone="mit_b1", variant="masked_event", seed=1)
+    out = tmp_path / "b1.onnx"
+    _ok(["export", ckpt, "--out", out, "--config", tree3, "--argmax"])
+    m = open_onnx(out)
+    assert (m.event_channels, m.output, m.metadata["backbone"], m.metadata["variant"]) == (
+        3, "labels", "mit_b1", "masked_event")
+    model, cfg = _student(ckpt)
+    item = NightTest(load_config(tree3), cfg.data)[0]
+    expected = predict_logits(model, item["image"][None], item["events"][None], ("fusion",),
+                              scale=cfg.data.test_scale)["fusion"].argmax(1).numpy()
+    got = m.session.run(None, {"image": item["image"][None].numpy(), "events": item["events"][None].numpy()})[0]
+    assert got.dtype == np.uint8 and (got == expected).mean() >= 0.999
+    _ok(["stream", "--seq", SEQ, "--model", out, "--config", tree3, "--out", tmp_path / "s", "--limit", "2"])
+
+
+@pytest.mark.slow
+def test_dynamic_export_runs_at_other_sizes(tree, tmp_path):
+    ckpt = _checkpoint(tmp_path / "run" / "iter_7.pt")
+    out = tmp_path / "dyn.onnx"
+    _ok(["export", ckpt, "--out", out, "--config", tree, "--dynamic"])
+    model, cfg = _student(ckpt)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for h, w in ((440, 640), (256, 320)):
+        image, ev = torch.randn(1, 3, h, w), torch.rand(1, 1, h, w)
+        expected = predict_logits(model, image, ev.repeat(1, 3, 1, 1), ("fusion",), scale=cfg.data.test_scale)
+        got = sess.run(None, {"image": image.numpy(), "events": ev.numpy()})[0]
+        assert got.shape == (1, 19, h, w) and np.abs(got - expected["fusion"].numpy()).max() <= 1e-3
+
+
+def test_a_model_that_fails_the_check_is_not_written(tree, ckpt, tmp_path, monkeypatch):
+    """The export is compared before it is renamed into place: a disagreeing model leaves nothing behind."""
+    import train.export as export
+
+    monkeypatch.setattr(export, "_export_onnx", lambda graph, example, path, dynamic, output: _fake_onnx(
+        Path(path), 440, 640, 1))
+    monkeypatch.setattr(export, "compare", lambda got, expected, argmax: (0.5, 0.9))
+    out = tmp_path / "bad.onnx"
+    _fails(["export", ckpt, "--out", out, "--config", tree], "disagrees with PyTorch", "90.000 %", "not written")
+    assert list(tmp_path.iterdir()) == []
