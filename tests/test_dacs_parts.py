@@ -65,11 +65,11 @@ def test_weighted_ce_averages_over_all_pixels():
     assert weighted_ce(logits, label, torch.tensor([[[0.5, 1.0]]])).item() == pytest.approx(math.log(2) / 4)
 
 
-def test_class_masks_pick_half_of_the_batch_classes():
+def test_class_masks_per_batch_setting_picks_half_of_the_batch_classes():
     torch.manual_seed(0)
     labels = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[3, 3, 3], [0, 0, 4]]])  # classes 0..4 over the batch
     for _ in range(20):
-        m = class_masks(labels)
+        m = class_masks(labels, per_sample=False)
         assert m.shape == (2, 1, 2, 3)
         picked = torch.unique(labels[m[:, 0].bool()])
         assert len(picked) == 3  # (5 + 5 % 2) / 2

@@ -114,6 +114,24 @@ def resolve_weights(cfg: TrainConfig, say) -> tuple[Path | None, Path | None]:
     return mit, gan
 
 
+def set_cuda_backends(run) -> dict[str, bool]:
+    """Set TF32 and cuDNN autotuning from ``run.tf32`` / ``run.cudnn_benchmark``; returns the values
+    they replace so the caller can put them back (they are process-wide switches)."""
+    old = {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+           "benchmark": torch.backends.cudnn.benchmark}
+    torch.backends.cuda.matmul.allow_tf32 = run.tf32
+    torch.backends.cudnn.allow_tf32 = run.tf32
+    torch.backends.cudnn.benchmark = run.cudnn_benchmark
+    return old
+
+
+def restore_cuda_backends(old: dict[str, bool] | None) -> None:
+    if old is not None:
+        torch.backends.cuda.matmul.allow_tf32 = old["matmul_tf32"]
+        torch.backends.cudnn.allow_tf32 = old["cudnn_tf32"]
+        torch.backends.cudnn.benchmark = old["benchmark"]
+
+
 class StopFlag:
     """First Ctrl-C / SIGTERM asks the loop to stop after the current iteration (checkpoint, exit)."""
 
@@ -195,10 +213,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
     seed = cfg.run.seed + 1_000 * ctx.rank
     cuda = ctx.device.type == "cuda"
     amp = cfg.run.amp and cuda
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    saved_backends = set_cuda_backends(cfg.run) if cuda else None
 
     # ---- data
     dcfg = load_config(cfg.data.datasets)
@@ -340,6 +355,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
         say(f"aborted; resume with --resume {last_ckpt}")
         result["stopped"] = it
     finally:
+        restore_cuda_backends(saved_backends)
         bar.close()
         if writer is not None:
             writer.close()
@@ -398,12 +414,13 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
             t_out = teacher(image=tgt_img, events=tgt_evt if use_events else None,
                             isr=None if use_events else tgt_isr, fuse_with="events" if use_events else "isr",
                             outputs=("fusion",))
-        pseudo, pseudo_w = pseudo_labels(t_out.logits["fusion"], tgt_img.shape[-2:], cfg.dacs.pseudo_threshold)
+        pseudo, pseudo_w = pseudo_labels(t_out.logits["fusion"], tgt_img.shape[-2:], cfg.dacs.pseudo_threshold,
+                                         cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom)
 
         # 3. ClassMix + strong augmentation of the mixed image; ISR recomputed from it
-        mask = class_masks(src_lbl)
+        mask = class_masks(src_lbl, cfg.dacs.classmix_per_sample)
         mixed_img = mix(mask, src_img, tgt_img)
-        mixed_img = color_jitter(mixed_img, cfg.dacs.jitter_p, cfg.dacs.jitter)
+        mixed_img = color_jitter(mixed_img, cfg.dacs.jitter_p, cfg.dacs.jitter, cfg.dacs.jitter_impl)
         mixed_img = gaussian_blur(mixed_img, cfg.dacs.blur_p, cfg.dacs.blur_sigma).contiguous(memory_format=mem)
         mixed_evt = mix(mask, src_evt, tgt_evt)
         if cfg.loss.mask_events > 0:
