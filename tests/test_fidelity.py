@@ -323,3 +323,29 @@ def test_baseline_dry_run_prints_cmdas_values():
     assert not wrong, f"(printed, CMDA's): {wrong}"
     # CMDA trains in fp32: the one switch that departs by default is bf16/TF32 on CUDA (documented)
     assert cfg["run"]["amp"] is True and cfg["run"]["tf32"] is True
+
+
+# ---------------------------------------------------------------------- best checkpoint beside the last
+def test_best_checkpoint_by_night_miou_is_kept_and_noted(training_tree, tmp_path, monkeypatch):
+    from tests.test_train import tiny_config
+    from train import dacs
+    from train.checkpoint import load_checkpoint
+
+    scores = iter([0.30, 0.50, 0.40])  # evaluations at iterations 1, 2, 3: the best is iteration 2
+
+    def fake_evaluate(*args, **kwargs):
+        s = next(scores)
+        return {"fusion": {"mIoU": s, "mIoU19": s, "n_classes": 3}}
+
+    monkeypatch.setattr(dacs, "evaluate", fake_evaluate)
+    cfg = tiny_config(training_tree, tmp_path / "run", iters=3)
+    cfg.run.eval_every = 1
+    dacs.train(cfg)
+    run = tmp_path / "run"
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["iteration"] == 2 and best["best"] == {"eval/mIoU": 0.50, "iter": 2}
+    assert (run / "checkpoints" / "iter_000003.pt").exists()  # the last stays beside it
+    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "eval/mIoU" in ln]
+    assert [(e["eval/best_mIoU"], e["eval/best_iter"]) for e in evals] == [(0.30, 1), (0.50, 2), (0.50, 2)]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.suffix != ".pt"]  # no temp file left
+    assert dacs.best_eval(run / "metrics.jsonl") == (0.50, 2)

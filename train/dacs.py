@@ -156,6 +156,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+def best_eval(log_path: Path) -> tuple[float, int] | None:
+    """(night mIoU, iteration) of the best evaluation logged so far (a resumed run's log has already
+    been cut back to its checkpoint), or None."""
+    if not log_path.exists():
+        return None
+    evals = [(r["eval/mIoU"], r["iter"]) for r in map(json.loads, filter(None, log_path.read_text().splitlines()))
+             if "eval/mIoU" in r]
+    return max(evals, key=lambda e: e[0]) if evals else None
+
+
 def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
 
@@ -290,12 +300,21 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
                 if k != "iter" and isinstance(v, int | float):
                     writer.add_scalar(k, v, record["iter"])
 
+    best = best_eval(log_path) if ctx.main else None  # (mIoU, iteration) of checkpoints/best.pt
+
     def run_eval(it: int) -> dict[str, Any] | None:
         if not ctx.main or test is None:
             return None
+        nonlocal best
         res = evaluate(model, test, ctx.device, ("fusion",), amp, progress=False, scale=cfg.data.test_scale)["fusion"]
-        log({"iter": it, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"]})
-        say(f"iteration {it}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion output)")
+        if best is None or res["mIoU"] > best[0]:  # the best night score so far: checkpoints/best.pt
+            best = (res["mIoU"], it)
+            save_checkpoint(ckpt_dir / "best.pt", iteration=it, student=model, teacher=teacher, optimizer=None,
+                            config=to_dict(cfg), extra={"best": {"eval/mIoU": res["mIoU"], "iter": it}})
+        log({"iter": it, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"], "eval/best_mIoU": best[0],
+             "eval/best_iter": best[1]})
+        say(f"iteration {it}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion output); "
+            f"best {100 * best[0]:.2f} at iteration {best[1]} (checkpoints/best.pt)")
         return res
 
     loader = DataLoader(batches, batch_size=None, sampler=range(start, cfg.run.iters),
