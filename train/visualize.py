@@ -343,8 +343,8 @@ def loss_curve_png(metrics_jsonl_path: str | Path, path: str | Path, smoothing: 
 
     if len(pw_its):
         ax_pw = axes[1]
-        ax_pw.plot(pw_its, pw, color="C2", alpha=0.3, linewidth=0.7)
-        ax_pw.plot(pw_its, smooth(pw, smoothing), color="C2", linewidth=1.8, label="pseudo/weight")
+        # drawn as logged: one scalar per batch that changes slowly, so smoothing would only add lag
+        ax_pw.plot(pw_its, pw, color="C2", linewidth=1.8, label="pseudo/weight")
         ax_pw.set_ylim(-0.02, 1.02)
         ax_pw.set_ylabel("pseudo weight")
         ax_pw.legend(fontsize=8, loc="upper left")
