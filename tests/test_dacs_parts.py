@@ -87,11 +87,11 @@ def test_segmentation_terms_weigh_each_output_as_cmda():
     assert segmentation_terms(logits, label, LossConfig(fusion=0.0, image=0.0, isr=0.0, events=0.0)) == {}
 
 
-def test_class_masks_pick_half_of_the_batch_classes():
+def test_class_masks_per_batch_setting_picks_half_of_the_batch_classes():
     torch.manual_seed(0)
     labels = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[3, 3, 3], [0, 0, 4]]])  # classes 0..4 over the batch
     for _ in range(20):
-        m = class_masks(labels)
+        m = class_masks(labels, per_sample=False)
         assert m.shape == (2, 1, 2, 3)
         picked = torch.unique(labels[m[:, 0].bool()])
         assert len(picked) == 3  # (5 + 5 % 2) / 2

@@ -67,6 +67,10 @@ def test_baseline_beats_source_only_on_the_sample(tmp_path, monkeypatch):
         _ok(["train", "--preset", "cpu-sample", *extra, "--out", name])
         records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         scores[name] = [r["eval/mIoU"] for r in records if "eval/mIoU" in r][-1]
+        if name == "baseline":  # self-training must actually run: the night side carries weight
+            late = [r["pseudo/weight"] for r in records if "pseudo/weight" in r and r["iter"] > 150]
+            assert late and sum(late) / len(late) > 0.2, late
+            assert (tmp_path / name / "checkpoints" / "best.pt").exists()
     assert scores["baseline"] > scores["source_only"], scores
 
 

@@ -27,6 +27,7 @@ from train.visualize import (
     panel,
     read_metrics_jsonl,
     row_normalize,
+    run_title,
     smooth,
     stack,
 )
@@ -190,3 +191,29 @@ def test_smooth_is_bias_corrected_ema():
     assert np.allclose(smooth([5.0, 5.0, 5.0]), 5.0)  # a constant stays constant from the first point
     s = smooth([0.0, 10.0], weight=0.5)
     assert np.isclose(s[0], 0.0) and np.isclose(s[1], (0.5 * 0.5 * 0 + 0.5 * 10) / 0.75)
+
+
+def test_loss_curve_is_titled_after_the_run_and_plots_the_pseudo_weight(tmp_path):
+    run = tmp_path / "20261130-baseline"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"run": {"variant": "baseline", "source_only": False, "iters": 300,
+                                                         "seed": 0}, "model": {"backbone": "mit_b0"}}))
+    log = run / "metrics.jsonl"
+    _write_log(log, broken_tail=False)
+    with_weights = [json.loads(ln) for ln in log.read_text().splitlines()]
+    for rec in with_weights:
+        if "loss/fusion" in rec:
+            rec["pseudo/weight"] = min(1.0, rec["iter"] / 300)
+    log.write_text("".join(json.dumps(r) + "\n" for r in with_weights))
+    assert run_title(log) == "20261130-baseline: baseline, mit_b0, 300 iterations, seed 0"
+    img = cv2.imread(str(loss_curve_png(log, run / "loss.png")))
+    plain = tmp_path / "plain" / "metrics.jsonl"
+    plain.parent.mkdir()
+    _write_log(plain, broken_tail=False)
+    assert run_title(plain) == "plain"  # no config.json: the folder name
+    img_plain = cv2.imread(str(loss_curve_png(plain, tmp_path / "plain.png")))
+    assert img.shape[0] > img_plain.shape[0]  # the pseudo-weight panel adds height
+    # the pseudo-weight curve is drawn in C2 green (#2ca02c) in the middle panel
+    green = np.all(np.abs(img.astype(int) - [44, 160, 44]) < 30, axis=2)  # BGR of #2ca02c
+    rows = np.nonzero(green.any(1))[0]
+    assert len(rows) and img.shape[0] * 0.35 < np.median(rows) < img.shape[0] * 0.75

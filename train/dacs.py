@@ -236,14 +236,25 @@ def backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
             (torch.backends.cudnn, "benchmark")
     old = [getattr(o, n) for o, n in flags]
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.run.tf32
     torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
     try:
         yield
     finally:
         for (o, n), v in zip(flags, old, strict=True):
             setattr(o, n, v)
+
+
+def best_eval(log_path: Path) -> tuple[float, int] | None:
+    """(night mIoU, iteration) of the best evaluation logged so far (a resumed run's log has already
+    been cut back to its checkpoint), or None."""
+    if not log_path.exists():
+        return None
+    evals = [(r["eval/mIoU"], r["iter"]) for r in map(json.loads, filter(None, log_path.read_text().splitlines()))
+             if "eval/mIoU" in r]
+    return max(evals, key=lambda e: e[0]) if evals else None
+
 
 
 def _teacher_mode(teacher: torch.nn.Module) -> None:
@@ -443,6 +454,12 @@ class RunFolder:
         return save_checkpoint(self.ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=parts.model,
                                teacher=parts.teacher, optimizer=parts.opt, config=to_dict(cfg))
 
+    def save_best(self, it: int, parts: Parts, cfg: TrainConfig, miou: float) -> None:
+        """checkpoints/best.pt: the weights of the best night evaluation so far (no optimiser: not for resuming)."""
+        if self.main:
+            save_checkpoint(self.ckpt_dir / "best.pt", iteration=it, student=parts.model, teacher=parts.teacher,
+                            optimizer=None, config=to_dict(cfg), extra={"best": {"eval/mIoU": miou, "iter": it}})
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -547,13 +564,21 @@ def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: in
         nonlocal last_ckpt, saved_at
         last_ckpt, saved_at = run.checkpoint(done, parts, cfg) or last_ckpt, done
 
+    best = best_eval(run.log_path) if ctx.main else None  # (mIoU, iteration) of checkpoints/best.pt
+
     def run_eval(done: int) -> dict[str, Any] | None:
+        nonlocal best
         if parts.test is None:
             return None
         res = evaluate(parts.model, parts.test, ctx.device, ("fusion",), amp, progress=False,
                        scale=cfg.data.test_scale)["fusion"]
-        run.log({"iter": done, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"]})
-        say(f"iteration {done}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion output)")
+        if best is None or res["mIoU"] > best[0]:  # the best night score so far: checkpoints/best.pt
+            best = (res["mIoU"], done)
+            run.save_best(done, parts, cfg, res["mIoU"])
+        run.log({"iter": done, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"], "eval/best_mIoU": best[0],
+                 "eval/best_iter": best[1]})
+        say(f"iteration {done}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion output); "
+            f"best {100 * best[0]:.2f} at iteration {best[1]} (checkpoints/best.pt)")
         return res
 
     with StopFlag() as stop:
@@ -659,7 +684,8 @@ def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.
         t_out = teacher(image=img, events=x["target_events"] if use_events else None,
                         isr=None if use_events else x["target_isr"], fuse_with="events" if use_events else "isr",
                         outputs=("fusion",))
-    pseudo, weight = pseudo_labels(t_out.logits["fusion"], img.shape[-2:], cfg.dacs.pseudo_threshold)
+    pseudo, weight = pseudo_labels(t_out.logits["fusion"], img.shape[-2:], cfg.dacs.pseudo_threshold,
+                                   cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom)
     return pseudo, weight, use_events
 
 
@@ -669,9 +695,9 @@ def _mix(cfg: TrainConfig, x: dict[str, torch.Tensor], pseudo: torch.Tensor, pse
     """ClassMix (half the source classes pasted onto the target); the mixed image gets colour jitter
     and blur, the events are only mixed (optionally block-masked), the ISR is recomputed from the image."""
     src_lbl = x["source_label"]
-    mask = class_masks(src_lbl)
+    mask = class_masks(src_lbl, cfg.dacs.classmix_per_sample)
     image = mix(mask, x["source_image"], x["target_image"])
-    image = color_jitter(image, cfg.dacs.jitter_p, cfg.dacs.jitter)
+    image = color_jitter(image, cfg.dacs.jitter_p, cfg.dacs.jitter, cfg.dacs.jitter_impl)
     image = gaussian_blur(image, cfg.dacs.blur_p, cfg.dacs.blur_sigma).contiguous(memory_format=mem)
     events = mix(mask, x["source_events"], x["target_events"])
     if cfg.loss.mask_events > 0:

@@ -84,14 +84,27 @@ def needed_source_features(cfg: LossConfig) -> tuple[str, ...]:
     return tuple(need)
 
 
-def pseudo_labels(fusion_logits: torch.Tensor, size: tuple[int, int], threshold: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_labels(fusion_logits: torch.Tensor, size: tuple[int, int], threshold: float,
+                  ignore_top: int = 0, ignore_bottom: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher pseudo-labels and their weight map: argmax, and the share of confident pixels.
 
     DACS weighs every target pixel by one scalar: the fraction of pixels in the batch whose max
-    softmax probability reaches ``threshold``.
+    softmax probability reaches ``threshold``. DAFormer then zeroes ``ignore_top`` rows at the top
+    and ``ignore_bottom`` at the bottom of the weight map (after the share is computed).
     """
     logits = F.interpolate(fusion_logits.float(), size=size, mode="bilinear", align_corners=False)
     prob, label = torch.softmax(logits, dim=1).max(dim=1)
     share = (prob >= threshold).float().mean()
-    return label, share * torch.ones_like(prob)
+    return label, ignore_rows(share * torch.ones_like(prob), ignore_top, ignore_bottom)
+
+
+def ignore_rows(weight: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    """``weight`` [B, H, W] with its first ``top`` and last ``bottom`` rows set to 0 (a new tensor)."""
+    if top < 0 or bottom < 0:
+        raise ValueError(f"rows to ignore must be >= 0, got top {top}, bottom {bottom}")
+    weight = weight.clone()
+    if top:
+        weight[:, :top] = 0
+    if bottom:
+        weight[:, weight.shape[1] - min(bottom, weight.shape[1]):] = 0
+    return weight

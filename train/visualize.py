@@ -289,23 +289,48 @@ def loss_series(records: Sequence[dict[str, Any]]) -> dict[str, tuple[np.ndarray
     return out
 
 
-def loss_curve_png(metrics_jsonl_path: str | Path, path: str | Path, smoothing: float = 0.9, dpi: int = 100) -> Path:
-    """Plot every ``loss/*`` series (raw faint + smoothed) and ``eval/mIoU`` from the trainer's log.
+#: Line styles cycled with the colours, so loss terms that lie on top of each other (the fusion and
+#: image terms often do) stay distinguishable: a dashed line over a solid one shows both.
+LINE_STYLES = ("-", "--", "-.", ":")
 
-    Top panel: losses, log-scaled when every value is positive. Bottom panel: ``eval/mIoU`` (shown
-    in percent when logged as a fraction) with the learning rate ``lr`` on a second axis when logged.
-    An empty log still gives a PNG saying so, so a caller early in training never fails.
+
+def run_title(metrics_jsonl_path: str | Path) -> str:
+    """"<run folder>: <variant or source-only>, <backbone>, <iterations> its" from the log's folder
+    and the ``config.json`` beside it (just the folder name when there is none)."""
+    folder = Path(metrics_jsonl_path).resolve().parent
+    cfg_path = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        run = cfg["run"]
+        what = "source-only" if run.get("source_only") else run.get("variant", "?")
+        return f"{folder.name}: {what}, {cfg['model']['backbone']}, {run['iters']} iterations, seed {run['seed']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder.name
+
+
+def loss_curve_png(metrics_jsonl_path: str | Path, path: str | Path, smoothing: float = 0.9, dpi: int = 100) -> Path:
+    """Plot every ``loss/*`` series (raw faint + smoothed), ``pseudo/weight`` and ``eval/mIoU``.
+
+    Top panel: losses, log-scaled when every value is positive, each term its own colour and line
+    style. Middle panel: the pseudo-label weight (share of target pixels the teacher is confident
+    about: how much the night side counts), when logged. Bottom panel: ``eval/mIoU`` (in percent
+    when logged as a fraction) with the learning rate ``lr`` on a second axis when logged. Titled
+    after the run folder. An empty log still gives a PNG saying so, so a caller early in training
+    never fails.
     """
     from matplotlib.figure import Figure
 
     records = read_metrics_jsonl(metrics_jsonl_path)
     series = loss_series(records)
-    fig = Figure(figsize=(10, 7))
-    ax_loss, ax_eval = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    pw_its, pw = metric_series(records, "pseudo/weight")
+    fig = Figure(figsize=(10, 9 if len(pw_its) else 7))
+    ratios = [3, 1.2, 1.5] if len(pw_its) else [2, 1]
+    axes = fig.subplots(len(ratios), 1, sharex=True, gridspec_kw={"height_ratios": ratios})
+    ax_loss, ax_eval = axes[0], axes[-1]
     for k, (name, (its, vals)) in enumerate(series.items()):
-        colour = f"C{k % 10}"
-        ax_loss.plot(its, vals, color=colour, alpha=0.25, linewidth=0.8)
-        ax_loss.plot(its, smooth(vals, smoothing), color=colour, linewidth=1.6, label=name)
+        colour, style = f"C{k % 10}", LINE_STYLES[k % len(LINE_STYLES)]
+        ax_loss.plot(its, vals, color=colour, alpha=0.2, linewidth=0.7)
+        ax_loss.plot(its, smooth(vals, smoothing), color=colour, linestyle=style, linewidth=1.8, label=name)
     if series:
         if all((vals > 0).all() for _, vals in series.values()):
             ax_loss.set_yscale("log")
@@ -314,7 +339,16 @@ def loss_curve_png(metrics_jsonl_path: str | Path, path: str | Path, smoothing: 
         ax_loss.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.set_ylabel("loss")
     ax_loss.grid(True, alpha=0.3)
-    ax_loss.set_title(str(Path(metrics_jsonl_path).name))
+    fig.suptitle(run_title(metrics_jsonl_path), fontsize=11)
+
+    if len(pw_its):
+        ax_pw = axes[1]
+        # drawn as logged: one scalar per batch that changes slowly, so smoothing would only add lag
+        ax_pw.plot(pw_its, pw, color="C2", linewidth=1.8, label="pseudo/weight")
+        ax_pw.set_ylim(-0.02, 1.02)
+        ax_pw.set_ylabel("pseudo weight")
+        ax_pw.legend(fontsize=8, loc="upper left")
+        ax_pw.grid(True, alpha=0.3)
 
     its, miou = metric_series(records, "eval/mIoU")
     if len(its):
@@ -330,8 +364,8 @@ def loss_curve_png(metrics_jsonl_path: str | Path, path: str | Path, smoothing: 
     lr_its, lr = metric_series(records, "lr")
     if len(lr_its):
         ax_lr = ax_eval.twinx()
-        ax_lr.plot(lr_its, lr, color="grey", linewidth=1.0, alpha=0.7)
-        ax_lr.set_ylabel("lr", color="grey")
+        ax_lr.plot(lr_its, lr, color="grey", linewidth=1.0, alpha=0.7, linestyle="--")
+        ax_lr.set_ylabel("lr (dashed)", color="grey")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax_eval.set_xlabel("iteration")
     ax_eval.grid(True, alpha=0.3)
