@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,10 +126,17 @@ def build_rows(cfg: DatasetsConfig, seq: str) -> list[Row]:
             rows.append(Row(
                 split=split, sequence=seq, frame=f, timestamp_us=int(ts[f]), event_index=int(index[f]),
                 event_start=int(start[f]), event_stop=int(stop[f]), event_count=int(count[f]),
-                image=str(paths.image(f)), warp_image=str(warped),
-                label=str(paths.label(f)) if split == "test" else "", store=str(spath),
+                image=_rel(cfg, paths.image(f)), warp_image=_rel(cfg, warped),
+                label=_rel(cfg, paths.label(f)) if split == "test" else "", store=_rel(cfg, spath),
             ))
     return rows
+
+
+def _rel(cfg: DatasetsConfig, path: Path) -> str:
+    """A path as index.csv stores it: relative to the datasets.yaml's folder (as the paths inside
+    datasets.yaml are), so the trainer finds the files whatever folder it runs in."""
+    base = Path(cfg.source).parent if getattr(cfg, "source", None) else Path(".")
+    return os.path.relpath(Path(path).absolute(), base.absolute())
 
 
 def _csv(rows: list[Row]) -> str:
@@ -151,7 +159,9 @@ def merge_splits(cfg: DatasetsConfig) -> dict[str, dict[str, int]]:
     rows = [r for seq in cfg.dsec.sequences for r in read_index(split_path(cfg, seq))]
     out = cfg.dsec.out
     for name, split in ((TRAIN_TXT, "train"), (TEST_TXT, "test")):
-        write_text(out / name, "".join(f"{r.image} {r.event_index}\n" for r in rows if r.split == split))
+        # CMDA's own files name the raw images under dsec.root, as CMDA's loader expects them
+        write_text(out / name, "".join(f"{SequencePaths(cfg.dsec.root, r.sequence).image(r.frame)} {r.event_index}\n"
+                                       for r in rows if r.split == split))
     write_text(out / TABLE, _csv(rows))
     counts: dict[str, dict[str, int]] = {seq: {"train": 0, "test": 0} for seq in cfg.dsec.sequences}
     for r in rows:

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from train.config import TrainConfig
-from train.dacs import restore_cuda_backends, set_cuda_backends
+from train.dacs import backend_flags
 from train.data import resize_pil_bilinear, resize_pil_nearest
 from train.losses import ignore_rows, pseudo_labels
 from train.mixing import (
@@ -250,16 +250,18 @@ def test_cuda_backends_follow_the_settings_and_are_restored():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     cfg = TrainConfig()
     cfg.run.tf32, cfg.run.cudnn_benchmark = False, False
-    old = set_cuda_backends(cfg.run)
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    assert not torch.backends.cudnn.benchmark
-    restore_cuda_backends(old)
+    cuda = torch.device("cuda")  # only its type is read: the switches are plain flags
+    with backend_flags(cfg, cuda):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark
     cfg.run.tf32 = True
-    old = set_cuda_backends(cfg.run)
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    restore_cuda_backends(old)
+    with backend_flags(cfg, cuda):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
             torch.backends.cudnn.benchmark) == before
+    with backend_flags(cfg, torch.device("cpu")):  # a CPU run leaves them alone
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == before
 
 
 # ---------------------------------------------------------------------- the baseline config is CMDA's
