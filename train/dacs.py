@@ -218,6 +218,12 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
         if mit_path is None:
             raise InputError(None, "the ImageNet feature distance (dacs.fd_lambda > 0) needs --pretrained weights")
         imnet = copy.deepcopy(model.backbone_image).eval().requires_grad_(False).to(ctx.device)
+    if cfg.model.init and state is None:  # after the ImageNet copy: the feature distance keeps ImageNet
+        from train.cmda_checkpoint import init_weights
+
+        load_model_state(model, init_weights(cfg.model.init, cfg.model.backbone, cfg.model.num_classes,
+                                             cfg.model.head_channels, say), Path(cfg.model.init))
+        say(f"student initialised from {cfg.model.init} (teacher = a copy, fresh optimiser)")
     model.to(ctx.device)
     if cfg.run.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -230,6 +236,9 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
 
     start = 0
     if state is not None:
+        if state.get("optimizer") is None:
+            raise InputError(resume, "holds no optimiser state (a converted or imported checkpoint): start from it "
+                             "with --init instead of --resume")
         load_model_state(model, state["student"], resume)
         if teacher is not None:
             load_model_state(teacher, state["teacher"], resume)
