@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,8 +373,6 @@ def load_any_checkpoint(path: str | Path, *, teacher: bool = False, say=None) ->
     CMDA's released files are converted in memory (``say`` prints the notes, default: stderr). Anything
     else is an InputError that says what the file looks like and what is missing.
     """
-    from pipeline.errors import warn
-
     path = Path(path)
     obj = read_checkpoint_object(path)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
@@ -382,8 +381,15 @@ def load_any_checkpoint(path: str | Path, *, teacher: bool = False, say=None) ->
         raise not_a_checkpoint_error(path, obj)
     imp = import_cmda(path, obj, teacher_required=teacher)
     for note in imp.notes:
-        (say or (lambda msg: warn(path, msg)))(note)
+        (say or _stderr)(f"{path}: {note}")
     return as_cmda_checkpoint(imp)
+
+
+def _stderr(msg: str) -> None:
+    """One line on stderr that does not break progress bars."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
 
 
 def convert(path: str | Path, out: str | Path, say=None) -> CMDAImport:
