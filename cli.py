@@ -204,6 +204,8 @@ def train(
                                                  "if present); 'none' = IC1 as source events.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<date>-<variant>; on --resume the "
                                              "run's own).")] = None,
+    init: Annotated[str | None, typer.Option(help="Start the student from a cmda checkpoint or CMDA's released "
+                                             "checkpoint (teacher = a copy, fresh optimiser).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Run folder (its latest checkpoint) or checkpoint file to "
                                                 "continue, with the run's own settings.")] = None,
     resume_override: Annotated[bool, typer.Option("--resume-override", help="With --resume: let settings given "
@@ -243,7 +245,7 @@ def train(
              "optim.lr": lr, "loss.rgb_event_src": lambda_rgb_event_src, "loss.fusion_st": lambda_fusion_st,
              "loss.rgb_st": lambda_rgb_st, "loss.event_s_rgb_t": lambda_event_s_rgb_t,
              "loss.event_st": lambda_event_st, "loss.mask_events": mask_events, "model.pretrained": pretrained,
-             "model.cyclegan": cyclegan, "run.out": out, "run.device": device, "run.seed": seed,
+             "model.cyclegan": cyclegan, "model.init": init, "run.out": out, "run.device": device, "run.seed": seed,
              "data.datasets": datasets.absolute() if datasets is not None else None,
              "run.source_only": True if source_only else None, "run.compile": True if compile_ else None}
     checkpoint = None
@@ -278,9 +280,11 @@ def train(
 @app.command()
 @reports_input_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by cmda train.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by cmda train, or CMDA's released "
+                                               "checkpoint (read as it is).")],
     out: Annotated[Path | None, typer.Option(help="Folder for metrics.json, iou.md, confusion PNGs.")] = None,
-    teacher: Annotated[bool, typer.Option("--teacher", help="Evaluate the EMA teacher, not the student.")] = False,
+    teacher: Annotated[bool, typer.Option("--teacher", help="Evaluate the EMA teacher (CMDA: ema_model.*), not "
+                                          "the student.")] = False,
     limit: Annotated[int, typer.Option(help="Only the first N test frames (0 = all).")] = 0,
     device: DeviceOpt = "auto",
     datasets: RunDatasetsOpt = None,
@@ -303,7 +307,8 @@ def evaluate(
 @app.command()
 @reports_input_errors
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt), or CMDA's "
+                                               "released checkpoint.")],
     out: Annotated[
         Path | None, typer.Option(help="Folder for the PNGs (default: the run's predictions/iter_N/, one per "
                                   "checkpoint, like evaluate's eval/iter_N/).")
@@ -315,7 +320,8 @@ def predict(
     limit: Annotated[int, typer.Option(help="Only the first N frames (0 = all).")] = 0,
     output: Annotated[str, typer.Option(help="Which head output to show: fusion, image or events.")] = "fusion",
     teacher: Annotated[
-        bool, typer.Option("--teacher", help="Use the EMA teacher's weights instead of the student's.")
+        bool, typer.Option("--teacher", help="Use the EMA teacher's weights (CMDA: ema_model.*) instead of the "
+                           "student's.")
     ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -368,6 +374,27 @@ def export(
 
 @app.command()
 @reports_input_errors
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="CMDA's released mmcv checkpoint (.pth).")],
+    out: Annotated[Path, typer.Argument(help="Where to write it in cmda's checkpoint format (.pt).")],
+) -> None:
+    """Convert CMDA's released checkpoint into cmda's checkpoint format (student, teacher, CycleGAN).
+
+    Keys are renamed onto cmda's model strictly: a key that maps nowhere, a missing key or a shape
+    mismatch is an error listing them. CMDA's unused ISR fusion is skipped (said in one line). The result
+    loads in `cmda evaluate` / `cmda predict`, `cmda train --init` and `--cyclegan`; it has no optimiser
+    state, so it cannot be resumed.
+    """
+    from train.cmda_checkpoint import convert as run_convert
+
+    imp = run_convert(checkpoint, out, say=typer.echo)
+    parts = ["student", "teacher" if imp.teacher is not None else "no teacher",
+             "CycleGAN" if imp.cyclegan is not None else "no CycleGAN"]
+    typer.echo(f"{checkpoint} ({imp.backbone}, {imp.num_classes} classes): {', '.join(parts)} -> {out}")
+
+
+@app.command()
+@reports_input_errors
 def stream(
     seq: Annotated[str, typer.Option("--seq", help="DSEC sequence to replay from its raw files.")],
     model: Annotated[Path, typer.Option("--model", help="A checkpoint (.pt) or a `cmda export` model (.onnx).")],
@@ -397,6 +424,39 @@ def stream(
     typer.echo(msg)
     if s.video is not None:
         typer.echo(f"video -> {s.video}")
+
+
+@app.command()
+@reports_input_errors
+def check(
+    config: ConfigOpt = Path("datasets.yaml"),
+    backbone: Annotated[str, typer.Option(help="MiT size whose ImageNet file to check.")] = "mit_b5",
+    pretrained: Annotated[Path | None, typer.Option(help="ImageNet mit_bX.pth (default pretrained/<backbone>.pth; "
+                                                    "required when given).")] = None,
+    cyclegan: Annotated[Path | None, typer.Option(help="CycleGAN file or CMDA checkpoint (default "
+                                                  "pretrained/cityscapes_ICD_to_dsec_EN.pth; required when "
+                                                  "given).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Also check a checkpoint (cmda's or CMDA's "
+                                                    "released one).")] = None,
+) -> None:
+    """Check the raw data trees of datasets.yaml and the weight files before a run; exit 2 if anything is missing.
+
+    DSEC: events.h5 and rectify_map.h5 (schema), rectified images, timestamps.txt (one per image),
+    cam_to_cam.yaml, CMDA's test labels, for every listed sequence. Cityscapes: gtFine polygons, their
+    leftImg8bit images, the previous frames in leftImg8bit_sequence (for IC1). Weights: loaded and
+    shape-checked as training loads them; missing default weight files are reported as optional.
+    """
+    from train.check import check_all
+
+    report = check_all(config, backbone=backbone, pretrained=pretrained, cyclegan=cyclegan, checkpoint=checkpoint)
+    typer.echo(report.text())
+    failures = report.failures
+    if failures:
+        typer.echo(f"error: {config}: {len(failures)} required item(s) missing or unreadable: "
+                   + "; ".join(f"{i.what}" + (f" ({i.path})" if i.path else "") for i in failures[:5])
+                   + (" ..." if len(failures) > 5 else ""), err=True)
+        raise typer.Exit(2)
+    typer.echo("everything required is present")
 
 
 @app.command("inspect")

@@ -32,6 +32,9 @@ class ModelConfig:
     # CycleGAN IC1 -> night-event generator: "auto" = pretrained/cityscapes_ICD_to_dsec_EN.pth if it
     # exists, "none" = IC1 used directly as the source events, or a path that must exist.
     cyclegan: str = "auto"
+    # Start the student from these weights (cmda checkpoint or CMDA's released file; "" = no): the teacher is
+    # a copy of it and the optimiser starts fresh. Overrides the ImageNet weights.
+    init: str = ""
     num_classes: int = 19
     head_channels: int = 256  # DAFormer head width; smaller only for quick CPU runs
     drop_path: float = 0.1

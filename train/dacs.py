@@ -306,7 +306,7 @@ class Parts:
     opt: torch.optim.Optimizer
 
 
-def build(cfg: TrainConfig, ctx: Context, say) -> Parts:
+def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
     """Data, models (same initial weights on every rank and in every run with this seed), optimiser."""
     from train.models import CMDAModel, load_cyclegan
 
@@ -326,6 +326,12 @@ def build(cfg: TrainConfig, ctx: Context, say) -> Parts:
         if mit_path is None:
             raise InputError(None, "the ImageNet feature distance (dacs.fd_lambda > 0) needs --pretrained weights")
         imnet = copy.deepcopy(model.backbone_image).eval().requires_grad_(False).to(ctx.device)
+    if cfg.model.init and not resuming:  # after the ImageNet copy: the feature distance keeps ImageNet
+        from train.cmda_checkpoint import init_weights
+
+        load_model_state(model, init_weights(cfg.model.init, cfg.model.backbone, cfg.model.num_classes,
+                                             cfg.model.head_channels, say), Path(cfg.model.init))
+        say(f"student initialised from {cfg.model.init} (teacher = a copy, fresh optimiser)")
     model.to(ctx.device)
     if cfg.run.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -343,6 +349,9 @@ def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) 
     """Load a checkpoint's weights, optimiser and RNG into ``parts``; returns the iteration to start at."""
     if state is None or path is None:
         return 0
+    if state.get("optimizer") is None:
+        raise InputError(path, "holds no optimiser state (a converted or imported checkpoint): start from it "
+                         "with --init instead of --resume")
     load_model_state(parts.model, state["student"], path)
     if parts.teacher is not None:
         load_model_state(parts.teacher, state["teacher"], path)
@@ -488,7 +497,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, override: bool = False) 
     out = Path(cfg.run.out or default_out(cfg))
     cfg.run.out, cfg.run.device = out, str(ctx.device)  # config.json and checkpoints show resolved values
     with backend_flags(cfg, ctx.device):
-        parts = build(cfg, ctx, say)
+        parts = build(cfg, ctx, say, resuming=state is not None)
         start = restore(parts, state, path, say)
         wrap(parts, cfg, ctx)
         run = RunFolder(out, ctx)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import InputError
-from train.checkpoint import load_checkpoint, load_model_state
+from train.checkpoint import load_model_state
+from train.cmda_checkpoint import load_any_checkpoint
 from train.config import TrainConfig, from_dict, parse_device
 from train.models import CMDAModel
 
@@ -57,28 +58,38 @@ def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def build_model(cfg: TrainConfig, path: Path) -> CMDAModel:
-    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError)."""
+def build_model(cfg: TrainConfig, path: Path, empty: bool = False) -> CMDAModel:
+    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError).
+
+    ``empty=True`` skips the random initialisation (uninitialised CPU memory), for a strict load that then
+    overwrites every parameter and buffer: building MiT-B5 that way takes a fraction of the time.
+    """
     m = cfg.model
     try:
-        return CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
-                         fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels)
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            model = CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
+                              fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels)
     except ValueError as exc:
         raise InputError(path, str(exc)) from None
+    return model.to_empty(device="cpu") if empty else model
 
 
 def load_for_inference(path: str | Path, teacher: bool = False, device: str | torch.device = "cpu"
                        ) -> tuple[CMDAModel, TrainConfig, dict[str, Any]]:
-    """Checkpoint -> (model in eval mode on ``device``, its training config, the raw state)."""
+    """Checkpoint -> (model in eval mode on ``device``, its training config, the raw state).
+
+    Reads cmda's checkpoints and CMDA's released mmcv checkpoints (converted in memory, strictly).
+    """
     path = Path(path)
-    state = load_checkpoint(path)
+    state = load_any_checkpoint(path, teacher=teacher)
     cfg = checkpoint_config(path, state)
     key = "teacher" if teacher else "student"
     weights = state.get(key)
     if weights is None:
-        raise InputError(path, f"checkpoint holds no {key} weights")
-    model = build_model(cfg, path)
-    load_model_state(model, weights, path)
+        why = " (a source-only run has no teacher; drop --teacher)" if teacher else ""
+        raise InputError(path, f"checkpoint holds no {key} weights{why}")
+    model = build_model(cfg, path, empty=True)
+    load_model_state(model, weights, path)  # strict: every parameter and buffer comes from the file
     return model.eval().to(device), cfg, state
 
 

@@ -222,7 +222,7 @@ class MixVisionTransformer(nn.Module):
         self.embed_dims = cfg.embed_dims
         self.checkpoint = checkpoint
         # stochastic depth grows linearly from 0 over all blocks of all stages
-        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # also under a meta device
         start = 0
         for s in range(4):
             in_c = in_chans if s == 0 else cfg.embed_dims[s - 1]

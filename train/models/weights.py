@@ -121,8 +121,14 @@ def load_mit_pretrained(model: nn.Module, path: str | Path) -> None:
 
 
 def load_cyclegan(path: str | Path, device: str | torch.device = "cpu") -> ResnetGenerator:
-    """Load ``cityscapes_ICD_to_dsec_EN.pth`` into a frozen, eval-mode 1->1 channel ResNet generator."""
-    state = read_state_dict(path)
+    """Load ``cityscapes_ICD_to_dsec_EN.pth`` into a frozen, eval-mode 1->1 channel ResNet generator.
+
+    Also takes CMDA's released checkpoint (its ``cyclegan_itrd2en.*`` weights) or a cmda checkpoint converted
+    from one (``cmda convert``).
+    """
+    from train.cmda_checkpoint import cyclegan_state
+
+    state = cyclegan_state(path)
     gen = ResnetGenerator(input_nc=1, output_nc=1, ngf=64, n_blocks=9)
     check_state_dict(path, state, gen, "the CycleGAN ResNet-9 generator (1->1 channel, 64 filters)")
     gen.load_state_dict(state, strict=True)
