@@ -349,9 +349,6 @@ def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) 
     """Load a checkpoint's weights, optimiser and RNG into ``parts``; returns the iteration to start at."""
     if state is None or path is None:
         return 0
-    if state.get("optimizer") is None:
-        raise InputError(path, "holds no optimiser state (a converted or imported checkpoint): start from it "
-                         "with --init instead of --resume")
     load_model_state(parts.model, state["student"], path)
     if parts.teacher is not None:
         load_model_state(parts.teacher, state["teacher"], path)
@@ -376,6 +373,9 @@ def check_resume(cfg: TrainConfig, path: Path, state: dict[str, Any], override: 
     A resume continues the run as it was; a changed seed, lr, length or loss weight would silently
     make it another run. Machine settings (device, workers, output folder) may differ.
     """
+    if state.get("optimizer") is None:
+        raise InputError(path, "holds no optimiser state (a converted or imported checkpoint): start from it "
+                         "with --init instead of --resume")
     changes = differences(state.get("config") or {}, to_dict(cfg))
     if changes and not override:
         listed = "; ".join(f"{k}: {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in changes.items())

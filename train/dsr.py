@@ -54,6 +54,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from train.mixing import classmix_draws
+
 IGNORE = 255
 
 TAIL_CLASSES: tuple[int, ...] = (12, 14, 15, 17, 18)
@@ -109,15 +111,12 @@ def with_companions(chosen: torch.Tensor, present: torch.Tensor,
     return torch.tensor(sorted(out), dtype=chosen.dtype, device=chosen.device)
 
 
-def grouped_class_masks(labels: torch.Tensor, companions: Mapping[int, Sequence[int]] = COMPANIONS
-                        ) -> torch.Tensor:
-    """ClassMix masks [B, 1, H, W] as :func:`train.mixing.class_masks` (same draw: half of the batch's
-    classes), each sample's set then grown by the companions present in that sample."""
-    classes = torch.unique(labels)
-    n = classes.numel()
-    chosen = classes[torch.randperm(n, device=labels.device)[: (n + n % 2) // 2]]
+def grouped_class_masks(labels: torch.Tensor, companions: Mapping[int, Sequence[int]] = COMPANIONS,
+                        per_sample: bool = True) -> torch.Tensor:
+    """ClassMix masks [B, 1, H, W] as :func:`train.mixing.class_masks` (the same draws, so the same
+    random stream), each sample's set then grown by the companions present in that sample."""
     masks = []
-    for lbl in labels:
+    for lbl, chosen in zip(labels, classmix_draws(labels, per_sample), strict=True):
         picked = with_companions(chosen, torch.unique(lbl), companions)
         masks.append(torch.isin(lbl, picked))
     return torch.stack(masks).unsqueeze(1).float()

@@ -16,23 +16,26 @@ from pipeline.errors import InputError
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 
 
-def class_masks(labels: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
-    """ClassMix masks [B, 1, H, W] (float 0/1) from source labels [B, H, W].
-
-    As CMDA/DACS: the candidate classes are the values present anywhere in the batch (the ignore
-    value 255 included when present), n of them; each sample draws its own ``ceil(n / 2)`` without
-    replacement (so a drawn class may be absent from that sample) and its mask marks its own
-    pixels of those classes. ``per_sample=False`` draws one subset for the whole batch.
-    """
+def classmix_draws(labels: torch.Tensor, per_sample: bool = True) -> list[torch.Tensor]:
+    """The classes each sample pastes: ``ceil(n / 2)`` of the n values present anywhere in the batch
+    (the ignore value 255 included when present), drawn without replacement per sample (CMDA/DACS)
+    or, with ``per_sample=False``, once for the whole batch."""
     classes = torch.unique(labels)
     n = classes.numel()
     k = (n + n % 2) // 2
-    masks = []
     shared = classes[torch.randperm(n, device=labels.device)[:k]]
-    for label in labels:
-        chosen = classes[torch.randperm(n, device=labels.device)[:k]] if per_sample else shared
-        masks.append(torch.isin(label, chosen))
-    return torch.stack(masks).unsqueeze(1).float()
+    return [classes[torch.randperm(n, device=labels.device)[:k]] if per_sample else shared for _ in labels]
+
+
+def class_masks(labels: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
+    """ClassMix masks [B, 1, H, W] (float 0/1) from source labels [B, H, W].
+
+    Each sample's mask marks its own pixels of the classes :func:`classmix_draws` picked for it (so a
+    drawn class may be absent from that sample).
+    """
+    draws = classmix_draws(labels, per_sample)
+    return torch.stack([torch.isin(label, chosen) for label, chosen in zip(labels, draws, strict=True)]
+                       ).unsqueeze(1).float()
 
 
 def mix(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
