@@ -28,13 +28,16 @@ from train.schedule import ema_alpha, ema_update
 
 
 def fake_batch(b: int, size: int, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    def img():
-        return torch.randn(b, 3, size, size, generator=gen).to(device)
+    """A batch in :class:`train.data.PairedBatches`' format: uint8 images and IC1, float events in [-1, 1]."""
+    def img() -> torch.Tensor:
+        return torch.randint(0, 256, (b, 3, size, size), generator=gen, dtype=torch.uint8).to(device)
 
     label = torch.randint(0, 19, (b, size // 32, size // 32), generator=gen)
     label = label.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)  # blocky, like real labels
-    return {"source_image": img(), "source_label": label, "source_ic1": img().clamp(-1, 1),
-            "target_image": img(), "target_events": img().clamp(-1, 1)}
+    ic1 = torch.randint(0, 256, (b, 1, size, size), generator=gen, dtype=torch.uint8).to(device)
+    events = (torch.rand(b, 1, size, size, generator=gen) * 2 - 1).to(device)
+    return {"source_image": img(), "source_label": label, "source_ic1": ic1, "target_image": img(),
+            "target_events": events}
 
 
 def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,

@@ -12,6 +12,7 @@ so a resumed run thresholds exactly as the uninterrupted one.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 BINS = 1000
 IGNORE = 255
@@ -45,6 +46,13 @@ class AdaptiveThreshold:
         self.update(prob, label)
         thr = self.thresholds().to(prob.device)[label.long()]
         return torch.where(prob >= thr, label, torch.full_like(label, IGNORE))
+
+    def pseudo_labels(self, fusion_logits: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's pseudo-labels at ``size`` with low-confidence pixels ignored, and a weight of 1
+        (the thresholds replace DACS's confidence share)."""
+        logits = F.interpolate(fusion_logits.float(), size=size, mode="bilinear", align_corners=False)
+        prob, label = torch.softmax(logits, dim=1).max(dim=1)
+        return self.apply(prob, label), torch.ones_like(prob)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"hist": self.hist.cpu()}

@@ -89,6 +89,11 @@ class OptimConfig:
 class DacsConfig:
     ema_alpha: float = 0.999
     pseudo_threshold: float = 0.968
+    # "share": DACS's rule, one weight = the share of pixels with confidence >= pseudo_threshold;
+    # "adaptive": per-class thresholds min(running median confidence, adaptive_cap), pixels below
+    # ignored (train/adaptive_threshold.py; `--set dacs.pseudo_threshold=adaptive` selects it too).
+    pseudo_mode: str = "share"
+    adaptive_cap: float = 0.9
     jitter_p: float = 0.8  # applied when U(0, 1) > 1 - p, one draw per batch (CMDA: > 0.2)
     jitter: float = 0.2  # brightness/contrast/saturation/hue strength
     # "cmda": kornia 0.5.8's ColorJitter as CMDA ran it (additive brightness, contrast a pure scale,
@@ -126,11 +131,25 @@ class LossConfig:
 
 
 @dataclass
+class MicConfig:
+    """Masked image consistency (FACTS §12, train/mic.py): a fifth pass on the masked target batch."""
+
+    enabled: bool = False
+    lambda_: float = 1.0  # `mic.lambda`: weight of the MIC loss
+    block: int = 32  # mask block size in pixels (MIC: 64 at 1024 crops, 32 at DAFormer's 512)
+    ratio: float = 0.7  # share of blocks hidden
+    events: str = "same"  # same: the image's mask; independent: a fresh mask; none: events unmasked
+
+
+@dataclass
 class RunConfig:
     variant: str = "baseline"
     source_only: bool = False
     iters: int = 40_000
     batch: int = 2  # per domain: 2 source + 2 target
+    # Gradient accumulation: the batch runs as `accum` equal micro-batches with one optimiser step,
+    # pseudo-labels, ClassMix and augmentation drawn on the full batch (exact but for BatchNorm).
+    accum: int = 1
     seed: int = 0
     out: Path | None = None  # default runs/<date>-<variant>
     device: str = "auto"  # auto: cuda if available
@@ -138,7 +157,6 @@ class RunConfig:
     # TF32 matmuls/convolutions on CUDA (Ampere+). CMDA sets nothing (PyTorch's defaults then: TF32
     # off for matmuls). run.amp=false + run.tf32=false is true fp32. Set for the run, then restored.
     tf32: bool = True
-    cudnn_benchmark: bool = True  # cuDNN autotuning on CUDA (mmseg's configs turn it on too)
     channels_last: bool = True
     compile: bool = False
     # cudnn.benchmark on CUDA: autotuned convolution algorithms (faster, not bitwise repeatable).
@@ -159,6 +177,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dacs: DacsConfig = field(default_factory=DacsConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mic: MicConfig = field(default_factory=MicConfig)
 
 
 # Named variants: loss lambdas from the L2 study (FACTS §9) on top of the baseline.
@@ -194,6 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rcs.min_pixels": 200,
         "dacs.pseudo_threshold": 0.7,
         "dacs.ema_alpha": 0.99,
+        "mic.block": 8,  # MIC's 32 px blocks at crop 512, scaled to crop 128
         "optim.lr": 3e-4,
         "optim.warmup_iters": 30,
         "run.iters": 300,
@@ -201,7 +221,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "run.ckpt_every": 100,
         "run.log_every": 10,
     },
+    # Memory presets for MiT-B5 at CMDA's batch 2+2 and crop 512 on one GPU (the recipe unchanged:
+    # gradient accumulation instead of a halved batch). ESTIMATES until benchmarks/gpu_suite.py has
+    # measured them on a card of that size; bf16 autocast (run.amp) is assumed on.
+    "24gb": {"run.accum": 2},
+    "16gb": {"run.accum": 2, "model.checkpoint": True},
+    "11gb": {"run.accum": 2, "model.checkpoint": True, "run.channels_last": True},
 }
+
+#: Presets that only concern GPU memory (a CPU run says so and goes on).
+GPU_PRESETS = ("24gb", "16gb", "11gb")
 
 
 def apply_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
@@ -281,6 +310,11 @@ def set_value(cfg: TrainConfig, dotted: str, value: Any) -> None:
     if len(parts) != 2 or not hasattr(cfg, parts[0]):
         raise InputError(None, f"unknown setting {dotted!r} (use section.key, sections: "
                          f"{', '.join(f.name for f in dataclasses.fields(cfg))})")
+    if dotted == "mic.lambda":  # `lambda` is a Python keyword: the field is lambda_
+        parts[1] = "lambda_"
+    if dotted == "dacs.pseudo_threshold" and str(value).strip().lower() == "adaptive":
+        cfg.dacs.pseudo_mode = "adaptive"
+        return
     section = getattr(cfg, parts[0])
     hints = typing.get_type_hints(type(section))
     if parts[1] not in hints:
@@ -379,6 +413,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(_finite(v) and v >= 0, f"loss.{f.name}", v, "a number >= 0")
     _check(ls.mask_events <= 1, "loss.mask_events", ls.mask_events, "in [0, 1]")
     _check(ls.mask_block >= 1, "loss.mask_block", ls.mask_block, ">= 1")
+    _check(r.accum >= 1 and r.batch % r.accum == 0, "run.accum", r.accum,
+           f"a divisor of run.batch ({r.batch}): the batch is split into that many equal micro-batches")
+    _check(dc.pseudo_mode in ("share", "adaptive"), "dacs.pseudo_mode", dc.pseudo_mode, "share or adaptive")
+    _check(_finite(dc.adaptive_cap) and 0 < dc.adaptive_cap <= 1, "dacs.adaptive_cap", dc.adaptive_cap, "in (0, 1]")
+    mc = cfg.mic
+    _check(_finite(mc.lambda_) and mc.lambda_ >= 0, "mic.lambda", mc.lambda_, "a number >= 0")
+    _check(mc.block >= 1, "mic.block", mc.block, ">= 1")
+    _check(_finite(mc.ratio) and 0 <= mc.ratio < 1, "mic.ratio", mc.ratio, "in [0, 1)")
+    _check(mc.events in ("same", "independent", "none"), "mic.events", mc.events, "same, independent or none")
     rc = cfg.rcs
     _check(_finite(rc.temperature) and rc.temperature > 0, "rcs.temperature", rc.temperature, "a number > 0")
     _check(rc.min_pixels >= 0, "rcs.min_pixels", rc.min_pixels, ">= 0")

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from pipeline.atomic import write_text
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from train.adaptive_threshold import AdaptiveThreshold
 from train.checkpoint import (
     check_compatible,
     clean_stale_temps,
@@ -60,12 +61,14 @@ from train.evaluate import evaluate
 from train.inference import autocast, resolve_device
 from train.isr import ISR_DAY, ISR_NIGHT, image_content, isr_from_normalized, random_directions
 from train.losses import (
+    ignore_rows,
     needed_source_features,
     pseudo_labels,
     segmentation_terms,
     source_feature_terms,
     target_feature_terms,
 )
+from train.mic import masked_inputs, mic_terms
 from train.mixing import block_mask, class_masks, color_jitter, gaussian_blur, mix
 from train.schedule import ema_alpha, ema_update, learning_rate, set_learning_rate
 
@@ -304,6 +307,7 @@ class Parts:
     gan: torch.nn.Module | None
     imnet: torch.nn.Module | None
     opt: torch.optim.Optimizer
+    threshold: AdaptiveThreshold | None = None  # dacs.pseudo_mode=adaptive: running per-class medians
 
 
 def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
@@ -342,7 +346,9 @@ def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
                             betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, fused=cuda)
     for g in opt.param_groups:  # head x10 (the model tags groups with lr_mult 1 or 10)
         g["lr_mult"] = cfg.optim.head_lr_mult if g.get("lr_mult", 1) > 1 else 1.0
-    return Parts(batches, test, model, model, teacher, gan, imnet, opt)
+    threshold = (AdaptiveThreshold(cfg.model.num_classes, cfg.dacs.adaptive_cap, device=ctx.device)
+                 if cfg.dacs.pseudo_mode == "adaptive" and teacher is not None else None)
+    return Parts(batches, test, model, model, teacher, gan, imnet, opt, threshold)
 
 
 def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) -> int:
@@ -353,6 +359,8 @@ def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) 
     if parts.teacher is not None:
         load_model_state(parts.teacher, state["teacher"], path)
     parts.opt.load_state_dict(state["optimizer"])
+    if parts.threshold is not None and state.get("adaptive_threshold") is not None:
+        parts.threshold.load_state_dict(state["adaptive_threshold"])
     restore_rng(state)
     say(f"resumed from {path} at iteration {int(state['iteration'])}")
     return int(state["iteration"])
@@ -460,8 +468,9 @@ class RunFolder:
     def checkpoint(self, it: int, parts: Parts, cfg: TrainConfig) -> Path | None:
         if not self.main:
             return None
+        extra = {"adaptive_threshold": parts.threshold.state_dict()} if parts.threshold is not None else None
         return save_checkpoint(self.ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=parts.model,
-                               teacher=parts.teacher, optimizer=parts.opt, config=to_dict(cfg))
+                               teacher=parts.teacher, optimizer=parts.opt, config=to_dict(cfg), extra=extra)
 
     def save_best(self, it: int, parts: Parts, cfg: TrainConfig, miou: float) -> None:
         """checkpoints/best.pt: the weights of the best night evaluation so far (no optimiser: not for resuming)."""
@@ -521,7 +530,7 @@ def iteration(cfg: TrainConfig, ctx: Context, parts: Parts, batch: dict[str, tor
         ema_update(parts.teacher, parts.model, ema_alpha(it, cfg.dacs.ema_alpha))
     try:
         terms, extra = _step(cfg, batch, ctx, parts.fwd, parts.teacher, parts.gan, parts.imnet,
-                             ctx.device.type == "cuda" and cfg.run.amp, ic1_to_events)
+                             ctx.device.type == "cuda" and cfg.run.amp, ic1_to_events, parts.threshold)
     except torch.OutOfMemoryError:
         raise InputError(out, f"CUDA out of memory at iteration {it + 1} (backbone {cfg.model.backbone}, "
                          f"batch {cfg.run.batch}, crop {cfg.data.crop}): lower --batch or --crop, "
@@ -633,17 +642,48 @@ def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: in
 
 def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: torch.nn.Module,
           teacher: torch.nn.Module | None, gan: torch.nn.Module | None, imnet: torch.nn.Module | None, amp: bool,
-          ic1_to_events) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One DACS iteration's forward/backward passes; returns the loss terms (already backpropagated)."""
+          ic1_to_events, threshold: AdaptiveThreshold | None = None
+          ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One DACS iteration's forward/backward passes; returns the loss terms (already backpropagated).
+
+    Everything random about the iteration is drawn on the full batch first (ISR directions, the
+    teacher's pseudo-labels, ClassMix, augmentation, the MIC mask), then the passes run over
+    ``run.accum`` micro-batches with losses scaled by 1/accum: the gradient of the summed terms is the
+    full batch's (every loss is a mean over equally sized micro-batches), and so are the logged terms.
+    """
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     inputs = _inputs(batch, ctx.device, mem, gan, ic1_to_events)
-    terms, keep = _source_pass(cfg, inputs, fwd, imnet, amp)  # 1. source pass
-    if teacher is None:
-        return terms, {}
-    pseudo, pseudo_w, use_events = _pseudo_labels(cfg, inputs, teacher, amp)  # 2. pseudo-labels
-    mixed = _mix(cfg, inputs, pseudo, pseudo_w, mem)  # 3. ClassMix + strong augmentation
-    terms.update(_mixed_pass(cfg, mixed, keep, fwd, amp))  # 4. mixed pass
-    return terms, {"pseudo/weight": float(pseudo_w.mean()), "pseudo/teacher_events": float(use_events)}
+    extra: dict[str, float] = {}
+    mixed = masked = pseudo = pseudo_w = None
+    if teacher is not None:
+        pseudo, pseudo_w, use_events = _pseudo_labels(cfg, inputs, teacher, amp, threshold)  # 2. pseudo-labels
+        mixed = _mix(cfg, inputs, pseudo, pseudo_w, mem)  # 3. ClassMix + strong augmentation
+        if cfg.mic.enabled:  # 5. MIC inputs: the target batch, augmented and block-masked
+            masked = masked_inputs(inputs["target_image"], inputs["target_events"], cfg.mic,
+                                   random_directions(pseudo.shape[0]), lambda im: _augment(cfg, im))
+        extra = {"pseudo/weight": float(pseudo_w.mean()), "pseudo/teacher_events": float(use_events)}
+    terms: dict[str, torch.Tensor] = {}
+    scale = 1.0 / cfg.run.accum
+    for part in micro_batches(inputs["source_image"].shape[0], cfg.run.accum):
+        t, keep = _source_pass(cfg, take(inputs, part), fwd, imnet, amp, scale)  # 1. source pass
+        if mixed is not None:
+            t.update(_mixed_pass(cfg, take(mixed, part), keep, fwd, amp, scale))  # 4. mixed pass
+        if masked is not None:  # 5. MIC pass, own backward
+            mic = mic_terms(fwd, masked.take(part), pseudo[part], pseudo_w[part], cfg.loss, cfg.mic, amp, scale)
+            t.update(mic)
+        for k, v in t.items():
+            terms[k] = terms[k] + v if k in terms else v
+    return terms, extra
+
+
+def micro_batches(b: int, accum: int) -> list[slice]:
+    """``accum`` equal, consecutive slices of a batch of ``b`` (validate() checks accum divides b)."""
+    size = b // accum
+    return [slice(i * size, (i + 1) * size) for i in range(accum)]
+
+
+def take(x: dict[str, torch.Tensor], part: slice) -> dict[str, torch.Tensor]:
+    return {k: v[part] for k, v in x.items()}
 
 
 def _inputs(batch: dict[str, torch.Tensor], dev: torch.device, mem: torch.memory_format,
@@ -663,7 +703,7 @@ def _inputs(batch: dict[str, torch.Tensor], dev: torch.device, mem: torch.memory
 
 
 def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Module, imnet: torch.nn.Module | None,
-                 amp: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                 amp: bool, scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Day image + source events + day ISR -> segmentation (+ source L2, + feature distance) -> backward.
 
     Returns the terms and the detached deepest source features the target-side L2 terms need.
@@ -678,14 +718,18 @@ def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Mod
             feat_imnet = imnet(x["source_image"])[-1]
         terms["src/fd"] = cfg.dacs.fd_lambda * feature_distance(
             out.features["image"][-1], feat_imnet, x["source_label"], cfg.dacs.fd_classes, cfg.dacs.fd_scale_min_ratio)
+    terms = {k: v * scale for k, v in terms.items()}
     sum(terms.values()).backward()
     return terms, {k: out.features[k][-1].detach() for k in needed_source_features(cfg.loss)}
 
 
 @torch.no_grad()
-def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.nn.Module, amp: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """EMA teacher on the night image fused, at random, with the night events or the night ISR."""
+def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.nn.Module, amp: bool,
+                   threshold: AdaptiveThreshold | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """EMA teacher on the night image fused, at random, with the night events or the night ISR.
+
+    ``threshold`` (``dacs.pseudo_mode=adaptive``): per-class thresholds instead of DACS's share rule.
+    """
     _teacher_mode(teacher)
     use_events = bool(torch.rand(()) < cfg.dacs.teacher_events_p)
     img = x["target_image"]
@@ -693,9 +737,19 @@ def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.
         t_out = teacher(image=img, events=x["target_events"] if use_events else None,
                         isr=None if use_events else x["target_isr"], fuse_with="events" if use_events else "isr",
                         outputs=("fusion",))
-    pseudo, weight = pseudo_labels(t_out.logits["fusion"], img.shape[-2:], cfg.dacs.pseudo_threshold,
-                                   cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom)
+    if threshold is not None:
+        pseudo, weight = threshold.pseudo_labels(t_out.logits["fusion"], img.shape[-2:])
+        weight = ignore_rows(weight, cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom)
+    else:
+        pseudo, weight = pseudo_labels(t_out.logits["fusion"], img.shape[-2:], cfg.dacs.pseudo_threshold,
+                                       cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom)
     return pseudo, weight, use_events
+
+
+def _augment(cfg: TrainConfig, image: torch.Tensor) -> torch.Tensor:
+    """DACS's strong augmentation of a normalised image batch: colour jitter, then Gaussian blur."""
+    image = color_jitter(image, cfg.dacs.jitter_p, cfg.dacs.jitter, cfg.dacs.jitter_impl)
+    return gaussian_blur(image, cfg.dacs.blur_p, cfg.dacs.blur_sigma)
 
 
 @torch.no_grad()
@@ -705,9 +759,7 @@ def _mix(cfg: TrainConfig, x: dict[str, torch.Tensor], pseudo: torch.Tensor, pse
     and blur, the events are only mixed (optionally block-masked), the ISR is recomputed from the image."""
     src_lbl = x["source_label"]
     mask = class_masks(src_lbl, cfg.dacs.classmix_per_sample)
-    image = mix(mask, x["source_image"], x["target_image"])
-    image = color_jitter(image, cfg.dacs.jitter_p, cfg.dacs.jitter, cfg.dacs.jitter_impl)
-    image = gaussian_blur(image, cfg.dacs.blur_p, cfg.dacs.blur_sigma).contiguous(memory_format=mem)
+    image = _augment(cfg, mix(mask, x["source_image"], x["target_image"])).contiguous(memory_format=mem)
     events = mix(mask, x["source_events"], x["target_events"])
     if cfg.loss.mask_events > 0:
         events = events * block_mask(events.shape, cfg.loss.mask_events, cfg.loss.mask_block, events.device)
@@ -718,11 +770,12 @@ def _mix(cfg: TrainConfig, x: dict[str, torch.Tensor], pseudo: torch.Tensor, pse
 
 
 def _mixed_pass(cfg: TrainConfig, m: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], fwd: torch.nn.Module,
-                amp: bool) -> dict[str, torch.Tensor]:
+                amp: bool, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Mixed batch with the pseudo weights (+ target-side L2 terms) -> backward."""
     with autocast(m["image"].device, amp):
         out = fwd(image=m["image"], events=m["events"], isr=m["isr"])
     terms = segmentation_terms(out.logits, m["label"], cfg.loss, m["weight"], prefix="mix/")
     terms.update(target_feature_terms(out.features, keep, cfg.loss))
+    terms = {k: v * scale for k, v in terms.items()}
     sum(terms.values()).backward()
     return terms

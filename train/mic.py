@@ -1,0 +1,77 @@
+"""Masked image consistency (MIC, Hoyer et al. CVPR 2023) over images and events (FACTS §12).
+
+After the DACS mixed pass the student sees the *target* batch once more: colour-jittered and blurred
+as in DACS, then a random block mask hides ``ratio`` of the image (and, by default, exactly the same
+blocks of the events); the ISR is recomputed from the masked image. The four outputs are trained
+against the teacher's pseudo-labels of the unmasked target with the same confidence weight, times
+``mic.lambda``. The pass has its own backward, so peak memory stays that of one pass, and only the
+student receives gradient (the teacher never sees a masked input).
+
+The module has two pure pieces the loop calls: :func:`masked_inputs` builds the pass's inputs and
+:func:`mic_terms` runs the student and returns the named loss terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from train.config import LossConfig, MicConfig
+from train.inference import autocast
+from train.isr import ISR_NIGHT, isr_from_normalized
+from train.losses import segmentation_terms
+from train.mixing import block_mask
+
+
+@dataclass
+class MaskedBatch:
+    image: torch.Tensor
+    events: torch.Tensor
+    isr: torch.Tensor
+    image_mask: torch.Tensor  # [B, 1, H, W], 1 = visible
+    events_mask: torch.Tensor | None  # None: events untouched
+
+    def take(self, part: slice) -> MaskedBatch:
+        """The micro-batch ``part`` (gradient accumulation)."""
+        return MaskedBatch(self.image[part], self.events[part], self.isr[part], self.image_mask[part],
+                           None if self.events_mask is None else self.events_mask[part])
+
+
+def event_mask(image_mask: torch.Tensor, cfg: MicConfig) -> torch.Tensor | None:
+    """The events' mask: the image's (``same``), a fresh draw (``independent``) or none (``none``)."""
+    if cfg.events == "same":
+        return image_mask
+    if cfg.events == "independent":
+        return block_mask(tuple(image_mask.shape), cfg.ratio, cfg.block, image_mask.device)
+    return None
+
+
+def masked_inputs(image: torch.Tensor, events: torch.Tensor, cfg: MicConfig, directions: list[str],
+                  augment) -> MaskedBatch:
+    """MIC's inputs from the target batch (normalised image, event grid).
+
+    ``augment`` is the DACS strong augmentation (colour jitter then blur) as a function of the image
+    batch, so MIC uses exactly the loop's augmentation settings (``mask_mode='separatetrgaug'``).
+    """
+    with torch.no_grad():
+        aug = augment(image)
+        m = block_mask(tuple(aug.shape), cfg.ratio, cfg.block, aug.device).to(aug.dtype)
+        masked = aug * m
+        em = event_mask(m, cfg)
+        masked_events = events * em.to(events.dtype) if em is not None else events
+        # Hidden blocks are 0 in normalised space (the mean colour), as in MIC; the ISR sees that image.
+        isr = isr_from_normalized(masked, ISR_NIGHT, directions)
+    return MaskedBatch(masked, masked_events, isr, m, em)
+
+
+def mic_terms(fwd: torch.nn.Module, batch: MaskedBatch, pseudo: torch.Tensor, pseudo_weight: torch.Tensor,
+              loss: LossConfig, cfg: MicConfig, amp: bool = False, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """``mic.lambda * sum_k w_k CE(output_k)`` against the unmasked target's pseudo-labels and weight,
+    backpropagated here (its own backward, so the pass's activations are freed before the next)."""
+    with autocast(batch.image.device, amp):
+        out = fwd(image=batch.image, events=batch.events, isr=batch.isr)
+    terms = segmentation_terms(out.logits, pseudo, loss, pseudo_weight, prefix="mic/")
+    terms = {k: cfg.lambda_ * scale * v for k, v in terms.items()}
+    sum(terms.values()).backward()
+    return terms
