@@ -184,8 +184,10 @@ def train(
                                                 "masked_event.", show_default=False)] = None,
     source_only: Annotated[bool, typer.Option("--source-only", help="No adaptation: source pass only "
                                               "(the reference every variant should beat).")] = False,
-    preset: Annotated[str | None, typer.Option(help="Settings for another machine, e.g. cpu-sample (a few "
-                                               "minutes on the bundled sample, MiT-B0).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Settings for another machine: cpu-sample (a few minutes "
+                                               "on the bundled sample, MiT-B0), or the GPU memory presets 24gb, "
+                                               "16gb, 11gb (MiT-B5 at batch 2+2 through --accum and activation "
+                                               "checkpointing; estimates until measured, see README).")] = None,
     backbone: Annotated[str | None, typer.Option(help="mit_b0 .. mit_b5 (default mit_b5).")] = None,
     iters: Annotated[int | None, typer.Option(help="Iterations (default 40000).")] = None,
     batch: Annotated[int | None, typer.Option(help="Samples per domain per iteration (default 2).")] = None,
@@ -217,6 +219,11 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any setting, e.g. "
                                                    "--set dacs.pseudo_threshold=0.9 (repeatable).")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    accum: Annotated[int | None, typer.Option(help="Gradient accumulation: run the batch as N equal micro-batches "
+                                              "with one optimiser step (same recipe, less memory; N divides "
+                                              "--batch).", show_default=False)] = None,
+    mic: Annotated[bool, typer.Option("--mic", help="Masked image consistency over images and events "
+                                      "(= --set mic.enabled=true; see README).")] = False,
     device: Annotated[str | None, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), "
                                                "cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
@@ -236,7 +243,7 @@ def train(
     import os
 
     from train.checkpoint import find_checkpoint, load_checkpoint
-    from train.config import TrainConfig, apply_layers, from_dict, set_value, to_dict, validate
+    from train.config import GPU_PRESETS, TrainConfig, apply_layers, from_dict, set_value, to_dict, validate
     from train.dacs import default_out
     from train.dacs import train as run_training
     from train.inference import resolve_device
@@ -247,7 +254,8 @@ def train(
              "loss.event_st": lambda_event_st, "loss.mask_events": mask_events, "model.pretrained": pretrained,
              "model.cyclegan": cyclegan, "model.init": init, "run.out": out, "run.device": device, "run.seed": seed,
              "data.datasets": datasets.absolute() if datasets is not None else None,
-             "run.source_only": True if source_only else None, "run.compile": True if compile_ else None}
+             "run.source_only": True if source_only else None, "run.compile": True if compile_ else None,
+             "run.accum": accum, "mic.enabled": True if mic else None}
     checkpoint = None
     if resume is not None:  # the run's own settings, then only what is given here
         checkpoint = find_checkpoint(resume)
@@ -268,6 +276,9 @@ def train(
     validate(cfg)
     set_value(cfg, "run.device", str(resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))))
     cfg.run.out = (cfg.run.out or default_out(cfg)).absolute()
+    if preset in GPU_PRESETS and not cfg.run.device.startswith("cuda"):
+        typer.echo(f"note: --preset {preset} only concerns GPU memory; on {cfg.run.device} it changes nothing "
+                   "that matters (run.accum and checkpointing are applied all the same)", err=True)
     if dry_run:
         typer.echo(json.dumps(to_dict(cfg), indent=2))
         return
@@ -457,6 +468,35 @@ def check(
                    + (" ..." if len(failures) > 5 else ""), err=True)
         raise typer.Exit(2)
     typer.echo("everything required is present")
+
+
+@app.command()
+@reports_input_errors
+def compare(
+    run: Annotated[list[str], typer.Option("--run", help="A configuration: a variant name (e.g. baseline) or "
+                                           "LABEL=TRAIN ARGS (e.g. 'baseline + mic=--variant baseline --mic'); "
+                                           "repeat for each.")],
+    seeds: Annotated[str, typer.Option(help="Seeds, comma-separated; every configuration runs with each.")] = "0,1,2",
+    common: Annotated[str, typer.Option(help="`cmda train` arguments for every run, e.g. '--preset cpu-sample'.")
+                      ] = "",
+    out: Annotated[Path, typer.Option(help="Folder of the runs and the summary (resumable).")] = Path("runs/compare"),
+    parallel: Annotated[int, typer.Option(help="Runs at a time (each its own process).")] = 1,
+) -> None:
+    """Train and evaluate several configurations over several seeds; tabulate night mIoU mean +- std.
+
+    Each (configuration, seed) is a `cmda train` run in OUT/<label>/seed<k> followed by `cmda evaluate`
+    of its last checkpoint. Finished runs are not redone and interrupted ones resume, so the command can
+    be re-run after a stop. Writes compare.md, compare.json and compare.png (bars with the seeds' spread).
+    """
+    import shlex
+
+    from train.compare import compare as run_compare
+    from train.compare import parse_entry, parse_seeds
+
+    res = run_compare([parse_entry(r) for r in run], parse_seeds(seeds), out, tuple(shlex.split(common)),
+                      parallel=parallel, progress=typer.echo)
+    typer.echo(res["table"])
+    typer.echo(f"-> {out}/compare.md, compare.json, compare.png")
 
 
 @app.command("inspect")

@@ -41,10 +41,11 @@ def fake_batch(b: int, size: int, device: torch.device, gen: torch.Generator) ->
 
 
 def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
-        compile_: bool, checkpoint: bool) -> dict[str, float]:
+        compile_: bool, checkpoint: bool, accum: int = 1, mic: bool = False) -> dict[str, float]:
     cfg = TrainConfig()
     cfg.model.backbone, cfg.data.crop, cfg.run.batch = args.backbone, args.crop, args.batch
-    cfg.run.channels_last, cfg.run.amp = channels_last, amp
+    cfg.run.channels_last, cfg.run.amp, cfg.run.accum, cfg.mic.enabled = channels_last, amp, accum, mic
+    cfg.mic.block = max(1, 32 * args.crop // 512)
     torch.manual_seed(0)
     model = CMDAModel(args.backbone, checkpoint=checkpoint, head_channels=args.head_channels).to(device)
     if channels_last:
@@ -63,6 +64,7 @@ def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool
         t0 = time.perf_counter()
         if it:
             ema_update(teacher, model, ema_alpha(it, 0.999))
+        torch.manual_seed(it)
         _step(cfg, batches[it % 2], ctx, fwd, teacher, None, None, amp and device.type == "cuda", ic1_to_events)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,10 +73,11 @@ def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool
         if it >= args.warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
     del model, teacher, opt, fwd
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"name": name, "s_per_iter": statistics.median(times), "peak_gb": peak}
+    return {"name": name, "s_per_iter": statistics.median(times), "peak_gb": peak, "reserved_gb": reserved}
 
 
 def main() -> None:
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile the default configuration")
     ap.add_argument("--checkpoint", action="store_true", help="gradient checkpointing in the default configuration")
+    ap.add_argument("--accum", type=int, default=1, help="gradient accumulation in the default configuration")
+    ap.add_argument("--mic", action="store_true", help="also the default configuration + the MIC pass (its cost)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -94,9 +99,14 @@ def main() -> None:
     rows = [run("fp32 eager", args, device, amp=False, channels_last=False, fused=False, compile_=False,
                 checkpoint=False)]
     rows.append(run("cmda default (bf16 autocast, channels_last, fused AdamW"
-                    + (", compile" if args.compile else "") + (", checkpointing" if args.checkpoint else "") + ")",
+                    + (", compile" if args.compile else "") + (", checkpointing" if args.checkpoint else "")
+                    + (f", accum {args.accum}" if args.accum > 1 else "") + ")",
                     args, device, amp=True, channels_last=True, fused=True, compile_=args.compile,
-                    checkpoint=args.checkpoint))
+                    checkpoint=args.checkpoint, accum=args.accum))
+    if args.mic:
+        rows.append(run("cmda default + MIC", args, device, amp=True, channels_last=True, fused=True,
+                        compile_=args.compile, checkpoint=args.checkpoint, accum=args.accum, mic=True))
+        print(f"MIC step cost: {rows[-1]['s_per_iter'] / rows[-2]['s_per_iter']:.2f}x the default step")
     base = rows[0]["s_per_iter"]
     print(f"\n{'configuration':<72}{'s/iter':>8}{'speed-up':>10}{'peak GB':>9}{'40k iters':>11}")
     for r in rows:

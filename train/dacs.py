@@ -96,7 +96,9 @@ def setup_context(device: str) -> Context:
     dev = resolve_device(device, local_rank=local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not tdist.is_initialized():
+    # Under torchrun even one process joins a process group (and trains through DDP), so a
+    # `--nproc_per_node 1` run exercises NCCL exactly as a multi-GPU one does.
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not tdist.is_initialized():
         tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Context(rank, world, local, dev)
 
@@ -370,7 +372,7 @@ def wrap(parts: Parts, cfg: TrainConfig, ctx: Context) -> None:
     """torch.compile and/or DistributedDataParallel around the student (after its weights are loaded)."""
     if cfg.run.compile:
         parts.fwd = torch.compile(parts.model)
-    if ctx.world > 1:
+    if tdist.is_initialized():
         cuda = ctx.device.type == "cuda"
         parts.fwd = torch.nn.parallel.DistributedDataParallel(parts.fwd, device_ids=[ctx.local_rank] if cuda else None)
 
