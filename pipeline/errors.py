@@ -22,14 +22,6 @@ class InputError(Exception):
         return (InputError, (self.path, self.problem))
 
 
-def require_file(path: str | Path, what: str = "file") -> Path:
-    """Return ``path`` as a Path, or raise InputError if it does not exist."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, f"{what} not found")
-    return p
-
-
 def warn(path: str | Path | None, message: str) -> None:
     """Print a one-line warning naming the file, without breaking progress bars."""
     from tqdm import tqdm

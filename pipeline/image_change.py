@@ -214,6 +214,3 @@ def ic1_to_uint8(d: np.ndarray) -> np.ndarray:
     return np.around((d.astype(np.float32) + np.float32(1)) / np.float32(2) * np.float32(255)).astype(np.uint8)
 
 
-def ic1_from_uint8(img: np.ndarray) -> np.ndarray:
-    """Loader form of a stored IC1 PNG: ``(x/255 - 0.5) / 0.5`` in [-1, 1] (float32)."""
-    return ((img.astype(np.float32) / 255 - np.float32(0.5)) / np.float32(0.5)).astype(np.float32)

@@ -30,10 +30,10 @@ from cityscapesscripts.helpers.labels import labels as CS_LABELS
 from pipeline import atomic
 from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
+from pipeline.rcs_stats import NUM_CLASSES
 
 LAYOUTS = ("darkzurich", "acdc")
 SPLITS = ("train", "val", "test")
-NUM_CLASSES = 19
 IGNORE = 255
 IMAGE_SUFFIX = "_rgb_anon.png"
 TRAIN_IDS_SUFFIX = "_gt_labelTrainIds.png"

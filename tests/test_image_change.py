@@ -11,7 +11,6 @@ from pipeline.image_change import (
     ISR_DAY,
     ISR_NIGHT,
     ic1,
-    ic1_from_uint8,
     ic1_reference,
     ic1_to_uint8,
     ic_reference,
@@ -125,4 +124,12 @@ def test_uint8_storage_rounding_and_loader():
     d = np.array([-1, 0, 1, 1 / 255, 3 / 255 - 1e-7], np.float32)
     # (d+1)/2*255: 0, 127.5 -> 128 (half to even), 255, 128.0, ~128.999
     np.testing.assert_array_equal(ic1_to_uint8(d), [0, 128, 255, 128, 129])
-    np.testing.assert_allclose(ic1_from_uint8(np.array([0, 255], np.uint8)), [-1, 1])
+    # the trainer's decode of a stored IC1 (train.data.network_batch): 0 -> -1, 255 -> 1, 3 channels
+    import torch
+
+    from train.data import network_batch
+
+    ic1 = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    decoded = network_batch({"source_ic1": ic1})["source_ic1"]
+    assert decoded.shape == (1, 3, 1, 3)
+    np.testing.assert_allclose(decoded[0, 0, 0].numpy(), [-1, 128 / 127.5 - 1, 1], atol=1e-6)

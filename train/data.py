@@ -34,10 +34,13 @@ from pipeline.splits import Row, read_index
 from pipeline.store import VoxelStore
 from pipeline.voxel import events_norm
 from train.config import DataConfig, RcsConfig
+from train.isr import IMAGENET_MEAN as _ISR_MEAN
+from train.isr import IMAGENET_STD as _ISR_STD
 from train.rcs import RareClassSampler, choose_crop
 
-IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
+# one definition (train/isr.py, CMDA/DAFormer normalisation on the 0..255 scale), as float32 arrays here
+IMAGENET_MEAN = np.array(_ISR_MEAN, np.float32)
+IMAGENET_STD = np.array(_ISR_STD, np.float32)
 IGNORE = 255
 
 

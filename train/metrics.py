@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.rcs_stats import NUM_CLASSES
+
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
            "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
            "bicycle")
-NUM_CLASSES = 19
 IGNORE = 255
 
 

@@ -28,8 +28,9 @@ from cityscapesscripts.helpers.labels import trainId2label
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
+from train.data import IMAGENET_MEAN, IMAGENET_STD
+from train.metrics import NUM_CLASSES
 
-NUM_CLASSES = 19
 IGNORE = 255
 
 #: [19, 3] uint8 RGB colour of each trainId, from cityscapesscripts' label table.
@@ -37,8 +38,6 @@ PALETTE = np.array([trainId2label[i].color for i in range(NUM_CLASSES)], dtype=n
 # Lookup table with one extra black row that every out-of-range value (ignore included) maps to.
 _LUT = np.concatenate([PALETTE, np.zeros((1, 3), np.uint8)])
 
-IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
 
 POSITIVE = np.array([255, 0, 0], np.float32)  # red
 NEGATIVE = np.array([0, 0, 255], np.float32)  # blue

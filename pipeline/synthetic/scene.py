@@ -33,7 +33,6 @@ TEXTURES = ("flat", "asphalt", "paving", "facade", "concrete", "fence", "foliage
             "paint", "glass")
 TEX = {name: i for i, name in enumerate(TEXTURES)}
 
-RARE_CLASSES = ("rider", "bicycle", "motorcycle", "bus", "truck", "train")
 NIGHT_FORBIDDEN = ("truck",)  # never annotated in DSEC night
 
 
