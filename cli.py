@@ -243,10 +243,10 @@ def train(
     import os
 
     from train.checkpoint import find_checkpoint, load_checkpoint
-    from train.config import GPU_PRESETS, TrainConfig, apply_layers, from_dict, set_value, to_dict, validate
+    from train.config import GPU_PRESETS, TrainConfig, apply_layers, set_value, to_dict, validate
     from train.dacs import default_out
     from train.dacs import train as run_training
-    from train.inference import resolve_device
+    from train.inference import checkpoint_config, resolve_device
 
     flags = {"model.backbone": backbone, "run.iters": iters, "run.batch": batch, "data.crop": crop,
              "optim.lr": lr, "loss.rgb_event_src": lambda_rgb_event_src, "loss.fusion_st": lambda_fusion_st,
@@ -260,12 +260,7 @@ def train(
     if resume is not None:  # the run's own settings, then only what is given here
         checkpoint = find_checkpoint(resume)
         state = load_checkpoint(checkpoint)
-        if not isinstance(state.get("config"), dict):
-            raise InputError(checkpoint, "checkpoint has no training config to resume with")
-        try:
-            cfg = from_dict(state["config"])
-        except InputError as exc:
-            raise InputError(checkpoint, f"stored training config is not valid here: {exc.problem}") from None
+        cfg = checkpoint_config(checkpoint, state)
         cfg.run.device = "auto"  # a machine setting: this machine's, unless given
         cfg.run.out = checkpoint.parent.parent.absolute()
     else:

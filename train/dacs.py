@@ -403,21 +403,13 @@ def truncate_log(path: Path, start: int) -> None:
     """
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    keep = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise InputError(path, f"line {n} is not valid JSON (only a torn last line is dropped)") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("iter"), int):
-            raise InputError(path, f"line {n} is not a record with an integer 'iter'")
-        if rec["iter"] <= start:
-            keep.append(line)
+    from train.visualize import read_metrics_jsonl  # the one reader of the log (torn last line dropped)
+
+    records = read_metrics_jsonl(path)
+    for rec in records:
+        if not isinstance(rec["iter"], int):
+            raise InputError(path, f"a record has a non-integer 'iter': {rec['iter']!r}")
+    keep = [json.dumps(rec) for rec in records if rec["iter"] <= start]
     write_text(path, "".join(k + "\n" for k in keep))
 
 
