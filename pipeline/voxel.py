@@ -15,6 +15,7 @@ The kernel is ``nopython``/``nogil`` so dask threads run several frames at once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Iterable
@@ -309,10 +310,13 @@ def accumulate_voxels(
         raise ValueError(f"grids are {grids.shape[2:]}, the rectifier was prepared for {(rect.height, rect.width)}")
     if np.shape(t_first) != starts.shape or np.shape(t_last) != starts.shape:
         raise ValueError("t_first/t_last must have one entry per grid")
-    if not checked:
+    if not checked and starts.size:
+        # only the events the windows read (callers often pass a whole recording with one window)
+        lo, hi = int(starts.min()), int(stops.max())
         sensor_h, sensor_w = rect.map_x.shape
-        bad = invalid_events(x, y, p, sensor_w, sensor_h)
+        bad = invalid_events(x[lo:hi], y[lo:hi], p[lo:hi], sensor_w, sensor_h)
         if bad is not None:
+            bad = dataclasses.replace(bad, index=bad.index + lo)
             raise ValueError(bad.describe())
     if grids.shape[1] == 1:
         base, weight = rect.splat
