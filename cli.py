@@ -519,7 +519,8 @@ def inspect_cmd(
 
     cfg = validate(apply_layers(TrainConfig(), preset=preset, sets=set_ or []))
     out = out or Path("runs") / "inspect" / f"iter_{iter_:06d}_seed_{seed}.png"
-    path = inspect_iteration(config, iteration=iter_, seed=seed, out=out, batch=batch, data=cfg.data, rcs=cfg.rcs)
+    path = inspect_iteration(config, iteration=iter_, seed=seed, out=out, batch=batch, data=cfg.data, rcs=cfg.rcs,
+                             train_cfg=cfg)
     typer.echo(f"wrote {path}")
 
 

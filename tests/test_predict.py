@@ -194,3 +194,27 @@ def test_predict_real_dsec_frame_size(training_tree, tmp_path):
     assert pred.shape == (440, 640, 3)
     panel_png = summary.out / f"{SEQ}_{TEST_FRAMES[0]:06d}_panel.png"
     assert _read(panel_png).shape == (440 + TITLE_HEIGHT, 4 * 640, 3)
+
+
+def test_inspect_shows_the_mic_pass_when_mic_is_on(training_tree, tmp_path, monkeypatch):
+    from train.config import TrainConfig
+    from train.inspect_sample import MIC_TITLES, mic_batch
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["inspect", "--config", str(training_tree), "--iter", "2", "--set",
+                                   "mic.enabled=true", "--set", "mic.block=16", "--out", "mic.png"])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    pic = _read(tmp_path / "mic.png")
+    crop = DataConfig().crop
+    row = TITLE_HEIGHT + crop
+    assert pic.shape == (TITLE_HEIGHT + 3 * row, len(SOURCE_TITLES) * crop, 3)  # a third (MIC) row
+    raw = PairedBatches(load_config(training_tree), DataConfig(), RcsConfig(), batch=1, seed=0)[2]
+    cfg = TrainConfig()
+    cfg.mic.enabled, cfg.mic.block = True, 16
+    mic = mic_batch(network_batch(raw), cfg, 2, 0)
+    top = 2 * TITLE_HEIGHT + 2 * row
+    tiles = [denormalize(mic["mic_image"][0]), events_to_rgb(mic["mic_events"][0]), events_to_rgb(mic["mic_isr"][0])]
+    for k, tile in enumerate(tiles[:len(MIC_TITLES)]):
+        np.testing.assert_array_equal(pic[top:top + crop, k * crop:(k + 1) * crop], tile)
+    hidden = float((mic["mic_events"][0] == 0).float().mean())
+    assert 0.3 < hidden < 1.0  # blocks of the events are hidden with the image's

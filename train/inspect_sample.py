@@ -11,7 +11,9 @@ computes on the device, and lays out per sample::
 
 Signed inputs (IC1, events, ISR, all in [-1, 1]) use :func:`train.visualize.events_to_rgb`: red
 positive, blue negative, white zero. Not shown: the CycleGAN "source events" (they need the
-generator weights) and the ClassMix-mixed batch (it needs the teacher's pseudo-labels).
+generator weights) and the ClassMix-mixed batch (it needs the teacher's pseudo-labels). With
+``mic.enabled`` (``--set mic.enabled=true``) a third row shows the MIC pass's masked target image,
+masked events and the ISR of the masked image.
 """
 
 from __future__ import annotations
@@ -25,13 +27,28 @@ import torch
 from pipeline.atomic import write_png
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from train.config import DataConfig, RcsConfig
+from train.config import DataConfig, RcsConfig, TrainConfig
 from train.data import PairedBatches, network_batch
 from train.isr import ISR_DAY, ISR_NIGHT, image_content
 from train.visualize import denormalize, events_to_rgb, overlay, panel, stack, title_strip
 
 SOURCE_TITLES = ("source image", "source label", "IC1", "day ISR")
 TARGET_TITLES = ("target image", "target events", "night ISR")
+MIC_TITLES = ("MIC: masked target image", "MIC: masked events", "MIC: ISR of the masked image")
+
+
+def mic_batch(items: dict[str, torch.Tensor], cfg: TrainConfig, iteration: int, seed: int) -> dict[str, torch.Tensor]:
+    """The MIC pass's inputs (``mic.*``: jitter + blur, block mask on image and events, ISR) for the
+    target batch. The draws are seeded by (seed, iteration) but not in the loop's order, so this is
+    *a* mask of that iteration's kind, not necessarily the exact one the run drew."""
+    from train.dacs import _augment
+    from train.isr import random_directions
+    from train.mic import masked_inputs
+
+    torch.manual_seed(seed * 1_000_003 + iteration)
+    m = masked_inputs(items["target_image"], items["target_events"], cfg.mic,
+                      random_directions(len(items["target_image"])), lambda im: _augment(cfg, im))
+    return {"mic_image": m.image, "mic_events": m.events, "mic_isr": m.isr}
 
 
 def batch_isr(batch: dict[str, torch.Tensor], direction: str = "rightdown") -> dict[str, torch.Tensor]:
@@ -60,6 +77,11 @@ def render_batch(batch: dict[str, Any], header: str = "") -> np.ndarray:
                 denormalize(batch["target_image"][b]), events_to_rgb(batch["target_events"][b]),
                 events_to_rgb(batch["target_isr"][b]),
             ), strict=True))))
+        if "mic_image" in batch:
+            sample_rows.append(panel(list(zip(MIC_TITLES, (
+                denormalize(batch["mic_image"][b]), events_to_rgb(batch["mic_events"][b]),
+                events_to_rgb(batch["mic_isr"][b]),
+            ), strict=True))))
         width = max(r.shape[1] for r in sample_rows)
         text = f"{header}, sample {b + 1}/{n}" if header else f"sample {b + 1}/{n}"
         rows.append(stack([title_strip(text, width), *sample_rows], gap=0))
@@ -68,7 +90,8 @@ def render_batch(batch: dict[str, Any], header: str = "") -> np.ndarray:
 
 def inspect_iteration(config: str | Path = "datasets.yaml", iteration: int = 0, seed: int = 0,
                       out: str | Path | None = None, batch: int = 1, direction: str = "rightdown",
-                      data: DataConfig | None = None, rcs: RcsConfig | None = None) -> Path:
+                      data: DataConfig | None = None, rcs: RcsConfig | None = None,
+                      train_cfg: TrainConfig | None = None) -> Path:
     """Render iteration ``iteration``'s batch (``data``/``rcs`` settings, default ones if None; ``batch``
     samples per domain) to ``out`` (default ``runs/inspect/iter_<N>_seed_<S>.png``); returns the path."""
     if iteration < 0:
@@ -80,6 +103,8 @@ def inspect_iteration(config: str | Path = "datasets.yaml", iteration: int = 0, 
     raw = batches[iteration]
     items = network_batch(raw)
     items.update(batch_isr(raw, direction))
+    if train_cfg is not None and train_cfg.mic.enabled and "target_image" in items:
+        items.update(mic_batch(items, train_cfg, iteration, seed))
     picture = render_batch(items, header=f"iteration {iteration}, seed {seed}")
     path = Path(out) if out is not None else Path("runs") / "inspect" / f"iter_{iteration:06d}_seed_{seed}.png"
     write_png(path, picture)
