@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -75,8 +76,10 @@ def _run_threads(tasks, workers, results, bar, weights, on_done) -> None:
         bar.update(weights[i])
 
     graph = {k: (task,) for k, task in zip(keys, tasks, strict=True)}
-    with Callback(posttask=posttask):
-        get(graph, list(keys), num_workers=workers)
+    # Our own pool, shut down with wait=True: when one task fails, the tasks already running finish
+    # (and finish their atomic writes) before the error propagates, so no temp file is left behind.
+    with ThreadPoolExecutor(workers) as pool, Callback(posttask=posttask):
+        get(graph, list(keys), num_workers=workers, pool=pool)
 
 
 def _run_distributed(tasks, address, results, bar, weights, on_done) -> None:
