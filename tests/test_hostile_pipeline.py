@@ -254,8 +254,9 @@ def test_images_all_outside_the_event_stream_is_an_error(tmp_path):
     assert not pre.store_path(cfg, SEQ).exists()
 
 
-def test_index_refuses_an_unfinished_store(tmp_path, monkeypatch):
-    cfg, _, _ = _tree(tmp_path, chunk_events=5_000)
+
+def _interrupt_after_one_batch(cfg, monkeypatch) -> None:
+    """Run preprocess until its second batch, then stop it as Ctrl-C would (one batch written)."""
     orig = pre._run_batch
     seen = []
 
@@ -268,6 +269,11 @@ def test_index_refuses_an_unfinished_store(tmp_path, monkeypatch):
     monkeypatch.setattr(pre, "_run_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pre.preprocess_sequence(cfg, SEQ, workers=1)
+
+
+def test_index_refuses_an_unfinished_store(tmp_path, monkeypatch):
+    cfg, _, _ = _tree(tmp_path, chunk_events=5_000)
+    _interrupt_after_one_batch(cfg, monkeypatch)
     with pytest.raises(InputError, match="incomplete"):
         write_sequence_split(cfg, SEQ)
     assert_one_line_error(_invoke("index", "--seq", SEQ, "--config", str(cfg.source)), "events.zarr",
@@ -332,17 +338,7 @@ def test_preprocess_reports_what_it_did_and_all_without_sequences_says_so(tmp_pa
 def test_temp_files_of_a_killed_writer_are_removed_on_the_next_run(tmp_path, monkeypatch):
     cfg, _, _ = _tree(tmp_path, chunk_events=5_000)
     orig = pre._run_batch
-    seen = []
-
-    def killed(batch, **kw):
-        if seen:
-            raise KeyboardInterrupt
-        seen.append(batch)
-        return orig(batch, **kw)
-
-    monkeypatch.setattr(pre, "_run_batch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        pre.preprocess_sequence(cfg, SEQ, workers=1)
+    _interrupt_after_one_batch(cfg, monkeypatch)
     path = pre.store_path(cfg, SEQ)
     # What kill -9 inside atomic.write_bytes leaves: a half-written temporary beside its target.
     (path / "voxels" / ".c.7.0.0.0.k2x9q_1.tmp").write_bytes(b"half a chunk")

@@ -42,6 +42,7 @@ import torch
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
 from train.checkpoint import FORMAT
+from train.models.weights import key_listing
 
 STUDENT, TEACHER, CYCLEGAN = "model.", "ema_model.", "cyclegan_itrd2en."
 SKIPPED_IN_MODEL = {
@@ -62,8 +63,7 @@ _LIST_MAX = 8
 
 
 def _listing(keys: list[str]) -> str:
-    more = f", ... ({len(keys) - _LIST_MAX} more)" if len(keys) > _LIST_MAX else ""
-    return "[" + ", ".join(keys[:_LIST_MAX]) + more + "]"
+    return key_listing(keys, _LIST_MAX)
 
 
 # ---------------------------------------------------------------------- reading and recognising

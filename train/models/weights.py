@@ -25,10 +25,11 @@ MIT_IGNORED_KEYS = frozenset({"head.weight", "head.bias"})
 _LIST_MAX = 10
 
 
-def _listing(keys: Iterable[str]) -> str:
+def key_listing(keys: Iterable[str], limit: int = _LIST_MAX) -> str:
+    """``[a, b, ... (N more)]``: the first ``limit`` keys of an error message's list."""
     keys = list(keys)
-    shown = ", ".join(keys[:_LIST_MAX])
-    more = f", ... ({len(keys) - _LIST_MAX} more)" if len(keys) > _LIST_MAX else ""
+    shown = ", ".join(keys[:limit])
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return f"[{shown}{more}]"
 
 
@@ -50,7 +51,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(path, "does not hold a state dict (a non-empty mapping of names to tensors)")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise InputError(path, f"{len(bad)} entries are not tensors: {_listing(map(str, bad))}")
+        raise InputError(path, f"{len(bad)} entries are not tensors: {key_listing(map(str, bad))}")
     state = dict(obj)
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -99,11 +100,11 @@ def check_state_dict(
         return
     parts = []
     if shapes:
-        parts.append(f"{len(shapes)} shape mismatches {_listing(shapes)}")
+        parts.append(f"{len(shapes)} shape mismatches {key_listing(shapes)}")
     if missing:
-        parts.append(f"{len(missing)} missing keys {_listing(missing)}")
+        parts.append(f"{len(missing)} missing keys {key_listing(missing)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys {_listing(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected keys {key_listing(unexpected)}")
     raise InputError(path, f"does not fit {what}{hint}: " + "; ".join(parts))
 
 
