@@ -271,3 +271,22 @@ def test_head_channels_can_shrink_the_decoder_for_cpu_runs():
     with torch.no_grad():
         out = m(**x)
     assert all(v.shape == (1, 19, H // 4, W // 4) for v in out.logits.values())
+
+
+def test_head_aspp_gets_a_contiguous_input_on_cpu():
+    """The SepASPP input is a channels-last view of token embeddings; on the CPU it is made contiguous
+    first, because oneDNN's dilated depthwise conv is several times slower on channels-last input
+    (benchmarks/bench_infer.py measures the whole model). The values must not change."""
+    from train.models.head import SepASPP
+
+    torch.manual_seed(0)
+    aspp = SepASPP(32, 16, (1, 2, 3)).eval()
+    seen: list[bool] = []
+    for m in aspp.aspp_modules[1:]:
+        m.depthwise_conv.conv.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous()))
+    x = torch.randn(1, 32, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = aspp(x)
+        assert seen == [True, True]
+        ref = aspp.bottleneck(torch.cat([m(x.contiguous()) for m in aspp.aspp_modules], dim=1))
+    torch.testing.assert_close(y, ref)

@@ -60,6 +60,11 @@ class SepASPP(nn.Module):
         self.bottleneck = ConvBNReLU(len(dilations) * channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            # The head's input is a channels-last view (its embeddings come from tokens), and oneDNN's
+            # dilated depthwise conv is ~7x slower on a channels-last CPU tensor than on a contiguous one
+            # (2.3 s vs 0.3 s per branch at 440x640, MiT-B0 head 256): one copy is far cheaper. Same values.
+            x = x.contiguous()
         return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
 
 
