@@ -29,7 +29,7 @@ from tests.test_cmda_checkpoint import mmcv_file, random_state
 from tests.test_train import tiny_config
 from train import dacs
 from train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from train.config import TrainConfig, apply_target, to_dict, validate
+from train.config import TrainConfig, apply_preset, apply_target, to_dict, validate
 from train.data import IMAGENET_MEAN, IMAGENET_STD, PairedBatches
 from train.inference import build_model
 from train.isr import denormalize_to_uint8
@@ -47,22 +47,25 @@ def dz_yaml(training_tree, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dz")
     gen = folder / "gen.yaml"
     gen.write_text(f"sample:\n  seed: 3\n  targets: {{train: 4, val: 2, test: 2, day: 0, width: {W}, height: {H}}}\n")
-    res = CliRunner().invoke(app, ["sample", "--config", str(gen), "--target", "darkzurich", "--out",
-                                   str(folder / "darkzurich"), "--workers", "0"])
-    assert res.exit_code == 0, res.output
+    for target in ("darkzurich", "acdc"):
+        res = CliRunner().invoke(app, ["sample", "--config", str(gen), "--target", target, "--out",
+                                       str(folder / target), "--workers", "0"])
+        assert res.exit_code == 0, res.output
     cs = training_tree.parent
     cfg = folder / "datasets.yaml"
     cfg.write_text(f"dsec: {{root: {cs / 'DSEC'}, out: {cs / 'processed'}, sequences: "
                    f"{{zurich_city_09_a: {{labelled: [0, 39]}}}}}}\n"
                    f"cityscapes: {{root: {cs / 'cs_raw'}, out: {cs / 'cs_out'}}}\n"
-                   f"darkzurich: {{root: {folder / 'darkzurich'}, out: {folder / 'out'}}}\n")
+                   f"darkzurich: {{root: {folder / 'darkzurich'}, out: {folder / 'out'}}}\n"
+                   f"acdc: {{root: {folder / 'acdc'}, out: {folder / 'out_acdc'}}}\n")
     return cfg
 
 
 def dz_config(datasets: Path, out: Path | None, iters: int = 2, **run) -> TrainConfig:
     cfg = tiny_config(datasets, out, iters=iters, **run)
-    cfg.data.crop, cfg.data.target_resize = CROP, (W, H)
+    cfg.data.crop = CROP
     apply_target(cfg, "darkzurich")
+    cfg.data.target_resize = (W, H)
     cfg.run.eval_max = 2
     return validate(cfg)
 
@@ -73,9 +76,9 @@ def test_target_applies_cmdas_cs2dz_settings():
     assert (cfg.data.target, cfg.model.fusion, cfg.data.target_resize) == ("darkzurich", "attention", (960, 540))
     assert (cfg.loss.image, cfg.loss.fusion, cfg.loss.events, cfg.loss.isr) == (0.7, 0.7, 0.7, 0.0)
     assert (cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom) == (15, 120)
-    small = TrainConfig()
-    small.data.target_resize = (240, 135)  # cpu-sample's geometry: rows scale with the height
+    small = apply_preset(TrainConfig(), "cpu-sample")  # source 256x128: the target at the same 1/8 scale
     apply_target(small, "acdc")
+    assert small.data.target_resize == (240, 135) and small.data.crop == 128
     assert (small.dacs.pseudo_weight_ignore_top, small.dacs.pseudo_weight_ignore_bottom) == (4, 30)
     dsec = apply_target(TrainConfig(), "dsec")
     assert to_dict(dsec) == to_dict(TrainConfig())  # the default path is untouched
@@ -255,6 +258,41 @@ def test_cli_predict_writes_the_darkzurich_server_zip(dz_run, dz_yaml, tmp_path)
                                    "--out", str(tmp_path / "val"), "--device", "cpu"])
     assert res.exit_code == 0 and "mIoU" in res.output, res.output
     assert len(list((tmp_path / "val").glob("*_pred.png"))) == 2
+
+
+def test_acdc_val_test_and_the_day_domain(dz_run, dz_yaml, tmp_path):
+    from pipeline.night_targets import TRAIN_TO_LABEL_ID
+
+    ckpt = str(dz_run / "checkpoints" / "iter_000002.pt")
+    res = CliRunner().invoke(app, ["evaluate", ckpt, "--target", "acdc", "--config", str(dz_yaml), "--out",
+                                   str(tmp_path / "acdc_eval"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "acdc_eval" / "metrics.json").read_text())["target"] == "acdc"
+    res = CliRunner().invoke(app, ["predict", ckpt, "--target", "acdc", "--split", "test", "--config", str(dz_yaml),
+                                   "--out", str(tmp_path / "acdc"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    test = discover(dz_yaml.parent / "acdc", "acdc").test
+    written = sorted((tmp_path / "acdc").glob("*_labelIds.png"))
+    assert [p.name for p in written] == sorted(f"{t.name}_labelIds.png" for t in test)
+    for p in written:
+        ids = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        assert ids.shape == (H, W) and ids.dtype == np.uint8 and set(np.unique(ids)) <= set(TRAIN_TO_LABEL_ID.tolist())
+    res = CliRunner().invoke(app, ["evaluate", ckpt, "--domain", "day", "--out", str(tmp_path / "day"),
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+
+
+def test_day_isr_replaces_ic1_for_an_image_isr_model(dz_yaml):
+    from pipeline.config import load_config
+    from train.data import CityscapesVal
+    from train.night_data import DayIsr
+
+    cfg = dz_config(dz_yaml, None)
+    base = CityscapesVal(load_config(dz_yaml), cfg.data, limit=1)
+    item = DayIsr(base)[0]
+    rgb = denormalize_to_uint8(item["image"][None])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(item["events"][0].numpy(), isr_reference(rgb, ISR_DAY, "rightdown"), atol=1e-5)
+    assert not torch.equal(item["events"], base[0]["events"])
 
 
 # ---------------------------------------------------------------------- errors

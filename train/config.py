@@ -225,9 +225,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dacs.pseudo_threshold": 0.7,
         "dacs.ema_alpha": 0.99,
         "mic.block": 8,  # MIC's 32 px blocks at crop 512, scaled to crop 128
-        # image-only targets (--target darkzurich|acdc): CMDA's 960x540 at the preset's source scale
-        # (Cityscapes 2048 -> 256 wide, so Dark Zurich 1920 -> 240); unused for DSEC
-        "data.target_resize": (240, 135),
         "optim.lr": 3e-4,
         "optim.warmup_iters": 30,
         "run.iters": 300,
@@ -273,8 +270,10 @@ def image_only(cfg: TrainConfig) -> bool:
 def apply_target(cfg: TrainConfig, target: str) -> TrainConfig:
     """``--target``: the night data set and, for an image-only one, CMDA's cs2dz settings.
 
-    The pseudo-weight rows follow the resized target height set so far (a preset's smaller geometry
-    scales them), so this layer comes after ``--preset``.
+    CMDA shrinks both domains by the same factor (Cityscapes 2048 -> 1024, Dark Zurich 1920 -> 960), so
+    ``data.target_resize`` follows ``data.source_resize`` (960x540 by default, 240x135 under
+    ``--preset cpu-sample``'s 256x128), and the pseudo-weight rows (15 / 120 at 540 rows) follow that
+    height; this layer therefore comes after ``--preset``.
     """
     if target not in TARGETS:
         raise InputError(None, f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
@@ -282,6 +281,8 @@ def apply_target(cfg: TrainConfig, target: str) -> TrainConfig:
     if target in IMAGE_ONLY_TARGETS:
         for key, value in TARGET_SETTINGS.items():
             set_value(cfg, key, value)
+        scale = cfg.data.source_resize[0] / 1024
+        cfg.data.target_resize = (round(960 * scale), round(540 * scale))
         h = cfg.data.target_resize[1]
         cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom = (
             round(r * h / 540) for r in PSEUDO_IGNORE_ROWS_AT_540)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.atomic import write_text
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from train.config import image_only
 from train.data import CityscapesVal
 from train.inference import load_for_inference, predict_logits, resolve_device
 from train.metrics import CLASSES, NUM_CLASSES, confusion, summarize
@@ -90,7 +91,12 @@ def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: 
         results = evaluate(model, night_eval_set(dcfg, cfg, limit), dev, EVAL_OUTPUTS, cfg.run.amp,
                            scale=cfg.data.test_scale)
     elif domain == "day":
-        results = evaluate(model, CityscapesVal(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp)
+        day = CityscapesVal(dcfg, cfg.data, limit=limit)
+        if image_only(cfg):  # an image + ISR model takes the day ISR, not IC1, as its second input
+            from train.night_data import DayIsr
+
+            day = DayIsr(day)
+        results = evaluate(model, day, dev, EVAL_OUTPUTS, cfg.run.amp)
     else:
         raise InputError(None, f"--domain must be night or day, got {domain!r}")
     out = out or checkpoint.parent.parent / "eval" / (checkpoint.stem + ("" if domain == "night" else "_day"))

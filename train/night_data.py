@@ -18,8 +18,6 @@ are resized with PIL's nearest neighbour (as CMDA resizes them) and read through
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -127,5 +125,19 @@ class NightTargetEval(Dataset):
         return out
 
 
-def target_root(cfg: DatasetsConfig, target: str) -> Path:
-    return Path(getattr(cfg, target).root)
+class DayIsr(Dataset):
+    """Cityscapes val items (:class:`train.data.CityscapesVal`) with the day ISR as the second input instead
+    of IC1: what an image + ISR model's source pass was trained on (CMDA's day parameters, ``rightdown``)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
+        from train.isr import ISR_DAY, isr_from_normalized
+
+        item = dict(self.base[i])
+        item["events"] = isr_from_normalized(item["image"][None], ISR_DAY, ISR_DIRECTION)[0]
+        return item
