@@ -221,6 +221,16 @@ def test_short_run_trains_the_image_isr_model_and_evaluates(dz_run):
     assert any(k.startswith("fusion_module.mlps.") for k in state["student"])
 
 
+def test_mic_and_image_only_l2_terms_run_without_events(dz_yaml, tmp_path):
+    cfg = dz_config(dz_yaml, tmp_path / "run", iters=1)
+    cfg.mic.enabled, cfg.mic.block = True, 8
+    cfg.loss.fusion_st, cfg.loss.rgb_st, cfg.run.accum = 0.05, 0.1, 2
+    dacs.train(validate(cfg))
+    names = {k for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    assert {"loss/mic/events", "loss/mic/fusion", "loss/l2/fusion_st", "loss/l2/rgb_st"} <= names
+    assert not any("isr" in k for k in names)
+
+
 def test_cli_evaluate_scores_the_val_split(dz_run, tmp_path):
     res = CliRunner().invoke(app, ["evaluate", str(dz_run / "checkpoints" / "iter_000002.pt"), "--out",
                                    str(tmp_path), "--device", "cpu"])
