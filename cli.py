@@ -230,8 +230,13 @@ def train(
     datasets: Annotated[Path | None, typer.Option("--datasets", "--config", help="datasets.yaml: where the DATA "
                                                   "is (default ./datasets.yaml; on --resume the run's).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and exit.")] = False,
+    target: Annotated[str | None, typer.Option(help="Night target: dsec (images + events, default), or an "
+                                               "image-only target darkzurich / acdc (CMDA's image + ISR model, "
+                                               "its cs2dz settings; see README).", show_default=False)] = None,
 ) -> None:
     """Train CMDA with DACS self-training (Cityscapes day -> DSEC night, images + events).
+
+    --target darkzurich|acdc trains CMDA's image + ISR model for an image-only night target instead.
 
     Defaults reproduce CMDA's published run (MiT-B5, 40k iterations, batch 2+2, crop 512). Settings
     apply in order: defaults, --variant, --preset, --settings, --set, then the dedicated flags.
@@ -267,7 +272,7 @@ def train(
         cfg = TrainConfig()
         cfg.data.datasets = Path("datasets.yaml").absolute()
         variant = variant or "baseline"
-    apply_layers(cfg, variant=variant, preset=preset, settings=settings, sets=set_ or [], flags=flags)
+    apply_layers(cfg, variant=variant, preset=preset, settings=settings, sets=set_ or [], flags=flags, target=target)
     validate(cfg)
     set_value(cfg, "run.device", str(resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))))
     cfg.run.out = (cfg.run.out or default_out(cfg)).absolute()
@@ -296,6 +301,9 @@ def evaluate(
     datasets: RunDatasetsOpt = None,
     domain: Annotated[str, typer.Option(help="night: DSEC night test frames; day: Cityscapes val (IC1 as "
                                         "events), to see the day-night gap.")] = "night",
+    target: Annotated[str | None, typer.Option(help="Night benchmark: dsec, or darkzurich / acdc (their val "
+                                               "split) for an image + ISR model (default: the checkpoint's).",
+                                               show_default=False)] = None,
 ) -> None:
     """mIoU of a checkpoint on the DSEC night test frames, for the fusion, image and event outputs.
 
@@ -305,7 +313,7 @@ def evaluate(
     from train.evaluate import evaluate_checkpoint
 
     summary = evaluate_checkpoint(checkpoint, datasets=datasets, out=out, teacher=teacher, device=device,
-                                  limit=limit, domain=domain)
+                                  limit=limit, domain=domain, target=target)
     typer.echo(summary["table"])
     typer.echo(f"-> {summary['out']}")
 
@@ -330,17 +338,31 @@ def predict(
                            "student's.")
     ] = False,
     device: DeviceOpt = "auto",
+    target: Annotated[str | None, typer.Option(help="darkzurich / acdc: an image + ISR model on that target's "
+                                               "val (colour PNGs, mIoU) or test split (Dark Zurich: the test "
+                                               "server's zip; ACDC: labelIds PNGs). Default: the checkpoint's.",
+                                               show_default=False)] = None,
 ) -> None:
     """Run a checkpoint on the DSEC night frames and write colour predictions and side-by-side panels.
+
+    For an image-only target (--target darkzurich|acdc, or a checkpoint trained for one) it predicts that
+    target's val or test split instead; `--target darkzurich --split test` writes the test server's zip.
 
     The model is rebuilt from the config stored in the checkpoint. Per frame: <seq>_<frame>_pred.png
     (Cityscapes palette) and <seq>_<frame>_panel.png (image | events | prediction | label). On the test
     split the mIoU over the frames written is printed too.
     """
     from train.predict import predict as run_predict
+    from train.predict_night import NightPrediction
 
     s = run_predict(checkpoint, out=out, config=config, split=split, limit=limit, output=output, teacher=teacher,
-                    device=device)
+                    device=device, target=target)
+    if isinstance(s, NightPrediction):
+        msg = f"{s.images} {s.target} {s.split} image(s), {s.output} output -> {s.submission or s.out}"
+        if s.metrics:
+            msg += f" (mIoU {100 * s.metrics['mIoU']:.2f} over {s.metrics['n_classes']} annotated classes)"
+        typer.echo(msg)
+        return
     msg = f"{s.frames} {s.split} frame(s), {s.weights} {s.output} output -> {s.out}"
     if s.metrics:
         msg += f" (mIoU {100 * s.metrics['mIoU']:.2f} over {s.metrics['n_classes']} annotated classes)"

@@ -10,10 +10,17 @@ CMDA key (after ``model.`` / ``ema_model.``)     cmda key
 ==============================================  ====================================
 ``backbone_image.*``, ``backbone_events.*``      same
 ``fusion_module.basic_block.{i}.*``              ``fusion_module.blocks.{i}.*``
+``fusion_module.linear_block.{i}.*``             ``fusion_module.mlps.{i}.*``
 ``decode_head.embed_layers_image.{i}.*``         ``decode_head.embed_layers.{i}.*``
 ``decode_head.fuse_layer_image.*``               ``decode_head.fuse_layer.*``
 ``decode_head.conv_seg.*``                       same
 ==============================================  ====================================
+
+Two released models share this layout. The Cityscapes -> DSEC model fuses with ``AttentionAvgFusion``
+(``basic_block.0..7``, one block per encoder and stage). The Cityscapes -> Dark Zurich image + ISR model
+(``cs2dz_image+raw-isr``) fuses with ``AttentionFusion``: ``basic_block.0..3`` are blocks of width 2C on
+concat(image, ISR) and ``linear_block.0..3`` the Mlps 2C -> C -> C; the file is recognised by its
+``linear_block`` keys and imported as a ``model.fusion=attention``, ``data.target=darkzurich`` model.
 
 CMDA's head is built with ``share_decoder=True``: the events and fusion branches are the image branch's modules
 under two more names, so the state dict lists ``embed_layers_{events,fusion}`` / ``fuse_layer_{events,fusion}``
@@ -53,6 +60,7 @@ RENAMES = (  # (CMDA name prefix, cmda name prefix), after the model prefix
     ("backbone_image.", "backbone_image."),
     ("backbone_events.", "backbone_events."),
     ("fusion_module.basic_block.", "fusion_module.blocks."),
+    ("fusion_module.linear_block.", "fusion_module.mlps."),
     ("decode_head.embed_layers_image.", "decode_head.embed_layers."),
     ("decode_head.fuse_layer_image.", "decode_head.fuse_layer."),
     ("decode_head.conv_seg.", "decode_head.conv_seg."),
@@ -211,6 +219,7 @@ class CMDAImport:
     num_classes: int
     head_channels: int
     student: dict[str, torch.Tensor]
+    fusion: str  # "attention_avg" (the DSEC image + events model) or "attention" (the Dark Zurich image + ISR model)
     teacher: dict[str, torch.Tensor] | None
     cyclegan: dict[str, torch.Tensor] | None
     iteration: int = 0
@@ -240,19 +249,27 @@ def detect_backbone(path: Path, state: Mapping[str, torch.Tensor], prefix: str) 
     return next(iter(found.values()))
 
 
+def detect_fusion(state: Mapping[str, torch.Tensor]) -> str:
+    """``attention`` when the renamed student holds AttentionFusion's Mlps (CMDA's image + ISR model),
+    else ``attention_avg`` (its DSEC image + events model)."""
+    return "attention" if any(k.startswith("fusion_module.mlps.") for k in state) else "attention_avg"
+
+
 @functools.lru_cache(maxsize=4)
-def model_shapes(backbone: str, classes: int, channels: int) -> dict[str, tuple[int, ...]]:
+def model_shapes(backbone: str, classes: int, channels: int, fusion: str = "attention_avg"
+                 ) -> dict[str, tuple[int, ...]]:
     """Key -> shape of cmda's CMDAModel of that size (built on the meta device: no memory, no init)."""
     from train.models import CMDAModel
 
     with torch.device("meta"):
-        model = CMDAModel(backbone, num_classes=classes, head_channels=channels)
+        model = CMDAModel(backbone, num_classes=classes, head_channels=channels, fusion=fusion)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _check_model(path: Path, m: _Mapped, prefix: str, backbone: str, classes: int, channels: int) -> None:
-    """Strict comparison of the renamed keys with cmda's model of that size."""
-    expected = model_shapes(backbone, classes, channels)
+def _check_model(path: Path, m: _Mapped, prefix: str, backbone: str, classes: int, channels: int,
+                 fusion: str = "attention_avg") -> None:
+    """Strict comparison of the renamed keys with cmda's model of that size and fusion."""
+    expected = model_shapes(backbone, classes, channels, fusion)
     missing = m.missing + [prefix + ours_to_cmda(k) for k in expected if k not in m.state]
     unexpected = m.unexpected + [prefix + ours_to_cmda(k) for k in m.state if k not in expected]
     shapes = [f"{prefix}{ours_to_cmda(k)}: file {tuple(v.shape)} vs model {expected[k]}"
@@ -318,9 +335,10 @@ def import_cmda(path: str | Path, obj: Any | None = None, *, backbone: str | Non
         raise InputError(path, f"CMDA checkpoint is for {found}, this run uses {backbone} (pass --backbone {found})")
     seg = student.state.get("decode_head.conv_seg.weight")
     classes, channels = (int(seg.shape[0]), int(seg.shape[1])) if seg is not None and seg.ndim == 4 else (19, 256)
+    fusion = detect_fusion(student.state)
     for prefix, m in ((STUDENT, student), (TEACHER, teacher)):
         if m is not None:
-            _check_model(path, m, prefix, found, classes, channels)
+            _check_model(path, m, prefix, found, classes, channels, fusion)
             if m.differing:
                 notes.append(f"warning: {len(m.differing)} tensor(s) of the events/fusion copies of the shared head "
                              f"differ from the image group, e.g. {m.differing[0]}; cmda's single head uses the "
@@ -337,7 +355,7 @@ def import_cmda(path: str | Path, obj: Any | None = None, *, backbone: str | Non
     meta = obj.get("meta") if isinstance(obj, Mapping) else None
     iteration = meta.get("iter") if isinstance(meta, Mapping) else None
     return CMDAImport(path=path, backbone=found, num_classes=classes, head_channels=channels,
-                      student=student.state, teacher=teacher.state if teacher else None, cyclegan=gan,
+                      student=student.state, fusion=fusion, teacher=teacher.state if teacher else None, cyclegan=gan,
                       iteration=int(iteration) if isinstance(iteration, int) else 0, notes=notes)
 
 
@@ -345,9 +363,11 @@ def import_cmda(path: str | Path, obj: Any | None = None, *, backbone: str | Non
 def as_cmda_checkpoint(imp: CMDAImport) -> dict[str, Any]:
     """The import in cmda's checkpoint format (train/checkpoint.py): no optimiser and no RNG state, so it can
     be evaluated, predicted with and trained from (``--init``), but not resumed."""
-    from train.config import TrainConfig, to_dict
+    from train.config import TrainConfig, apply_target, to_dict
 
     cfg = TrainConfig()
+    if imp.fusion == "attention":  # CMDA's one image + ISR config is Cityscapes -> Dark Zurich
+        apply_target(cfg, "darkzurich")
     cfg.model.backbone = imp.backbone
     cfg.model.num_classes = imp.num_classes
     cfg.model.head_channels = imp.head_channels
@@ -406,15 +426,25 @@ def convert(path: str | Path, out: str | Path, say=None) -> CMDAImport:
     return imp
 
 
+def _fusion_mismatch(path: Path, found: str, fusion: str) -> InputError:
+    kind = {"attention_avg": "an image + events model (AttentionAvgFusion)",
+            "attention": "an image + ISR model (AttentionFusion)"}
+    return InputError(path, f"checkpoint is {kind.get(found, found)}, this run trains {kind.get(fusion, fusion)} "
+                      "(model.fusion; --target darkzurich|acdc selects the image + ISR model)")
+
+
 def init_weights(path: str | Path, backbone: str, num_classes: int, head_channels: int,
-                 say=None) -> dict[str, torch.Tensor]:
+                 say=None, fusion: str = "attention_avg") -> dict[str, torch.Tensor]:
     """Student weights to start training from (``cmda train --init``), from a cmda or a CMDA checkpoint,
-    refused with a one-line reason when their size does not fit the run's model."""
+    refused with a one-line reason when their size or fusion module does not fit the run's model."""
     path = Path(path)
     obj = read_checkpoint_object(path)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         if obj.get("backbone") != backbone:
             raise InputError(path, f"checkpoint is for {obj.get('backbone')}, this run uses {backbone}")
+        found = ((obj.get("config") or {}).get("model") or {}).get("fusion", "attention_avg")
+        if found != fusion:
+            raise _fusion_mismatch(path, found, fusion)
         weights = obj.get("student")
         if not isinstance(weights, Mapping):
             raise InputError(path, "checkpoint holds no student weights")
@@ -422,6 +452,8 @@ def init_weights(path: str | Path, backbone: str, num_classes: int, head_channel
     if not is_cmda_mmcv(obj):
         raise not_a_checkpoint_error(path, obj)
     imp = import_cmda(path, obj, backbone=backbone)
+    if imp.fusion != fusion:
+        raise _fusion_mismatch(path, imp.fusion, fusion)
     if (imp.num_classes, imp.head_channels) != (num_classes, head_channels):
         raise InputError(path, f"CMDA checkpoint has {imp.num_classes} classes and a head width of "
                          f"{imp.head_channels}; this run uses {num_classes} and {head_channels} "

@@ -40,11 +40,22 @@ class ModelConfig:
     drop_path: float = 0.1
     fusion_drop_path: float = 0.05
     checkpoint: bool = False  # recompute encoder blocks in backward (saves memory at MiT-B5)
+    # Fusion of the two encoders' stages: "attention_avg" (CMDA's DSEC model: one block per encoder, then
+    # the mean) or "attention" (CMDA's image + ISR model: one block on concat(image, ISR) of width 2C, then
+    # an Mlp 2C -> C -> C); `--target darkzurich|acdc` selects "attention".
+    fusion: str = "attention_avg"
 
 
 @dataclass
 class DataConfig:
     datasets: Path = Path("datasets.yaml")
+    # Night target: "dsec" (images + events, the default) or an image-only target, "darkzurich" or
+    # "acdc" (the second encoder gets the night image's ISR; train/night_data.py). `--target` also applies
+    # CMDA's cs2dz settings (TARGET_SETTINGS); `--set data.target=...` changes only this field.
+    target: str = "dsec"
+    # Image-only targets: each image resized to (w, h) first (CMDA: 1920x1080 -> 960x540), then a random
+    # `crop` x `crop` window and flip for training; val and test images are scored at this size.
+    target_resize: tuple[int, int] = (960, 540)
     source_resize: tuple[int, int] = (1024, 512)  # (w, h) Cityscapes 2048x1024 -> 1024x512
     # "pil": as CMDA's loader (PIL bilinear, antialiased when shrinking; labels PIL nearest);
     # "cv2": cv2 INTER_LINEAR / INTER_NEAREST (no antialiasing; cmda's earlier loader, faster).
@@ -233,6 +244,51 @@ PRESETS: dict[str, dict[str, Any]] = {
 GPU_PRESETS = ("24gb", "16gb", "11gb")
 
 
+#: Night targets: DSEC (images + events) and the image-only targets (FACTS section 14).
+TARGETS = ("dsec", "darkzurich", "acdc")
+IMAGE_ONLY_TARGETS = ("darkzurich", "acdc")
+# CMDA's cs2dz_image+raw-isr settings for image-only targets (configs/fusion/cs2dz_image+raw-isr_b5.py):
+# loss weights 0.7 on the image, fusion and second-encoder ("events" = ISR) outputs; its 0.25
+# `img_self_res` weight belongs to a third, separate ISR input that this model never gets, so the isr
+# output's weight is 0. Pseudo-weight rows 15 / 120 are at 540 rows (scaled to data.target_resize).
+TARGET_SETTINGS: dict[str, Any] = {
+    "model.fusion": "attention",
+    "loss.fusion": 0.7,
+    "loss.image": 0.7,
+    "loss.events": 0.7,
+    "loss.isr": 0.0,
+    "data.test_scale": 1.0,  # val/test images are already at data.target_resize
+}
+PSEUDO_IGNORE_ROWS_AT_540 = (15, 120)
+
+
+def image_only(cfg: TrainConfig) -> bool:
+    """True when the run's night target has no events (the second encoder gets the night image's ISR)."""
+    return cfg.data.target in IMAGE_ONLY_TARGETS
+
+
+def apply_target(cfg: TrainConfig, target: str) -> TrainConfig:
+    """``--target``: the night data set and, for an image-only one, CMDA's cs2dz settings.
+
+    CMDA shrinks both domains by the same factor (Cityscapes 2048 -> 1024, Dark Zurich 1920 -> 960), so
+    ``data.target_resize`` follows ``data.source_resize`` (960x540 by default, 240x135 under
+    ``--preset cpu-sample``'s 256x128), and the pseudo-weight rows (15 / 120 at 540 rows) follow that
+    height; this layer therefore comes after ``--preset``.
+    """
+    if target not in TARGETS:
+        raise InputError(None, f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    cfg.data.target = target
+    if target in IMAGE_ONLY_TARGETS:
+        for key, value in TARGET_SETTINGS.items():
+            set_value(cfg, key, value)
+        scale = cfg.data.source_resize[0] / 1024
+        cfg.data.target_resize = (round(960 * scale), round(540 * scale))
+        h = cfg.data.target_resize[1]
+        cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom = (
+            round(r * h / 540) for r in PSEUDO_IGNORE_ROWS_AT_540)
+    return cfg
+
+
 def apply_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
     if preset not in PRESETS:
         raise InputError(None, f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -252,13 +308,15 @@ def apply_variant(cfg: TrainConfig, variant: str) -> TrainConfig:
 
 def apply_layers(cfg: TrainConfig, *, variant: str | None = None, preset: str | None = None,
                  settings: Path | None = None, sets: list[str] | tuple[str, ...] = (),
-                 flags: dict[str, Any] | None = None) -> TrainConfig:
+                 flags: dict[str, Any] | None = None, target: str | None = None) -> TrainConfig:
     """Apply the command line's layers onto ``cfg`` in the documented order: --variant, --preset,
-    --settings file, --set pairs, then the dedicated flags (None = not given)."""
+    --target, --settings file, --set pairs, then the dedicated flags (None = not given)."""
     if variant is not None:
         apply_variant(cfg, variant)
     if preset is not None:
         apply_preset(cfg, preset)
+    if target is not None:
+        apply_target(cfg, target)
     if settings is not None:
         load_yaml_overrides(cfg, settings)
     for item in sets:
@@ -344,6 +402,10 @@ def load_yaml_overrides(cfg: TrainConfig, path: Path) -> TrainConfig:
     return cfg
 
 
+FUSIONS = ("attention_avg", "attention")
+# L2 terms and the event mask of the study (FACTS section 9) defined on event-camera input: refused for
+# image-only targets, whose second encoder sees ISR (a different study, never measured).
+EVENT_FEATURE_TERMS = ("rgb_event_src", "event_s_rgb_t", "event_st", "mask_events")
 BACKBONES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 _DEVICE = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
 
@@ -422,6 +484,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(mc.block >= 1, "mic.block", mc.block, ">= 1")
     _check(_finite(mc.ratio) and 0 <= mc.ratio < 1, "mic.ratio", mc.ratio, "in [0, 1)")
     _check(mc.events in ("same", "independent", "none"), "mic.events", mc.events, "same, independent or none")
+    _check(m.fusion in FUSIONS, "model.fusion", m.fusion, f"one of {', '.join(FUSIONS)}")
+    _check(d.target in TARGETS, "data.target", d.target, f"one of {', '.join(TARGETS)}")
+    _check(min(d.target_resize) >= d.crop, "data.target_resize", d.target_resize,
+           f"two sizes >= data.crop ({d.crop}): training crops are cut from the resized image")
+    if image_only(cfg):
+        needs = [k for k in EVENT_FEATURE_TERMS if getattr(ls, k)]
+        _check(not needs, "loss." + (needs[0] if needs else ""), [getattr(ls, k) for k in needs],
+               f"0 with data.target={d.target}: {', '.join(needs)} compare event-camera features and "
+               f"{d.target} has no events (image-only targets allow fusion_st and rgb_st)")
     rc = cfg.rcs
     _check(_finite(rc.temperature) and rc.temperature > 0, "rcs.temperature", rc.temperature, "a number > 0")
     _check(rc.min_pixels >= 0, "rcs.min_pixels", rc.min_pixels, ">= 0")

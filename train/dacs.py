@@ -12,6 +12,12 @@ optimiser step) around :func:`_step`'s named passes, top to bottom:
      colour jitter and blur, events are mixed only, the mixed ISR is recomputed from the mixed image.
   5. Mixed pass with pseudo weights (+ target-side L2 terms) -> backward -> optimiser step.
 
+Image-only night targets (``data.target`` darkzurich / acdc, CMDA's cs2dz model) run the same passes;
+only the second encoder's input differs, and :func:`_inputs` / :func:`_mix` say so in one call each
+(:func:`train.night_data` builds it): the source pass gets the day ISR, the teacher the night ISR, the
+mixed pass the ISR recomputed from the mixed image, each as the "events" input; there is no separate
+ISR branch and no CycleGAN.
+
 Randomness is re-seeded from (seed, rank, iteration) at the start of every iteration and batches
 come from :class:`train.data.PairedBatches` by iteration number, so ``--resume`` reproduces the
 uninterrupted run. Everything a run writes goes under its output folder; rank 0 writes.
@@ -55,7 +61,7 @@ from train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from train.config import TrainConfig, differences, to_dict, validate
+from train.config import TrainConfig, differences, image_only, to_dict, validate
 from train.data import NightTest, PairedBatches, network_batch
 from train.evaluate import evaluate
 from train.inference import autocast, resolve_device
@@ -68,8 +74,9 @@ from train.losses import (
     source_feature_terms,
     target_feature_terms,
 )
-from train.mic import masked_inputs, mic_terms
+from train.mic import MaskedBatch, masked_inputs, mic_terms
 from train.mixing import block_mask, class_masks, color_jitter, gaussian_blur, mix
+from train.night_data import ISR_DIRECTION, mixed_isr
 from train.schedule import ema_alpha, ema_update, learning_rate, set_learning_rate
 
 DEFAULT_CYCLEGAN = Path("pretrained/cityscapes_ICD_to_dsec_EN.pth")
@@ -126,6 +133,8 @@ def resolve_weights(cfg: TrainConfig, say) -> tuple[Path | None, Path | None]:
     """ImageNet MiT file and CycleGAN file: explicit paths must exist; 'auto' uses them when present."""
     mit = _weight_file(cfg.model.pretrained, Path("pretrained") / f"{cfg.model.backbone}.pth",
                        "ImageNet MiT weights", "encoders start from random weights (CMDA uses ImageNet MiT)", say)
+    if image_only(cfg):  # no events on either side: the source's second input is the day ISR
+        return mit, None
     gan = _weight_file(cfg.model.cyclegan, DEFAULT_CYCLEGAN, "CycleGAN weights",
                        "IC1 is used directly as the source events", say)
     return mit, gan
@@ -312,6 +321,15 @@ class Parts:
     threshold: AdaptiveThreshold | None = None  # dacs.pseudo_mode=adaptive: running per-class medians
 
 
+def night_eval_set(dcfg, cfg: TrainConfig, limit: int = 0) -> torch.utils.data.Dataset:
+    """The labelled night frames a run is scored on: DSEC's test frames, or an image-only target's val split."""
+    if image_only(cfg):
+        from train.night_data import NightTargetEval
+
+        return NightTargetEval(dcfg, cfg.data, "val", limit=limit)
+    return NightTest(dcfg, cfg.data, limit=limit)
+
+
 def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
     """Data, models (same initial weights on every rank and in every run with this seed), optimiser."""
     from train.models import CMDAModel, load_cyclegan
@@ -319,12 +337,12 @@ def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
     dcfg = load_config(cfg.data.datasets)
     seed = cfg.run.seed + 1_000 * ctx.rank
     batches = PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=not cfg.run.source_only)
-    test = NightTest(dcfg, cfg.data, limit=cfg.run.eval_max) if ctx.main else None
+    test = night_eval_set(dcfg, cfg, cfg.run.eval_max) if ctx.main else None
     mit_path, gan_path = resolve_weights(cfg, say)
     torch.manual_seed(cfg.run.seed)
     model = CMDAModel(cfg.model.backbone, num_classes=cfg.model.num_classes, drop_path=cfg.model.drop_path,
                       fusion_drop_path=cfg.model.fusion_drop_path, checkpoint=cfg.model.checkpoint,
-                      head_channels=cfg.model.head_channels)
+                      head_channels=cfg.model.head_channels, fusion=cfg.model.fusion)
     if mit_path is not None:
         model.load_pretrained(mit_path)
     imnet = None
@@ -336,7 +354,7 @@ def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
         from train.cmda_checkpoint import init_weights
 
         load_model_state(model, init_weights(cfg.model.init, cfg.model.backbone, cfg.model.num_classes,
-                                             cfg.model.head_channels, say), Path(cfg.model.init))
+                                             cfg.model.head_channels, say, cfg.model.fusion), Path(cfg.model.init))
         say(f"student initialised from {cfg.model.init} (teacher = a copy, fresh optimiser)")
     model.to(ctx.device)
     if cfg.run.channels_last:
@@ -646,7 +664,7 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
     full batch's (every loss is a mean over equally sized micro-batches), and so are the logged terms.
     """
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    inputs = _inputs(batch, ctx.device, mem, gan, ic1_to_events)
+    inputs = _inputs(batch, ctx.device, mem, gan, ic1_to_events, image_only(cfg))
     extra: dict[str, float] = {}
     mixed = masked = pseudo = pseudo_w = None
     if teacher is not None:
@@ -655,6 +673,8 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
         if cfg.mic.enabled:  # 5. MIC inputs: the target batch, augmented and block-masked
             masked = masked_inputs(inputs["target_image"], inputs["target_events"], cfg.mic,
                                    random_directions(pseudo.shape[0]), lambda im: _augment(cfg, im))
+            if image_only(cfg):  # the second encoder sees the masked image's ISR
+                masked = image_only_masked(masked, mem)
         extra = {"pseudo/weight": float(pseudo_w.mean()), "pseudo/teacher_events": float(use_events)}
     terms: dict[str, torch.Tensor] = {}
     scale = 1.0 / cfg.run.accum
@@ -681,11 +701,16 @@ def take(x: dict[str, torch.Tensor], part: slice) -> dict[str, torch.Tensor]:
 
 
 def _inputs(batch: dict[str, torch.Tensor], dev: torch.device, mem: torch.memory_format,
-            gan: torch.nn.Module | None, ic1_to_events) -> dict[str, torch.Tensor]:
-    """Network inputs on the device: normalised images, ISR of both domains, source "events"."""
+            gan: torch.nn.Module | None, ic1_to_events, image_only_target: bool = False) -> dict[str, torch.Tensor]:
+    """Network inputs on the device: normalised images, ISR of both domains, source "events".
+
+    ``image_only_target``: CMDA's cs2dz inputs instead (:func:`image_only_inputs`).
+    """
     raw = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
     b = raw["source_image"].shape[0]
     out = network_batch(raw, dev, mem)
+    if image_only_target:
+        return image_only_inputs(raw, out, mem)
     with torch.no_grad():  # ISR from the exact uint8 images (CMDA computes it from the PIL image)
         out["source_isr"] = image_content(raw["source_image"], ISR_DAY,
                                           random_directions(b)).contiguous(memory_format=mem)
@@ -696,6 +721,24 @@ def _inputs(batch: dict[str, torch.Tensor], dev: torch.device, mem: torch.memory
     return out
 
 
+@torch.no_grad()
+def image_only_inputs(raw: dict[str, torch.Tensor], out: dict[str, torch.Tensor], mem: torch.memory_format
+                      ) -> dict[str, torch.Tensor]:
+    """Second-encoder inputs of an image-only target, as CMDA's cs2dz model gets them: the source's
+    "events" are the day image's ISR (day parameters, rightdown, on the final crop), the target's are the
+    night ISR the loader cut from the whole resized image (already in ``out``); no separate ISR inputs."""
+    out.pop("source_ic1", None)
+    out["source_events"] = image_content(raw["source_image"], ISR_DAY, ISR_DIRECTION).contiguous(memory_format=mem)
+    return out
+
+
+def image_only_masked(masked: MaskedBatch, mem: torch.memory_format) -> MaskedBatch:
+    """MIC's batch for an image-only target: the ISR of the masked image is the second input (mic.events
+    does not apply), and there is no separate ISR branch."""
+    return MaskedBatch(masked.image, mixed_isr(masked.image).contiguous(memory_format=mem), None,
+                       masked.image_mask, None)
+
+
 def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Module, imnet: torch.nn.Module | None,
                  amp: bool, scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Day image + source events + day ISR -> segmentation (+ source L2, + feature distance) -> backward.
@@ -704,7 +747,7 @@ def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Mod
     """
     dev = x["source_image"].device
     with autocast(dev, amp):
-        out = fwd(image=x["source_image"], events=x["source_events"], isr=x["source_isr"])
+        out = fwd(image=x["source_image"], events=x["source_events"], isr=x.get("source_isr"))
     terms = segmentation_terms(out.logits, x["source_label"], cfg.loss, prefix="src/")
     terms.update(source_feature_terms(out.features, cfg.loss))
     if imnet is not None:
@@ -725,7 +768,8 @@ def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.
     ``threshold`` (``dacs.pseudo_mode=adaptive``): per-class thresholds instead of DACS's share rule.
     """
     _teacher_mode(teacher)
-    use_events = bool(torch.rand(()) < cfg.dacs.teacher_events_p)
+    # an image-only target has no separate ISR: its "events" are the night ISR, the teacher's only choice
+    use_events = bool(torch.rand(()) < cfg.dacs.teacher_events_p) or "target_isr" not in x
     img = x["target_image"]
     with autocast(img.device, amp):
         t_out = teacher(image=img, events=x["target_events"] if use_events else None,
@@ -754,6 +798,9 @@ def _mix(cfg: TrainConfig, x: dict[str, torch.Tensor], pseudo: torch.Tensor, pse
     src_lbl = x["source_label"]
     mask = class_masks(src_lbl, cfg.dacs.classmix_per_sample)
     image = _augment(cfg, mix(mask, x["source_image"], x["target_image"])).contiguous(memory_format=mem)
+    if image_only(cfg):  # CMDA cs2dz: the mixed image's ISR is the second input (mixed_image_to_mixed_isr)
+        return {"image": image, "events": mixed_isr(image).contiguous(memory_format=mem),
+                "label": mix(mask, src_lbl, pseudo), "weight": mix(mask, torch.ones_like(pseudo_w), pseudo_w)}
     events = mix(mask, x["source_events"], x["target_events"])
     if cfg.loss.mask_events > 0:
         events = events * block_mask(events.shape, cfg.loss.mask_events, cfg.loss.mask_block, events.device)
@@ -767,7 +814,7 @@ def _mixed_pass(cfg: TrainConfig, m: dict[str, torch.Tensor], keep: dict[str, to
                 amp: bool, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Mixed batch with the pseudo weights (+ target-side L2 terms) -> backward."""
     with autocast(m["image"].device, amp):
-        out = fwd(image=m["image"], events=m["events"], isr=m["isr"])
+        out = fwd(image=m["image"], events=m["events"], isr=m.get("isr"))
     terms = segmentation_terms(out.logits, m["label"], cfg.loss, m["weight"], prefix="mix/")
     terms.update(target_feature_terms(out.features, keep, cfg.loss))
     terms = {k: v * scale for k, v in terms.items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -37,6 +38,9 @@ from train.config import DataConfig, RcsConfig
 from train.isr import IMAGENET_MEAN as _ISR_MEAN
 from train.isr import IMAGENET_STD as _ISR_STD
 from train.rcs import RareClassSampler, choose_crop
+
+if TYPE_CHECKING:
+    from train.night_data import NightTargetTrain
 
 # one definition (train/isr.py, CMDA/DAFormer normalisation on the 0..255 scale), as float32 arrays here
 IMAGENET_MEAN = np.array(_ISR_MEAN, np.float32)
@@ -369,7 +373,8 @@ class PairedBatches(Dataset):
 
     Compact tensors (see :func:`network_batch`): ``source_image``/``target_image`` uint8
     (B, 3, H, W), ``source_label`` int64 (B, H, W), ``source_ic1`` uint8 (B, 1, H, W),
-    ``target_events`` float32 (B, bins, H, W).
+    ``target_events`` float32 (B, bins, H, W); for an image-only target (``data.target`` darkzurich or
+    acdc) ``target_events`` is the night image's ISR, (B, 1, H, W) (:mod:`train.night_data`).
 
     Use with ``DataLoader(batch_size=None, sampler=range(start, iters))``; randomness depends only
     on (seed, it), so workers and resumed runs reproduce the same batches.
@@ -379,7 +384,15 @@ class PairedBatches(Dataset):
                  with_target: bool = True):
         self.data, self.rcs, self.batch, self.seed = data, rcs, batch, seed
         self.source = CityscapesTrain(cfg)
-        self.target = NightFrames(cfg, "train") if with_target else None
+        self.target: NightFrames | NightTargetTrain | None = None
+        self.augment = augment_target
+        if with_target and data.target == "dsec":
+            self.target = NightFrames(cfg, "train")
+        elif with_target:  # an image-only target: its ISR takes the events' place in the batch
+            from train.night_data import NightTargetTrain
+
+            self.target = NightTargetTrain(cfg, data)
+            self.augment = self.target.augment
         self.sampler = (RareClassSampler(self.source.stats_dir, rcs.temperature, rcs.min_pixels, seed=seed)
                         if rcs.enabled else None)
 
@@ -409,7 +422,7 @@ class PairedBatches(Dataset):
             if self.target is not None:
                 rng_t = np.random.default_rng([self.seed, int(it), b, 1])
                 image, events, _ = self.target.load(int(rng_t.integers(len(self.target))))
-                image, events = augment_target(image, events, rng_t, self.data)
+                image, events = self.augment(image, events, rng_t, self.data)
                 tgt_img.append(image.transpose(2, 0, 1))
                 tgt_evt.append(events)
         out = {

@@ -1,4 +1,5 @@
-"""Evaluation on the DSEC night test frames: per-output confusion matrices, IoU tables, mIoU.
+"""Evaluation on the night benchmark (DSEC's test frames, or an image-only target's val split):
+per-output confusion matrices, IoU tables, mIoU.
 
 Used by the training loop (every ``eval_every`` iterations, student, fusion output) and by
 ``cmda evaluate CHECKPOINT`` (fusion, image and event outputs, tables and confusion-matrix PNGs).
@@ -12,13 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.atomic import write_text
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from train.data import CityscapesVal, NightTest
+from train.config import image_only
+from train.data import CityscapesVal
 from train.inference import load_for_inference, predict_logits, resolve_device
 from train.metrics import CLASSES, NUM_CLASSES, confusion, summarize
 
@@ -26,7 +28,7 @@ EVAL_OUTPUTS = ("fusion", "image", "events")
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: NightTest, device: torch.device,
+def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
              outputs: tuple[str, ...] = EVAL_OUTPUTS, amp: bool = True, workers: int = 0,
              progress: bool = True, scale: float = 1.0) -> dict[str, dict[str, Any]]:
     """Confusion matrix and summary per output over the whole dataset."""
@@ -68,28 +70,39 @@ def iou_table(results: dict[str, dict[str, Any]]) -> str:
 
 def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: Path | None = None,
                         teacher: bool = False, device: str = "auto", limit: int = 0,
-                        domain: str = "night") -> dict[str, Any]:
+                        domain: str = "night", target: str | None = None) -> dict[str, Any]:
     """``cmda evaluate``: metrics.json, iou.md and one confusion-matrix PNG per output.
 
-    ``domain="night"``: the DSEC night test frames (the benchmark). ``domain="day"``: the
+    ``domain="night"``: the night benchmark the checkpoint trained for, or ``target``: DSEC's night test
+    frames, or an image-only target's val split (Dark Zurich / ACDC night, labelled, scored at
+    ``data.target_resize``; the "events" column is then the ISR branch). ``domain="day"``: the
     Cityscapes val frames at the training resolution, IC1 standing in for events: how much of the
     day skill survives the night is the gap adaptation has to close.
     """
+    from train.dacs import night_eval_set
+    from train.inference import check_target
     from train.visualize import confusion_png
 
     dev = resolve_device(device)
     model, cfg, state = load_for_inference(checkpoint, teacher, dev)
+    check_target(checkpoint, cfg, target)
     dcfg = load_config(datasets or cfg.data.datasets)
     if domain == "night":
-        results = evaluate(model, NightTest(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp,
+        results = evaluate(model, night_eval_set(dcfg, cfg, limit), dev, EVAL_OUTPUTS, cfg.run.amp,
                            scale=cfg.data.test_scale)
     elif domain == "day":
-        results = evaluate(model, CityscapesVal(dcfg, cfg.data, limit=limit), dev, EVAL_OUTPUTS, cfg.run.amp)
+        day = CityscapesVal(dcfg, cfg.data, limit=limit)
+        if image_only(cfg):  # an image + ISR model takes the day ISR, not IC1, as its second input
+            from train.night_data import DayIsr
+
+            day = DayIsr(day)
+        results = evaluate(model, day, dev, EVAL_OUTPUTS, cfg.run.amp)
     else:
         raise InputError(None, f"--domain must be night or day, got {domain!r}")
     out = out or checkpoint.parent.parent / "eval" / (checkpoint.stem + ("" if domain == "night" else "_day"))
     out.mkdir(parents=True, exist_ok=True)
     summary = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "domain": domain,
+               "target": cfg.data.target,
                "weights": "teacher" if teacher else "student", "outputs": results}
     write_text(out / "metrics.json", json.dumps(summary, indent=2))
     table = iou_table(results)

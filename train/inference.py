@@ -68,10 +68,34 @@ def build_model(cfg: TrainConfig, path: Path, empty: bool = False) -> CMDAModel:
     try:
         with torch.device("meta") if empty else contextlib.nullcontext():
             model = CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
-                              fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels)
+                              fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels, fusion=m.fusion)
     except ValueError as exc:
         raise InputError(path, str(exc)) from None
     return model.to_empty(device="cpu") if empty else model
+
+
+def check_target(path: Path, cfg: TrainConfig, target: str | None) -> TrainConfig:
+    """``cfg`` set to score on ``target`` (None: the night target the checkpoint trained on).
+
+    A model's second encoder was trained on one kind of input: events (DSEC) or the night image's ISR
+    (an image-only target). Running it on the other kind would give numbers that mean nothing, so that is
+    an InputError naming the checkpoint; image-only targets may stand in for each other (Dark Zurich <-> ACDC).
+    """
+    from train.config import IMAGE_ONLY_TARGETS, TARGETS, image_only
+
+    if target is None or target == cfg.data.target:
+        return cfg
+    if target not in TARGETS:
+        raise InputError(None, f"--target must be one of {', '.join(TARGETS)}, not {target!r}")
+    if not image_only(cfg) and target in IMAGE_ONLY_TARGETS:
+        raise InputError(path, f"this is an image + events model (trained for {cfg.data.target}): it needs events, "
+                         f"and {target} has none; score it on DSEC, or train an image + ISR model with "
+                         f"`cmda train --target {target}`")
+    if image_only(cfg) and target not in IMAGE_ONLY_TARGETS:
+        raise InputError(path, f"this is an image + ISR model (trained for {cfg.data.target}, no event input); "
+                         f"it cannot take {target}'s events: score it with --target darkzurich or acdc")
+    cfg.data.target = target
+    return cfg
 
 
 def load_for_inference(path: str | Path, teacher: bool = False, device: str | torch.device = "cpu"

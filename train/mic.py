@@ -28,13 +28,14 @@ from train.mixing import block_mask
 class MaskedBatch:
     image: torch.Tensor
     events: torch.Tensor
-    isr: torch.Tensor
+    isr: torch.Tensor | None  # None for an image-only target (its ISR is ``events``)
     image_mask: torch.Tensor  # [B, 1, H, W], 1 = visible
     events_mask: torch.Tensor | None  # None: events untouched
 
     def take(self, part: slice) -> MaskedBatch:
         """The micro-batch ``part`` (gradient accumulation)."""
-        return MaskedBatch(self.image[part], self.events[part], self.isr[part], self.image_mask[part],
+        return MaskedBatch(self.image[part], self.events[part], None if self.isr is None else self.isr[part],
+                           self.image_mask[part],
                            None if self.events_mask is None else self.events_mask[part])
 
 

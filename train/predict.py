@@ -27,10 +27,11 @@ from tqdm import tqdm
 from pipeline.atomic import write_png
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from train.config import TrainConfig
+from train.config import TARGETS, TrainConfig, image_only
 from train.data import NightFrames, NightTest, normalize_image, three_channels
-from train.inference import load_for_inference, predict_logits, resolve_device
+from train.inference import check_target, load_for_inference, predict_logits, resolve_device
 from train.metrics import NUM_CLASSES, confusion, summarize
+from train.predict_night import NightPrediction, predict_loaded
 from train.visualize import colorize, denormalize, events_to_rgb, panel
 
 OUTPUT_CHOICES = ("fusion", "image", "events")
@@ -89,20 +90,33 @@ def frame_panel(image: np.ndarray, events: np.ndarray, pred: np.ndarray, label: 
 
 def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: str | Path | None = None,
             split: str = "test", limit: int = 0, output: str = "fusion", teacher: bool = False,
-            device: str = "auto") -> PredictSummary:
+            device: str = "auto", target: str | None = None) -> PredictSummary | NightPrediction:
     """Predict every frame of ``split`` (the first ``limit`` if > 0) and write the PNGs into ``out``
     (default: the run's ``predictions/<checkpoint name>/``, one folder per checkpoint as evaluate's
     ``eval/<checkpoint name>/``). ``config`` is the datasets.yaml, by default the one the run trained
-    with. Returns counts and, for the test split, the confusion matrix and metrics over the frames written."""
+    with. Returns counts and, for the test split, the confusion matrix and metrics over the frames written.
+
+    ``target`` (default: the checkpoint's night target): an image-only target (darkzurich / acdc) hands
+    over to :func:`train.predict_night.predict_loaded` (val: colour PNGs and mIoU; test: the server's format).
+    """
     checkpoint = Path(checkpoint)
+    if target is not None and target not in TARGETS:
+        raise InputError(None, f"--target must be one of {', '.join(TARGETS)}, not {target!r}")
     if output not in OUTPUT_CHOICES:
         raise InputError(None, f"--output must be one of {', '.join(OUTPUT_CHOICES)}, not {output!r}")
-    if split not in SPLITS:
-        raise InputError(None, f"--split must be test or train, not {split!r}")
+    if split not in (*SPLITS, "val"):
+        raise InputError(None, f"--split must be test or train (val or test for an image-only target), "
+                         f"not {split!r}")
     if limit < 0:
         raise InputError(None, f"--limit must be >= 0, got {limit}")
     dev = resolve_device(device)
     model, cfg, state = load_for_inference(checkpoint, teacher=teacher, device=dev)
+    check_target(checkpoint, cfg, target)
+    if image_only(cfg):
+        return predict_loaded(model, cfg, checkpoint, dev, out=out, config=config, split=split, limit=limit,
+                              output=output)
+    if split not in SPLITS:
+        raise InputError(None, f"--split must be test or train, not {split!r}")
     out = Path(out) if out is not None else checkpoint.parent.parent / "predictions" / checkpoint.stem
     total, frames = night_frames(Path(config or cfg.data.datasets), cfg, split, limit)
     conf_total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) if split == "test" else None

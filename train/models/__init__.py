@@ -34,15 +34,17 @@ Rules worth knowing:
 """
 
 from train.models.cyclegan import ResnetGenerator, ic1_to_events
-from train.models.fusion import OUTPUTS, AttentionAvgFusion, CMDAModel, ModelOutput
+from train.models.fusion import FUSIONS, OUTPUTS, AttentionAvgFusion, AttentionFusion, CMDAModel, ModelOutput
 from train.models.head import DAFormerHead
 from train.models.mit import MIT_CONFIGS, MiTConfig, MixVisionTransformer, mit
 from train.models.weights import load_cyclegan, load_mit_pretrained, read_state_dict
 
 __all__ = [
+    "FUSIONS",
     "MIT_CONFIGS",
     "OUTPUTS",
     "AttentionAvgFusion",
+    "AttentionFusion",
     "CMDAModel",
     "DAFormerHead",
     "MiTConfig",

@@ -1,4 +1,8 @@
-"""The CMDA model: an image MiT, an event MiT (which also encodes ISR), attention-average fusion, one DAFormer head.
+"""The CMDA model: an image MiT, an event MiT (which also encodes ISR), a fusion module, one DAFormer head.
+
+Two fusion modules, chosen by ``CMDAModel(fusion=...)`` (``model.fusion``): :class:`AttentionAvgFusion`
+(CMDA's DSEC image + events model) and :class:`AttentionFusion` (CMDA's image + ISR model for image-only
+night targets such as Dark Zurich, where the second encoder's input is the night image's ISR).
 
 Attribute names follow CMDA (``backbone_image``, ``backbone_events``, ``fusion_module``, ``decode_head``)
 so its optimiser rule ("parameter names containing 'head' get lr x10") means the same thing here, and a
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 
 from train.models.head import DAFormerHead
-from train.models.mit import Block, MixVisionTransformer, get_config, map_to_tokens, tokens_to_map
+from train.models.mit import Block, MixFFN, MixVisionTransformer, get_config, map_to_tokens, tokens_to_map
 
 OUTPUTS = ("image", "events", "fusion", "isr")
 """The four heads' outputs, in a fixed order."""
@@ -73,6 +77,44 @@ class AttentionAvgFusion(nn.Module):
 
     def forward(self, image: Sequence[torch.Tensor], events: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [self.fuse_stage(i, a, b) for i, (a, b) in enumerate(zip(image, events, strict=True))]
+
+
+class AttentionFusion(nn.Module):
+    """Per stage, one MiT block on concat(image, second input) of width 2C, then an Mlp 2C -> C -> C.
+
+    CMDA's ``AttentionFusion`` (mmseg/models/fusion/attention_fusion.py), used by its Cityscapes -> Dark
+    Zurich image + ISR model: the block (1 head, the stage's sr ratio, mlp ratio 4, drop path 0.05) lets
+    every token attend across both modalities, and the Mlp (MiT's Mix-FFN: fc1 2C -> C, 3x3 depthwise conv,
+    GELU, fc2 C -> C, no residual) brings the width back to the head's C. ``blocks[i]`` / ``mlps[i]`` are
+    CMDA's ``basic_block.{i}`` / ``linear_block.{i}``; PyTorch's default initialisation, as CMDA's.
+    """
+
+    def __init__(
+        self,
+        embed_dims: Sequence[int] = (64, 128, 320, 512),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        num_heads: int = 1,
+        mlp_ratio: int = 4,
+        drop_path: float = 0.05,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(2 * c, num_heads, sr, mlp_ratio, drop_path, qkv_bias=True) for c, sr in zip(embed_dims, sr_ratios,
+                                                                                          strict=True))
+        self.mlps = nn.ModuleList(MixFFN(2 * c, c, out=c) for c in embed_dims)
+
+    def fuse_stage(self, i: int, image: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``Mlp(Block(concat(image, second)))`` for stage ``i``, maps in, map out."""
+        h, w = image.shape[-2:]
+        x = self.blocks[i](map_to_tokens(torch.cat((image, second), dim=1)), h, w)
+        return tokens_to_map(self.mlps[i](x, h, w), h, w)
+
+    def forward(self, image: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.fuse_stage(i, a, b) for i, (a, b) in enumerate(zip(image, second, strict=True))]
+
+
+FUSIONS: dict[str, type[nn.Module]] = {"attention_avg": AttentionAvgFusion, "attention": AttentionFusion}
+"""``model.fusion`` -> fusion module class."""
 
 
 def _resolve_outputs(
@@ -134,16 +176,20 @@ class CMDAModel(nn.Module):
         checkpoint: bool = False,
         in_chans: int = 3,
         head_channels: int = 256,
+        fusion: str = "attention_avg",
     ):
         """``head_channels``: DAFormer's 256 by default; a CPU demo may shrink it (the separable ASPP
-        at 1/4 resolution dominates a small MiT's compute)."""
+        at 1/4 resolution dominates a small MiT's compute). ``fusion``: a key of :data:`FUSIONS`."""
         super().__init__()
         cfg = get_config(backbone)
         self.backbone_name = cfg.name
         self.num_classes = num_classes
         self.backbone_image = MixVisionTransformer(cfg, in_chans, drop_path, checkpoint)
         self.backbone_events = MixVisionTransformer(cfg, in_chans, drop_path, checkpoint)
-        self.fusion_module = AttentionAvgFusion(cfg.embed_dims, cfg.sr_ratios, drop_path=fusion_drop_path)
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+        self.fusion = fusion
+        self.fusion_module = FUSIONS[fusion](cfg.embed_dims, cfg.sr_ratios, drop_path=fusion_drop_path)
         self.decode_head = DAFormerHead(cfg.embed_dims, num_classes, embed_dim=head_channels, channels=head_channels)
 
     @property

@@ -148,14 +148,15 @@ class DWConv(nn.Module):
 
 
 class MixFFN(nn.Module):
-    """fc1 -> depthwise 3x3 -> GELU -> fc2."""
+    """fc1 -> depthwise 3x3 -> GELU -> fc2 (``out`` channels, default ``dim``: MiT's own Mlp can narrow,
+    which CMDA's AttentionFusion uses for its 2C -> C -> C projection)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DWConv(hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, out or dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
