@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.errors import InputError
+from pipeline.errors import STOPPED_EXIT, InputError
 
 app = typer.Typer(
     add_completion=False,
@@ -283,6 +283,10 @@ def train(
         typer.echo(json.dumps(to_dict(cfg), indent=2))
         return
     result = run_training(cfg, resume=checkpoint, override=resume_override)
+    if result.get("stopped") is not None:  # a signal stopped it: not a finished run, for whoever called us
+        typer.echo(f"stopped at iteration {result['stopped']} of {cfg.run.iters}: not finished; continue with "
+                   f"--resume {result['out']}")
+        raise typer.Exit(STOPPED_EXIT)
     if result.get("eval"):
         typer.echo(f"final night mIoU (fusion): {100 * result['eval']['mIoU']:.2f}")
     typer.echo(f"run folder: {result['out']}")

@@ -9,6 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+#: Exit status of a command stopped by a signal before it finished (its state is resumable, its result is
+#: not complete), as shells report an interrupted command. `cmda train` exits with it; `cmda compare`
+#: relies on it to never tabulate a half-trained run.
+STOPPED_EXIT = 130
+
 
 class InputError(Exception):
     """A file or setting the user supplied is missing or malformed."""

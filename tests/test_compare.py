@@ -58,3 +58,23 @@ def test_compare_two_configurations_two_seeds(training_tree, tmp_path):
     stamp = (tmp_path / "cmp" / "baseline" / "seed0" / "result.json").stat().st_mtime_ns
     compare(entries, [0, 1], tmp_path / "cmp", common, progress=lambda *_: None)
     assert (tmp_path / "cmp" / "baseline" / "seed0" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_a_stopped_training_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    """A `cmda train` that stops early (a signal: exit 130) must not be evaluated and marked done: the
+    next `cmda compare` resumes it instead of tabulating a half-trained checkpoint."""
+    from train import compare as cmp
+
+    calls: list[list[str]] = []
+
+    def fake_run(args, log):
+        calls.append(args)
+        (tmp_path / "out" / "base" / "seed0" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / "base" / "seed0" / "checkpoints" / "iter_000001.pt").write_bytes(b"x")
+        return 130
+
+    monkeypatch.setattr(cmp, "_run_cmd", fake_run)
+    with pytest.raises(InputError, match="stopped before its last iteration"):
+        cmp.run_one(Entry("base", ("--variant", "baseline")), 0, (), tmp_path / "out")
+    assert [a[0] for a in calls] == ["train"]  # never evaluated
+    assert not (tmp_path / "out" / "base" / "seed0" / "result.json").exists()

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.errors import InputError
+from pipeline.errors import STOPPED_EXIT, InputError
 from pipeline.splits import TABLE, read_index
 from train import dacs
 from train.checkpoint import load_checkpoint
@@ -191,7 +191,7 @@ def test_sigterm_to_the_process_group_checkpoints_like_a_single_signal(training_
     assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == STOPPED_EXIT, err[-3000:]  # stopped, resumable, not finished
     assert "Traceback" not in err and "stopped at iteration" in err + out
     assert list((run / "checkpoints").glob("iter_*.pt"))
 
@@ -415,3 +415,25 @@ def test_stale_checkpoint_temp_files_are_cleaned(training_tree, tmp_path):
                override=True)
     assert not stale.exists() and not legacy.exists() and live.exists()
     assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp") and p != live]
+
+
+# ---------------------------------------------------------------------- 7b: a stopped run is not a finished one
+
+def test_a_stopped_run_exits_non_zero_and_does_not_call_its_score_final(training_tree, tmp_path, monkeypatch):
+    """A run stopped by a signal before its last iteration must not look finished to whatever called it
+    (`cmda compare`, dvc, a job script): exit 130, as shells report an interrupted command, and no
+    "final" mIoU (the score shown is the last evaluation's, iterations before the stop)."""
+    real_step = dacs._step
+
+    def stop_after_first(cfg, batch, *a, **k):
+        out = real_step(cfg, batch, *a, **k)
+        signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(dacs, "_step", stop_after_first)
+    out = tmp_path / "run"
+    res = cli("train", "--settings", tiny_settings(tmp_path, 3), "--datasets", training_tree, "--out", out)
+    assert res.exit_code == STOPPED_EXIT, (res.exit_code, res.output)
+    assert "final night mIoU" not in res.output
+    assert "stopped at iteration 1 of 3" in res.output and "--resume" in res.output
+    assert (out / "checkpoints" / "iter_000001.pt").exists()

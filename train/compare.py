@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_text
-from pipeline.errors import InputError
+from pipeline.errors import STOPPED_EXIT, InputError
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
@@ -83,7 +83,11 @@ def run_one(entry: Entry, seed: int, common: tuple[str, ...], out: Path) -> dict
     train = ["train", *common, *entry.args, "--seed", str(seed), "--out", str(run_dir)]
     if list(run_dir.glob("checkpoints/iter_*.pt")):
         train += ["--resume", str(run_dir)]
-    if _run_cmd(train, log) != 0:
+    rc = _run_cmd(train, log)
+    if rc == STOPPED_EXIT:  # a signal: its checkpoint is half-trained, the next compare resumes it
+        raise InputError(log, f"training {entry.label!r} seed {seed} stopped before its last iteration; "
+                         "run the same `cmda compare` again to continue it")
+    if rc != 0:
         raise InputError(log, f"training {entry.label!r} seed {seed} failed (see this log)")
     ckpt = sorted(run_dir.glob("checkpoints/iter_*.pt"))[-1]
     if _run_cmd(["evaluate", str(ckpt), "--out", str(run_dir / "eval_final")], log) != 0:
