@@ -40,28 +40,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.config import AdvConfig
+
 SOURCE, TARGET = 0.0, 1.0  # discriminator labels, as in the project
-
-
-@dataclass
-class AdvConfig:
-    """``adv.*`` settings (TrainConfig section ``adv``). Off unless ``enabled``."""
-
-    enabled: bool = False
-    light: bool = True         # depthwise-separable discriminator (False: AdaptSegNet's standard one)
-    ndf: int = 64
-    weight: float = 1e-3       # lambda_adv on the target predictions
-    lr: float = 1e-4           # discriminator Adam
-    betas: tuple[float, float] = (0.9, 0.99)
-    power: float = 0.9         # poly decay of the discriminator lr (0 = constant)
-    input: str = "mixed"       # "mixed" (target pixels of the mixed pass) or "target" (extra target pass)
-    upsample: int = 1          # resize factor of the logits before D (4 = full resolution, as the project)
 
 
 class LightDiscriminator(nn.Module):
