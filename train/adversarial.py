@@ -16,8 +16,9 @@ at the cost of one more forward/backward). The discriminator sees the head's 1/4
 (``adv.upsample = 1``; 32 px of logits, i.e. crops >= 128, are needed by its five stride-2 blocks); the
 project feeds full-resolution outputs, ``adv.upsample = 4``, at 16x the discriminator's FLOPs.
 
-Loop-integration contract (train/dacs.py; ``adv = Adversary(cfg.adv, num_classes, device)`` created once
-in ``train()`` after the model; ``adv.state_dict()`` saved with the checkpoint under ``"adversary"`` and
+Loop-integration contract (wired by train/peers.py, the discriminator step once per iteration on the
+whole batch after the last mixed pass; ``adv = Adversary(cfg.adv, num_classes, device)`` created once
+per run after the model; ``adv.state_dict()`` saved with the checkpoint under ``"adversary"`` and
 ``adv.load_state_dict(state["adversary"])`` on resume)::
 
     # 1. source pass: keep `src_pred = out.logits["fusion"].detach()`

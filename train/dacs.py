@@ -11,6 +11,8 @@ optimiser step) around :func:`_step`'s named passes, top to bottom:
   4. ClassMix: half the classes of the source batch pasted onto the target; the mixed image gets
      colour jitter and blur, events are mixed only, the mixed ISR is recomputed from the mixed image.
   5. Mixed pass with pseudo weights (+ target-side L2 terms) -> backward -> optimiser step.
+The peer components (DSRNSS ``dsr``, DIDA ``dida``, the discriminator ``adv``; train/peers.py) add one
+call per step above through a :class:`train.peers.PeerStep`; with all three off they do nothing.
 
 Randomness is re-seeded from (seed, rank, iteration) at the start of every iteration and batches
 come from :class:`train.data.PairedBatches` by iteration number, so ``--resume`` reproduces the

@@ -28,7 +28,9 @@ How cmda computes it (and where it departs from the reference code):
 - ``target_only`` (default True): the loss covers the mixed image's *target* pixels only (the teacher
   embedding comes from the target image, which pasted source pixels do not show); False = DIDA (all).
 
-Loop-integration contract (train/dacs.py ``_step``; ``bank = InstanceBank(cfg.dida)`` created once in
+Loop-integration contract (train/peers.py wires it with one change: the bank update runs once per
+iteration after the mixed passes, on the whole batch's source embeddings, so ``run.accum`` stays exact;
+train/dacs.py ``_step``; ``bank = InstanceBank(cfg.dida)`` created once in
 ``train()`` on the device, saved/restored with the checkpoint under ``"dida_bank"``)::
 
     # 1. source pass: request the embedding, update the bank from it (no gradient):

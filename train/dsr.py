@@ -12,8 +12,10 @@ DSRNSS (Pan et al. 2023, Rorisis/DSRNSS_codes) adds three things to DACS self-tr
 
 Nothing here touches the loop; the loop calls these functions (all off unless ``dsr.enabled``).
 
-Loop-integration contract (train/dacs.py ``_step``; ``cfg.dsr`` is a :class:`DsrConfig`, ``bank`` a
-:class:`TailBank` created once in ``train()`` and saved/restored with the checkpoint under ``"dsr_bank"``)::
+Loop-integration contract, as train/peers.py wires it (the loop runs the teacher first, on the whole
+batch, then pushes the source batch into the bank before ClassMix; ``cfg.dsr`` is a :class:`DsrConfig`,
+``bank`` a :class:`TailBank` created once per run and saved/restored with the checkpoint under
+``"dsr_bank"``)::
 
     # 1. source pass, right after `out = fwd(image=src_img, events=src_evt, isr=src_isr)`:
     if cfg.dsr.enabled and cfg.dsr.bank:
