@@ -28,9 +28,10 @@ def _records(path: Path) -> dict[int, dict]:
     return {r["iter"]: r for r in map(json.loads, path.read_text().splitlines()) if "loss/total" in r}
 
 
-def _peer_config(training_tree: Path, out: Path | None, which: tuple[str, ...], iters: int = 4, **run) -> TrainConfig:
-    cfg = tiny_config(training_tree, out, iters=iters, **run)
-    sets = [f"{name}.enabled=true" for name in which]
+def _peer_config(training_tree: Path, out: Path | None, which: tuple[str, ...], iters: int = 4,
+                 more: tuple[str, ...] = ()) -> TrainConfig:
+    cfg = tiny_config(training_tree, out, iters=iters)
+    sets = [f"{name}.enabled=true" for name in which] + list(more)
     if "dsr" in which:  # paste at iterations 0 and 2 (2 = right after the resume point)
         sets += [f"dsr.bank_classes={EVERYWHERE}", "dsr.paste_every=2"]
     if "dida" in which:  # the tiny head is 16 wide; EMA every iteration so resume must restore it
@@ -63,11 +64,12 @@ def _assert_same_tree(a, b, where: str) -> None:
         assert a == b, where
 
 
-def _run_and_resume(training_tree: Path, tmp_path: Path, which: tuple[str, ...]) -> dict[int, dict]:
+def _run_and_resume(training_tree: Path, tmp_path: Path, which: tuple[str, ...],
+                    more: tuple[str, ...] = ()) -> dict[int, dict]:
     """Full 4-iteration run, and the same run resumed from its iteration-2 checkpoint: every logged value,
     the weights, the optimiser and each component's state end equal. Returns the full run's records."""
-    dacs.train(_peer_config(training_tree, tmp_path / "full", which))
-    dacs.train(_peer_config(training_tree, tmp_path / "resumed", which),
+    dacs.train(_peer_config(training_tree, tmp_path / "full", which, more=more))
+    dacs.train(_peer_config(training_tree, tmp_path / "resumed", which, more=more),
                resume=tmp_path / "full" / "checkpoints" / "iter_000002.pt")
     full, resumed = _records(tmp_path / "full" / "metrics.jsonl"), _records(tmp_path / "resumed" / "metrics.jsonl")
     assert set(resumed) == {3, 4}
@@ -102,6 +104,11 @@ def test_component_run_logs_its_terms_and_resumes_exactly(training_tree, tmp_pat
         assert full[1]["adv/lr"] == pytest.approx(1e-4) and full[4]["adv/lr"] < full[1]["adv/lr"]
 
 
+def test_adv_on_an_extra_target_pass_resumes_exactly(training_tree, tmp_path):
+    full = _run_and_resume(training_tree, tmp_path, ("adv",), more=("adv.input=target",))
+    assert EXPECTED["adv"][0] | EXPECTED["adv"][1] <= set(full[4]) and full[4]["loss/adv/generator"] > 0
+
+
 def test_all_three_together_resume_exactly(training_tree, tmp_path):
     full = _run_and_resume(training_tree, tmp_path, ("dsr", "dida", "adv"))
     for terms, extras in EXPECTED.values():
@@ -123,11 +130,12 @@ def test_baseline_is_untouched_when_the_components_are_off(training_tree, tmp_pa
     assert not set(STATE.values()) & set(state) and set(a) == set(b)
 
 
-def test_accum_2_with_every_component_gives_the_full_batch_step():
+@pytest.mark.parametrize("adv_input", ["mixed", "target"])
+def test_accum_2_with_every_component_gives_the_full_batch_step(adv_input):
     """Gradients, terms and the discriminator after its step equal the accum=1 step's (BN fixed, no dropout)."""
     cfg, model, teacher = _tiny()
     apply_layers(cfg, sets=["dsr.enabled=true", "dida.enabled=true", "adv.enabled=true", "dida.dim=16",
-                            f"dsr.bank_classes={EVERYWHERE}", "adv.upsample=2"])
+                            f"dsr.bank_classes={EVERYWHERE}", "adv.upsample=2", f"adv.input={adv_input}"])
     batch = fake_batch(2, 64, torch.device("cpu"), torch.Generator().manual_seed(0))
     peers = Peers.build(cfg, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)  # banks with entries, so every term is non-zero
@@ -165,7 +173,7 @@ def test_accum_2_with_every_component_gives_the_full_batch_step():
     (["run.source_only=true", "dida.enabled=true"], r"dida\.enabled needs the DACS teacher"),
     (["dida.enabled=true", "model.head_channels=64"], r"dida\.dim must be model\.head_channels \(64\)"),
     (["adv.enabled=true", "data.crop=64"], r"adv\.upsample must be large enough .*crop >= 128"),
-    (["adv.enabled=true", "adv.input=target"], r"adv\.input must be mixed"),
+    (["adv.enabled=true", "adv.input=plain"], r"adv\.input must be mixed .* or target"),
     (["dsr.enabled=true", "dsr.proto_features=events"], r"dsr\.proto_features must be fusion or image"),
     (["dsr.enabled=true", "dsr.bank_classes=3,19"], r"dsr\.bank_classes must be class ids in \[0, 19\)"),
 ])

@@ -194,7 +194,7 @@ class AdvConfig:
     lr: float = 1e-4           # discriminator Adam
     betas: tuple[float, float] = (0.9, 0.99)
     power: float = 0.9         # poly decay of the discriminator lr (0 = constant)
-    input: str = "mixed"       # "mixed": the target pixels of the mixed pass (the only one the loop runs)
+    input: str = "mixed"       # "mixed": the mixed pass's target pixels; "target": an extra student target pass
     upsample: int = 1          # resize factor of the logits before D (4 = full resolution, as the project)
 
 
@@ -524,8 +524,8 @@ def _validate_peers(cfg: TrainConfig) -> None:
         _check(di.calibrate in ("prob", "logit", "none"), "dida.calibrate", di.calibrate, "prob, logit or none")
         _check(di.chunk >= 0, "dida.chunk", di.chunk, ">= 0 (0 = all pixels at once)")
     if a.enabled:
-        _check(a.input == "mixed", "adv.input", a.input,
-               "mixed (the loop has no student pass on the plain target image; 'target' is not wired in)")
+        _check(a.input in ("mixed", "target"), "adv.input", a.input,
+               "mixed (the mixed pass's target pixels) or target (an extra student pass on the target image)")
         _check(a.ndf >= 1, "adv.ndf", a.ndf, ">= 1")
         _check(_finite(a.weight) and a.weight >= 0, "adv.weight", a.weight, "a number >= 0")
         _check(_finite(a.lr) and a.lr > 0, "adv.lr", a.lr, "a number > 0")

@@ -675,6 +675,8 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
         t, keep = _source_pass(cfg, take(inputs, part), fwd, imnet, amp, scale, peer, part)  # 1. source pass
         if mixed is not None:
             t.update(_mixed_pass(cfg, take(mixed, part), keep, fwd, amp, scale, peer, part))  # 4. mixed pass
+        if peer.target_pass:  # adv.input=target: the student on the target image for the discriminator
+            t.update(peer.target(fwd, take(inputs, part), amp, scale))
         if masked is not None:  # 5. MIC pass, own backward
             mic = mic_terms(fwd, masked.take(part), pseudo[part], pseudo_w[part], cfg.loss, cfg.mic, amp, scale)
             t.update(mic)

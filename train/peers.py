@@ -16,7 +16,9 @@ Where each component hooks in (full batch unless said, so ``run.accum`` > 1 give
   :meth:`PeerStep.paste_tail` (the bank pasted every ``dsr.paste_every`` iterations), which also
   returns the map of the mixed image's target pixels that DIDA and the discriminator weigh by;
 - per micro-batch, before each pass's backward: :meth:`PeerStep.source` (``dsr/proto``) and
-  :meth:`PeerStep.mixed` (``dsr/proto_mix``, ``dida/instance``, ``adv/generator``);
+  :meth:`PeerStep.mixed` (``dsr/proto_mix``, ``dida/instance``, ``adv/generator``); with
+  ``adv.input=target`` the generator term comes instead from a pass of its own on the target image
+  (:meth:`PeerStep.target`, after the mixed pass);
 - after the last pass: :meth:`PeerStep.finish` updates the instance bank from the whole batch's source
   embeddings and steps the discriminator on the whole batch's (detached) outputs. DIDA's bank is
   therefore updated *after* the iteration's instance loss, which sees the bank as it was after the
@@ -37,6 +39,7 @@ from train.adversarial import Adversary
 from train.config import TrainConfig
 from train.dida import InstanceBank, dida_terms
 from train.dsr import TailBank, grouped_class_masks, prototype_terms
+from train.inference import autocast
 from train.mixing import class_masks
 
 STATE_KEYS = {"tail": "dsr_bank", "instances": "dida_bank", "adversary": "adversary"}
@@ -182,9 +185,27 @@ class PeerStep:
             terms.update(dida_terms(self.cfg.dida, self.peers.instances, self._teacher_emb[part],
                                     out.embeddings["fusion"], out.logits["fusion"], m["target"]))
         adv = self.peers.adversary
-        if adv is not None:
+        if adv is not None and not self.target_pass:
             terms.update(adv.generator_terms(out.logits["fusion"], m["target"]))
             self._adv_target.append((out.logits["fusion"].detach(), m["target"]))
+        return terms
+
+    @property
+    def target_pass(self) -> bool:
+        """``adv.input=target``: the discriminator sees a student pass on the plain target image."""
+        return self.peers.adversary is not None and self.cfg.adv.input == "target"
+
+    def target(self, fwd: torch.nn.Module, x: Mapping[str, torch.Tensor], amp: bool, scale: float
+               ) -> dict[str, torch.Tensor]:
+        """``adv.input=target``: the student's fusion output on the target image + events (the real-time
+        project's target prediction), ``adv/generator`` on all its pixels, backpropagated here (own pass)."""
+        img = x["target_image"]
+        with autocast(img.device, amp):
+            out = fwd(image=img, events=x["target_events"], outputs=("fusion",))
+        logits = out.logits["fusion"]
+        terms = {k: v * scale for k, v in self.peers.adversary.generator_terms(logits).items()}
+        sum(terms.values()).backward()
+        self._adv_target.append((logits.detach(), torch.ones_like(logits[:, 0], dtype=torch.float32)))
         return terms
 
     # ------------------------------------------------------------ after the passes (full batch)
