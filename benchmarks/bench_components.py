@@ -1,32 +1,45 @@
-"""Per-iteration cost of the peer components (train/dsr.py, dida.py, adversarial.py) against the baseline.
+"""Per-iteration cost of the peer components (``dsr``, ``dida``, ``adv``) against the baseline, in one process.
 
-Runs, in one process on synthetic tensors, a DACS step shaped like ``train.dacs._step`` (source pass +
-backward, EMA-teacher pseudo-labels, ClassMix, mixed pass + backward, AdamW step) with the components
-wired exactly as their module docstrings' loop-integration contracts say, and reports each
-configuration's mean step time as a ratio to the baseline (and peak GPU memory on CUDA). The step here
-is also a worked example of that wiring. Not measured: data loading, the ISR recomputation (random
-ISR tensors stand in), colour jitter and blur (identical for every configuration).
+Times the training loop's own step (``train.dacs._step`` with :class:`train.peers.Peers`, + EMA update +
+AdamW step) on synthetic batches (benchmarks/bench_train.py's ``fake_batch``) for the baseline and each
+component alone and all three together. The configurations run round-robin, one iteration each per
+round, so a machine whose load drifts slows them alike; each is reported as its median step time and
+as a ratio to the baseline's. Peak memory: on CUDA ``max_memory_allocated`` per configuration; on a CPU,
+with ``--rss``, each configuration is re-run in a fresh process and its peak resident set size
+reported (ru_maxrss), plus DIDA's similarity maps by tensor size. Data loading is not measured.
 
-    python benchmarks/bench_components.py --iters 3 --crop 64               # smoke run on a CPU
-    python benchmarks/bench_components.py --backbone mit_b5 --crop 512 --device cuda   # GPU figures
+    python benchmarks/bench_components.py --iters 10                       # CPU: mit_b0, crop 128
+    python benchmarks/bench_components.py --rss                            # + peak RSS per configuration
+    python benchmarks/bench_components.py --backbone mit_b5 --crop 512    # GPU figures
+
+``peer_step`` below is the components' wiring as their module docstrings first described it, kept as a
+worked example (tests/test_peer_wiring.py); the loop's own wiring is train/peers.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+from benchmarks.bench_train import fake_batch
 from train.adversarial import AdvConfig, Adversary
-from train.config import LossConfig
+from train.config import LossConfig, TrainConfig, apply_layers, validate
+from train.dacs import Context, _step
 from train.dida import DidaConfig, InstanceBank, dida_terms
 from train.dsr import DsrConfig, TailBank, grouped_class_masks, prototype_terms
 from train.losses import pseudo_labels, segmentation_terms
 from train.mixing import class_masks, mix
-from train.models import CMDAModel
-from train.schedule import ema_update
+from train.models import CMDAModel, ic1_to_events
+from train.peers import Peers
+from train.schedule import ema_alpha, ema_update
 
 CONFIGS = ("baseline", "dsr", "dida", "adv", "all")
 
@@ -111,29 +124,76 @@ def synthetic_batch(b: int, size: int, device: torch.device, gen: torch.Generato
             "tgt_img": img(), "tgt_evt": img()}
 
 
-def measure(which: str, args, device: torch.device) -> tuple[float, float | None]:
-    torch.manual_seed(0)
-    model = CMDAModel(args.backbone, head_channels=args.head_channels).to(device).train()
-    teacher = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-5)
-    comp = Components(which, args.head_channels, device)
-    gen = torch.Generator().manual_seed(1)
-    batches = [synthetic_batch(args.batch, args.crop, device, gen) for _ in range(2)]
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for it in range(args.warmup + args.iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+ON = {"baseline": (), "dsr": ("dsr",), "dida": ("dida",), "adv": ("adv",), "all": ("dsr", "dida", "adv")}
+
+
+class Setup:
+    """One configuration: settings, student, teacher, optimiser, the components' state, two batches."""
+
+    def __init__(self, which: str, args, device: torch.device):
+        cfg = TrainConfig()
+        cfg.model.backbone, cfg.model.head_channels = args.backbone, args.head_channels
+        cfg.data.crop, cfg.run.batch, cfg.run.iters = args.crop, args.batch, 40_000
+        cfg.run.channels_last = device.type == "cuda"
+        cfg.mic.block = max(1, 32 * args.crop // 512)
+        apply_layers(cfg, sets=[f"{n}.enabled=true" for n in ON[which]] + [f"dida.dim={args.head_channels}"])
+        self.cfg, self.device = validate(cfg), device
+        torch.manual_seed(0)
+        self.model = CMDAModel(args.backbone, head_channels=args.head_channels).to(device).train()
+        if cfg.run.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.param_groups(6e-5, 0.01), lr=6e-5)
+        self.peers = Peers.build(cfg, device)
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [fake_batch(args.batch, args.crop, device, gen) for _ in range(2)]
+        self.amp = device.type == "cuda"
+        self.times: list[float] = []
+
+    def step(self, it: int, timed: bool) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        ema_update(teacher, model, 0.99)
-        peer_step(model, teacher, opt, batches[it % 2], comp, it, LossConfig())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if it >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return sum(times) / len(times), peak
+        if it:
+            ema_update(self.teacher, self.model, ema_alpha(it, 0.999))
+        torch.manual_seed(it)
+        _step(self.cfg, self.batches[it % 2], Context(device=self.device), self.model, self.teacher, None, None,
+              self.amp, ic1_to_events, None, self.peers, it)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+
+def measure(names: list[str], args, device: torch.device) -> dict[str, dict[str, float]]:
+    """Median step time per configuration, run round-robin; peak CUDA memory when on a GPU (one at a time)."""
+    setups = {n: Setup(n, args, device) for n in names}
+    for it in range(args.warmup + args.iters):
+        for s in setups.values():
+            s.step(it, timed=it >= args.warmup)
+    out = {n: {"s_per_iter": statistics.median(s.times), "min_s": min(s.times)} for n, s in setups.items()}
+    if device.type == "cuda":
+        for n, s in setups.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            s.step(args.warmup + args.iters, timed=False)
+            out[n]["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def peak_rss(which: str, args) -> float:
+    """Peak resident set size (GiB) of a fresh process running ``which`` for warmup + 2 iterations."""
+    cmd = [sys.executable, __file__, "--configs", which, "--iters", "2", "--warmup", str(args.warmup),
+           "--backbone", args.backbone, "--crop", str(args.crop), "--batch", str(args.batch),
+           "--head-channels", str(args.head_channels), "--device", "cpu", "--report-rss"]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+
+
+def dida_map_mib(args, bank_size: int = 300) -> float:
+    """Size of one of DIDA's [B, K, H/4, W/4] fp32 similarity maps (cmda builds a few per micro-batch)."""
+    return args.batch * bank_size * (args.crop // 4) ** 2 * 4 / 2**20
 
 
 def main() -> None:
@@ -142,20 +202,33 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--head-channels", type=int, default=256)
-    p.add_argument("--iters", type=int, default=5, help="timed iterations (every 5th pastes the tail bank)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per configuration")
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--rss", action="store_true", help="CPU: peak RSS of each configuration in a fresh process")
+    p.add_argument("--report-rss", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
-    rows = [(c, *measure(c, args, device)) for c in args.configs.split(",")]
-    base = dict((c, t) for c, t, _ in rows).get("baseline")
-    print(f"{args.backbone}, crop {args.crop}, batch {args.batch}+{args.batch}, head {args.head_channels}, "
-          f"{device}, {args.iters} timed iterations")
-    for c, t, peak in rows:
-        ratio = f"{t / base:.2f}x" if base else "-"
-        mem = f", peak {peak:.2f} GiB" if peak is not None else ""
-        print(f"  {c:9s} {t * 1000:8.1f} ms/iter  {ratio}{mem}")
+    names = args.configs.split(",")
+    if args.report_rss:  # child of --rss: run, then print this process's peak RSS
+        measure(names, args, device)
+        print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        return
+    rows = measure(names, args, device)
+    base = rows.get("baseline")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.backbone}, crop {args.crop}, batch {args.batch}+{args.batch}, head {args.head_channels}, {where}; "
+          f"{args.iters} round-robin iterations each; ratios to the baseline's median (and its fastest)")
+    rss = {n: peak_rss(n, args) for n in names} if args.rss and device.type == "cpu" else {}
+    for n, r in rows.items():
+        ratio = f"{r['s_per_iter'] / base['s_per_iter']:5.2f}x ({r['min_s'] / base['min_s']:.2f}x)" if base else "   -"
+        mem = f"  peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
+        mem += f"  peak RSS {rss[n] * 1024:.0f} MiB" if n in rss else ""
+        print(f"  {n:9s} {r['s_per_iter'] * 1000:8.1f} ms/iter (fastest {r['min_s'] * 1000:.1f})  {ratio}{mem}")
+    print(f"DIDA similarity map [B, K, H/4, W/4] fp32: {dida_map_mib(args):.1f} MiB each "
+          f"(DIDA's own code: [B, K, H, W], {16 * dida_map_mib(args):.0f} MiB)")
 
 
 if __name__ == "__main__":

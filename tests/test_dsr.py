@@ -138,6 +138,20 @@ def test_tail_bank_paste_changes_only_pasted_pixels():
     assert TailBank.should_paste(10, 5) and not TailBank.should_paste(11, 5) and not TailBank.should_paste(3, 0)
 
 
+def test_tail_bank_without_events_pastes_image_and_label_only():
+    """An image-only target (no event input): entries hold image and label; a batch's events, when it
+    has them, stay as they were under pixels pasted from an entry without events."""
+    bank = TailBank(capacity=2)
+    img, _, lbl = _batch(1.0)
+    assert bank.push(img, None, lbl) and "events" not in bank.entries[0]
+    label, image = torch.zeros(2, 8, 8, dtype=torch.long), torch.zeros(2, 3, 8, 8)
+    p_img, p_evt, p_lbl, _, pasted = bank.paste(image, None, label)
+    assert p_evt is None and bool(pasted.any())
+    assert bool((p_img[pasted.unsqueeze(1).expand_as(image)] == 1.0).all()) and torch.equal(p_lbl[pasted], lbl[pasted])
+    events = torch.full((2, 3, 8, 8), 0.5)
+    assert torch.equal(bank.paste(image, events, label)[1], events)
+
+
 def test_tail_bank_state_dict_round_trip():
     bank = TailBank(capacity=2)
     for k in range(3):

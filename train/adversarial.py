@@ -16,8 +16,9 @@ at the cost of one more forward/backward). The discriminator sees the head's 1/4
 (``adv.upsample = 1``; 32 px of logits, i.e. crops >= 128, are needed by its five stride-2 blocks); the
 project feeds full-resolution outputs, ``adv.upsample = 4``, at 16x the discriminator's FLOPs.
 
-Loop-integration contract (train/dacs.py; ``adv = Adversary(cfg.adv, num_classes, device)`` created once
-in ``train()`` after the model; ``adv.state_dict()`` saved with the checkpoint under ``"adversary"`` and
+Loop-integration contract (wired by train/peers.py, the discriminator step once per iteration on the
+whole batch after the last mixed pass; ``adv = Adversary(cfg.adv, num_classes, device)`` created once
+per run after the model; ``adv.state_dict()`` saved with the checkpoint under ``"adversary"`` and
 ``adv.load_state_dict(state["adversary"])`` on resume)::
 
     # 1. source pass: keep `src_pred = out.logits["fusion"].detach()`
@@ -40,28 +41,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.config import AdvConfig
+
 SOURCE, TARGET = 0.0, 1.0  # discriminator labels, as in the project
-
-
-@dataclass
-class AdvConfig:
-    """``adv.*`` settings (TrainConfig section ``adv``). Off unless ``enabled``."""
-
-    enabled: bool = False
-    light: bool = True         # depthwise-separable discriminator (False: AdaptSegNet's standard one)
-    ndf: int = 64
-    weight: float = 1e-3       # lambda_adv on the target predictions
-    lr: float = 1e-4           # discriminator Adam
-    betas: tuple[float, float] = (0.9, 0.99)
-    power: float = 0.9         # poly decay of the discriminator lr (0 = constant)
-    input: str = "mixed"       # "mixed" (target pixels of the mixed pass) or "target" (extra target pass)
-    upsample: int = 1          # resize factor of the logits before D (4 = full resolution, as the project)
 
 
 class LightDiscriminator(nn.Module):

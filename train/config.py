@@ -152,6 +152,63 @@ class MicConfig:
     events: str = "same"  # same: the image's mask; independent: a fresh mask; none: events unmasked
 
 
+# Cityscapes trainIds of DSRNSS's tail-class bank: rider, truck, bus, motorcycle, bicycle.
+TAIL_CLASSES: tuple[int, ...] = (12, 14, 15, 17, 18)
+
+
+@dataclass
+class DsrConfig:
+    """DSRNSS's three pieces (FACTS §13, train/dsr.py): grouped ClassMix, the tail-class bank, prototype
+    alignment. Everything is off unless ``enabled``; each piece then has its own switch."""
+
+    enabled: bool = False
+    grouped_mix: bool = True          # ClassMix picks bring their companions (train.dsr.COMPANIONS)
+    bank: bool = True                 # tail-class bank pasted onto the mixed sample
+    bank_classes: tuple[int, ...] = TAIL_CLASSES
+    bank_capacity: int = 3            # source batches kept (oldest out); DSRNSS keeps ~3
+    paste_every: int = 5              # paste at iterations where it % paste_every == 0 (0 = never)
+    proto_weight: float = 0.1         # DSRNSS's 0.1 on each direction; 0 switches the term off
+    proto_start: int = 0              # first iteration with the prototype terms (DSRNSS: after 8 epochs)
+    proto_scale: float = 10.0         # cosine similarity x 10 -> logits
+    proto_mix_factor: float = 0.1     # (source, mixed) term relative to (source, target): DSRNSS's / 10
+    proto_class_weight: float = 2.0   # CE class weight of the dynamic/small classes (1.0 = DSRNSS's uniform)
+    proto_features: str = "fusion"    # which branch's deepest features are aligned: "fusion" or "image"
+    num_classes: int = 19             # must equal model.num_classes
+
+
+@dataclass
+class DidaConfig:
+    """DIDA's instance bank and calibrated instance soft CE (FACTS §13, train/dida.py). Off unless ``enabled``."""
+
+    enabled: bool = False
+    bank_size: int = 300         # K instances, class-balanced
+    dim: int = 256               # decoder embedding channels: must equal model.head_channels
+    num_classes: int = 19        # must equal model.num_classes
+    momentum: float = 0.999      # EMA of a slot towards its class's boundary mean
+    update_every: int = 50       # EMA update interval (empty slots are filled whenever possible)
+    boundary_min_labels: int = 2 # distinct labels in a 3x3 window that make a pixel 'boundary'
+    weight: float = 0.5          # DIDA's ins_lambda
+    calibrate: str = "prob"      # "prob" (student softmax), "logit" (DIDA's raw logits) or "none"
+    target_only: bool = True     # loss on the mixed image's target pixels only (False = DIDA: all)
+    chunk: int = 0               # pixels per chunk for the similarity maps (0 = all at once)
+
+
+@dataclass
+class AdvConfig:
+    """Output-space adversarial training with the light discriminator (FACTS §13, train/adversarial.py).
+    Off unless ``enabled``."""
+
+    enabled: bool = False
+    light: bool = True         # depthwise-separable discriminator (False: AdaptSegNet's standard one)
+    ndf: int = 64
+    weight: float = 1e-3       # lambda_adv on the target predictions
+    lr: float = 1e-4           # discriminator Adam
+    betas: tuple[float, float] = (0.9, 0.99)
+    power: float = 0.9         # poly decay of the discriminator lr (0 = constant)
+    input: str = "mixed"       # "mixed": the mixed pass's target pixels; "target": an extra student target pass
+    upsample: int = 1          # resize factor of the logits before D (4 = full resolution, as the project)
+
+
 @dataclass
 class RunConfig:
     variant: str = "baseline"
@@ -189,6 +246,9 @@ class TrainConfig:
     dacs: DacsConfig = field(default_factory=DacsConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mic: MicConfig = field(default_factory=MicConfig)
+    dsr: DsrConfig = field(default_factory=DsrConfig)
+    dida: DidaConfig = field(default_factory=DidaConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
 
 
 # Named variants: loss lambdas from the L2 study (FACTS §9) on top of the baseline.
@@ -496,7 +556,57 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     rc = cfg.rcs
     _check(_finite(rc.temperature) and rc.temperature > 0, "rcs.temperature", rc.temperature, "a number > 0")
     _check(rc.min_pixels >= 0, "rcs.min_pixels", rc.min_pixels, ">= 0")
+    _validate_peers(cfg)
     return cfg
+
+
+def _validate_peers(cfg: TrainConfig) -> None:
+    """The peer components' settings (``dsr.*``, ``dida.*``, ``adv.*``), checked only when switched on."""
+    on = [name for name in ("dsr", "dida", "adv") if getattr(cfg, name).enabled]
+    if on and cfg.run.source_only:
+        raise InputError(None, f"{', '.join(f'{n}.enabled' for n in on)} needs the DACS teacher and the mixed pass, "
+                         "which a source-only run (run.source_only) does not have")
+    m, s, di, a = cfg.model, cfg.dsr, cfg.dida, cfg.adv
+    if s.enabled:
+        _check(s.num_classes == m.num_classes, "dsr.num_classes", s.num_classes,
+               f"model.num_classes ({m.num_classes})")
+        _check(all(0 <= c < m.num_classes for c in s.bank_classes), "dsr.bank_classes", s.bank_classes,
+               f"class ids in [0, {m.num_classes})")
+        _check(s.bank_capacity >= 1, "dsr.bank_capacity", s.bank_capacity, ">= 1")
+        _check(s.paste_every >= 0, "dsr.paste_every", s.paste_every, ">= 0 (0 = never paste)")
+        _check(s.proto_start >= 0, "dsr.proto_start", s.proto_start, ">= 0")
+        for key in ("proto_weight", "proto_mix_factor"):
+            _check(_finite(getattr(s, key)) and getattr(s, key) >= 0, f"dsr.{key}", getattr(s, key), "a number >= 0")
+        for key in ("proto_scale", "proto_class_weight"):
+            _check(_finite(getattr(s, key)) and getattr(s, key) > 0, f"dsr.{key}", getattr(s, key), "a number > 0")
+        _check(s.proto_features in ("fusion", "image"), "dsr.proto_features", s.proto_features, "fusion or image")
+    if di.enabled:
+        _check(di.dim == m.head_channels, "dida.dim", di.dim,
+               f"model.head_channels ({m.head_channels}): the bank holds the head's embeddings "
+               f"(add --set dida.dim={m.head_channels})")
+        _check(di.num_classes == m.num_classes, "dida.num_classes", di.num_classes,
+               f"model.num_classes ({m.num_classes})")
+        _check(di.bank_size >= di.num_classes, "dida.bank_size", di.bank_size,
+               f">= dida.num_classes ({di.num_classes}): at least one slot per class")
+        _check(_finite(di.momentum) and 0 <= di.momentum <= 1, "dida.momentum", di.momentum, "in [0, 1]")
+        _check(di.update_every >= 0, "dida.update_every", di.update_every, ">= 0 (0 = no EMA update)")
+        _check(di.boundary_min_labels >= 1, "dida.boundary_min_labels", di.boundary_min_labels, ">= 1")
+        _check(_finite(di.weight) and di.weight >= 0, "dida.weight", di.weight, "a number >= 0")
+        _check(di.calibrate in ("prob", "logit", "none"), "dida.calibrate", di.calibrate, "prob, logit or none")
+        _check(di.chunk >= 0, "dida.chunk", di.chunk, ">= 0 (0 = all pixels at once)")
+    if a.enabled:
+        _check(a.input in ("mixed", "target"), "adv.input", a.input,
+               "mixed (the mixed pass's target pixels) or target (an extra student pass on the target image)")
+        _check(a.ndf >= 1, "adv.ndf", a.ndf, ">= 1")
+        _check(_finite(a.weight) and a.weight >= 0, "adv.weight", a.weight, "a number >= 0")
+        _check(_finite(a.lr) and a.lr > 0, "adv.lr", a.lr, "a number > 0")
+        _check(all(_finite(b) and 0 <= b < 1 for b in a.betas), "adv.betas", a.betas, "two numbers in [0, 1)")
+        _check(_finite(a.power) and a.power >= 0, "adv.power", a.power, "a number >= 0")
+        _check(a.upsample >= 1, "adv.upsample", a.upsample, ">= 1")
+        # five stride-2 blocks: D needs 32 px of (1/4-resolution) logits
+        _check(cfg.data.crop * a.upsample // 4 >= 32, "adv.upsample", a.upsample,
+               f"large enough for 32 px of logits before the discriminator: data.crop ({cfg.data.crop}) x "
+               "adv.upsample / 4 >= 32 (crop >= 128 at upsample 1)")
 
 
 # Settings that say where and how fast a run goes, not what it computes: a resume may change them

@@ -11,6 +11,8 @@ optimiser step) around :func:`_step`'s named passes, top to bottom:
   4. ClassMix: half the classes of the source batch pasted onto the target; the mixed image gets
      colour jitter and blur, events are mixed only, the mixed ISR is recomputed from the mixed image.
   5. Mixed pass with pseudo weights (+ target-side L2 terms) -> backward -> optimiser step.
+The peer components (DSRNSS ``dsr``, DIDA ``dida``, the discriminator ``adv``; train/peers.py) add one
+call per step above through a :class:`train.peers.PeerStep`; with all three off they do nothing.
 
 Image-only night targets (``data.target`` darkzurich / acdc, CMDA's cs2dz model) run the same passes;
 only the second encoder's input differs, and :func:`_inputs` / :func:`_mix` say so in one call each
@@ -75,8 +77,9 @@ from train.losses import (
     target_feature_terms,
 )
 from train.mic import MaskedBatch, masked_inputs, mic_terms
-from train.mixing import block_mask, class_masks, color_jitter, gaussian_blur, mix
+from train.mixing import block_mask, color_jitter, gaussian_blur, mix
 from train.night_data import ISR_DIRECTION, mixed_isr
+from train.peers import Peers, PeerStep
 from train.schedule import ema_alpha, ema_update, learning_rate, set_learning_rate
 
 DEFAULT_CYCLEGAN = Path("pretrained/cityscapes_ICD_to_dsec_EN.pth")
@@ -319,6 +322,7 @@ class Parts:
     imnet: torch.nn.Module | None
     opt: torch.optim.Optimizer
     threshold: AdaptiveThreshold | None = None  # dacs.pseudo_mode=adaptive: running per-class medians
+    peers: Peers = field(default_factory=Peers)  # dsr/dida/adv: tail bank, instance bank, discriminator
 
 
 def night_eval_set(dcfg, cfg: TrainConfig, limit: int = 0) -> torch.utils.data.Dataset:
@@ -368,7 +372,8 @@ def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
         g["lr_mult"] = cfg.optim.head_lr_mult if g.get("lr_mult", 1) > 1 else 1.0
     threshold = (AdaptiveThreshold(cfg.model.num_classes, cfg.dacs.adaptive_cap, device=ctx.device)
                  if cfg.dacs.pseudo_mode == "adaptive" and teacher is not None else None)
-    return Parts(batches, test, model, model, teacher, gan, imnet, opt, threshold)
+    return Parts(batches, test, model, model, teacher, gan, imnet, opt, threshold,
+                 Peers.build(cfg, ctx.device, ctx.world))
 
 
 def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) -> int:
@@ -381,6 +386,7 @@ def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) 
     parts.opt.load_state_dict(state["optimizer"])
     if parts.threshold is not None and state.get("adaptive_threshold") is not None:
         parts.threshold.load_state_dict(state["adaptive_threshold"])
+    parts.peers.load_state_dict(state, path, say)
     restore_rng(state)
     say(f"resumed from {path} at iteration {int(state['iteration'])}")
     return int(state["iteration"])
@@ -480,7 +486,8 @@ class RunFolder:
     def checkpoint(self, it: int, parts: Parts, cfg: TrainConfig) -> Path | None:
         if not self.main:
             return None
-        extra = {"adaptive_threshold": parts.threshold.state_dict()} if parts.threshold is not None else None
+        extra = {"adaptive_threshold": parts.threshold.state_dict()} if parts.threshold is not None else {}
+        extra.update(parts.peers.state_dict())
         return save_checkpoint(self.ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=parts.model,
                                teacher=parts.teacher, optimizer=parts.opt, config=to_dict(cfg), extra=extra)
 
@@ -542,7 +549,8 @@ def iteration(cfg: TrainConfig, ctx: Context, parts: Parts, batch: dict[str, tor
         ema_update(parts.teacher, parts.model, ema_alpha(it, cfg.dacs.ema_alpha))
     try:
         terms, extra = _step(cfg, batch, ctx, parts.fwd, parts.teacher, parts.gan, parts.imnet,
-                             ctx.device.type == "cuda" and cfg.run.amp, ic1_to_events, parts.threshold)
+                             ctx.device.type == "cuda" and cfg.run.amp, ic1_to_events, parts.threshold,
+                             parts.peers, it)
     except torch.OutOfMemoryError:
         raise InputError(out, f"CUDA out of memory at iteration {it + 1} (backbone {cfg.model.backbone}, "
                          f"batch {cfg.run.batch}, crop {cfg.data.crop}): lower --batch or --crop, "
@@ -654,7 +662,7 @@ def loop(cfg: TrainConfig, ctx: Context, parts: Parts, run: RunFolder, start: in
 
 def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: torch.nn.Module,
           teacher: torch.nn.Module | None, gan: torch.nn.Module | None, imnet: torch.nn.Module | None, amp: bool,
-          ic1_to_events, threshold: AdaptiveThreshold | None = None
+          ic1_to_events, threshold: AdaptiveThreshold | None = None, peers: Peers | None = None, it: int = 0
           ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One DACS iteration's forward/backward passes; returns the loss terms (already backpropagated).
 
@@ -662,14 +670,19 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
     teacher's pseudo-labels, ClassMix, augmentation, the MIC mask), then the passes run over
     ``run.accum`` micro-batches with losses scaled by 1/accum: the gradient of the summed terms is the
     full batch's (every loss is a mean over equally sized micro-batches), and so are the logged terms.
+    The peer components (``peers``, train/peers.py) hook into the passes through one :class:`PeerStep`.
     """
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     inputs = _inputs(batch, ctx.device, mem, gan, ic1_to_events, image_only(cfg))
     extra: dict[str, float] = {}
     mixed = masked = pseudo = pseudo_w = None
+    peer = PeerStep(cfg, peers or Peers(), it)  # DSRNSS / DIDA / discriminator: nothing when all are off
     if teacher is not None:
-        pseudo, pseudo_w, use_events = _pseudo_labels(cfg, inputs, teacher, amp, threshold)  # 2. pseudo-labels
-        mixed = _mix(cfg, inputs, pseudo, pseudo_w, mem)  # 3. ClassMix + strong augmentation
+        pseudo, pseudo_w, use_events, t_out = _pseudo_labels(cfg, inputs, teacher, amp, threshold,
+                                                              peer.embeddings)  # 2. pseudo-labels
+        peer.teacher(t_out, pseudo)  # teacher features / embedding for DSRNSS prototypes and DIDA
+        peer.push_tail(inputs)  # DSRNSS tail-class bank
+        mixed = _mix(cfg, inputs, pseudo, pseudo_w, mem, peer)  # 3. ClassMix + strong augmentation
         if cfg.mic.enabled:  # 5. MIC inputs: the target batch, augmented and block-masked
             masked = masked_inputs(inputs["target_image"], inputs["target_events"], cfg.mic,
                                    random_directions(pseudo.shape[0]), lambda im: _augment(cfg, im))
@@ -679,14 +692,17 @@ def _step(cfg: TrainConfig, batch: dict[str, torch.Tensor], ctx: Context, fwd: t
     terms: dict[str, torch.Tensor] = {}
     scale = 1.0 / cfg.run.accum
     for part in micro_batches(inputs["source_image"].shape[0], cfg.run.accum):
-        t, keep = _source_pass(cfg, take(inputs, part), fwd, imnet, amp, scale)  # 1. source pass
+        t, keep = _source_pass(cfg, take(inputs, part), fwd, imnet, amp, scale, peer, part)  # 1. source pass
         if mixed is not None:
-            t.update(_mixed_pass(cfg, take(mixed, part), keep, fwd, amp, scale))  # 4. mixed pass
+            t.update(_mixed_pass(cfg, take(mixed, part), keep, fwd, amp, scale, peer, part))  # 4. mixed pass
+        if peer.target_pass:  # adv.input=target: the student on the target image for the discriminator
+            t.update(peer.target(fwd, take(inputs, part), amp, scale))
         if masked is not None:  # 5. MIC pass, own backward
             mic = mic_terms(fwd, masked.take(part), pseudo[part], pseudo_w[part], cfg.loss, cfg.mic, amp, scale)
             t.update(mic)
         for k, v in t.items():
             terms[k] = terms[k] + v if k in terms else v
+    extra.update(peer.finish())  # DIDA bank update and discriminator step on the whole batch
     return terms, extra
 
 
@@ -740,14 +756,16 @@ def image_only_masked(masked: MaskedBatch, mem: torch.memory_format) -> MaskedBa
 
 
 def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Module, imnet: torch.nn.Module | None,
-                 amp: bool, scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                 amp: bool, scale: float = 1.0, peer: PeerStep | None = None, part: slice = slice(None)
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Day image + source events + day ISR -> segmentation (+ source L2, + feature distance) -> backward.
 
     Returns the terms and the detached deepest source features the target-side L2 terms need.
     """
     dev = x["source_image"].device
     with autocast(dev, amp):
-        out = fwd(image=x["source_image"], events=x["source_events"], isr=x.get("source_isr"))
+        out = fwd(image=x["source_image"], events=x["source_events"], isr=x.get("source_isr"),
+                  embeddings=peer.embeddings if peer else ())
     terms = segmentation_terms(out.logits, x["source_label"], cfg.loss, prefix="src/")
     terms.update(source_feature_terms(out.features, cfg.loss))
     if imnet is not None:
@@ -755,6 +773,8 @@ def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Mod
             feat_imnet = imnet(x["source_image"])[-1]
         terms["src/fd"] = cfg.dacs.fd_lambda * feature_distance(
             out.features["image"][-1], feat_imnet, x["source_label"], cfg.dacs.fd_classes, cfg.dacs.fd_scale_min_ratio)
+    if peer is not None:
+        terms.update(peer.source(out, x, part))  # DSRNSS source/target prototypes
     terms = {k: v * scale for k, v in terms.items()}
     sum(terms.values()).backward()
     return terms, {k: out.features[k][-1].detach() for k in needed_source_features(cfg.loss)}
@@ -762,10 +782,12 @@ def _source_pass(cfg: TrainConfig, x: dict[str, torch.Tensor], fwd: torch.nn.Mod
 
 @torch.no_grad()
 def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.nn.Module, amp: bool,
-                   threshold: AdaptiveThreshold | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                   threshold: AdaptiveThreshold | None = None, embeddings: tuple[str, ...] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool, Any]:
     """EMA teacher on the night image fused, at random, with the night events or the night ISR.
 
     ``threshold`` (``dacs.pseudo_mode=adaptive``): per-class thresholds instead of DACS's share rule.
+    Also returns the teacher's output (its features and ``embeddings`` serve the peer components).
     """
     _teacher_mode(teacher)
     # an image-only target has no separate ISR: its "events" are the night ISR, the teacher's only choice
@@ -774,14 +796,14 @@ def _pseudo_labels(cfg: TrainConfig, x: dict[str, torch.Tensor], teacher: torch.
     with autocast(img.device, amp):
         t_out = teacher(image=img, events=x["target_events"] if use_events else None,
                         isr=None if use_events else x["target_isr"], fuse_with="events" if use_events else "isr",
-                        outputs=("fusion",))
+                        outputs=("fusion",), embeddings=embeddings)
     if threshold is not None:
         pseudo, weight = threshold.pseudo_labels(t_out.logits["fusion"], img.shape[-2:])
         weight = ignore_rows(weight, cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom)
     else:
         pseudo, weight = pseudo_labels(t_out.logits["fusion"], img.shape[-2:], cfg.dacs.pseudo_threshold,
                                        cfg.dacs.pseudo_weight_ignore_top, cfg.dacs.pseudo_weight_ignore_bottom)
-    return pseudo, weight, use_events
+    return pseudo, weight, use_events, t_out
 
 
 def _augment(cfg: TrainConfig, image: torch.Tensor) -> torch.Tensor:
@@ -792,31 +814,38 @@ def _augment(cfg: TrainConfig, image: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _mix(cfg: TrainConfig, x: dict[str, torch.Tensor], pseudo: torch.Tensor, pseudo_w: torch.Tensor,
-         mem: torch.memory_format) -> dict[str, torch.Tensor]:
+         mem: torch.memory_format, peer: PeerStep) -> dict[str, torch.Tensor]:
     """ClassMix (half the source classes pasted onto the target); the mixed image gets colour jitter
-    and blur, the events are only mixed (optionally block-masked), the ISR is recomputed from the image."""
+    and blur, the events are only mixed (optionally block-masked), the ISR is recomputed from the image.
+    ``target``: the mixed sample's target pixels (1 - ClassMix mask, less what DSRNSS's bank pasted)."""
     src_lbl = x["source_label"]
-    mask = class_masks(src_lbl, cfg.dacs.classmix_per_sample)
-    image = _augment(cfg, mix(mask, x["source_image"], x["target_image"])).contiguous(memory_format=mem)
-    if image_only(cfg):  # CMDA cs2dz: the mixed image's ISR is the second input (mixed_image_to_mixed_isr)
-        return {"image": image, "events": mixed_isr(image).contiguous(memory_format=mem),
-                "label": mix(mask, src_lbl, pseudo), "weight": mix(mask, torch.ones_like(pseudo_w), pseudo_w)}
+    mask = peer.class_masks(src_lbl, cfg.dacs.classmix_per_sample)  # DSRNSS's grouped ClassMix when dsr is on
+    image = _augment(cfg, mix(mask, x["source_image"], x["target_image"]))
     events = mix(mask, x["source_events"], x["target_events"])
+    label, weight = mix(mask, src_lbl, pseudo), mix(mask, torch.ones_like(pseudo_w), pseudo_w)
+    image, events, label, weight, target = peer.paste_tail(image, events, label, weight, mask)  # DSRNSS bank
+    image = image.contiguous(memory_format=mem)
+    if image_only(cfg):  # CMDA cs2dz: the mixed image's ISR is the second input (mixed_image_to_mixed_isr)
+        return {"image": image, "events": mixed_isr(image).contiguous(memory_format=mem), "label": label,
+                "weight": weight, "target": target}
     if cfg.loss.mask_events > 0:
         events = events * block_mask(events.shape, cfg.loss.mask_events, cfg.loss.mask_block, events.device)
-    return {"image": image, "events": events.contiguous(memory_format=mem),
-            "label": mix(mask, src_lbl, pseudo), "weight": mix(mask, torch.ones_like(pseudo_w), pseudo_w),
+    return {"image": image, "events": events.contiguous(memory_format=mem), "label": label, "weight": weight,
             "isr": isr_from_normalized(image, ISR_NIGHT,
-                                       random_directions(image.shape[0])).contiguous(memory_format=mem)}
+                                       random_directions(image.shape[0])).contiguous(memory_format=mem),
+            "target": target}
 
 
 def _mixed_pass(cfg: TrainConfig, m: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], fwd: torch.nn.Module,
-                amp: bool, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Mixed batch with the pseudo weights (+ target-side L2 terms) -> backward."""
+                amp: bool, scale: float = 1.0, peer: PeerStep | None = None, part: slice = slice(None)
+                ) -> dict[str, torch.Tensor]:
+    """Mixed batch with the pseudo weights (+ target-side L2 terms, + peer terms) -> backward."""
     with autocast(m["image"].device, amp):
-        out = fwd(image=m["image"], events=m["events"], isr=m.get("isr"))
+        out = fwd(image=m["image"], events=m["events"], isr=m.get("isr"), embeddings=peer.embeddings if peer else ())
     terms = segmentation_terms(out.logits, m["label"], cfg.loss, m["weight"], prefix="mix/")
     terms.update(target_feature_terms(out.features, keep, cfg.loss))
+    if peer is not None:
+        terms.update(peer.mixed(out, m, part))  # DSRNSS mixed prototypes, DIDA instances, adversarial generator
     terms = {k: v * scale for k, v in terms.items()}
     sum(terms.values()).backward()
     return terms

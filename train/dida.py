@@ -28,7 +28,9 @@ How cmda computes it (and where it departs from the reference code):
 - ``target_only`` (default True): the loss covers the mixed image's *target* pixels only (the teacher
   embedding comes from the target image, which pasted source pixels do not show); False = DIDA (all).
 
-Loop-integration contract (train/dacs.py ``_step``; ``bank = InstanceBank(cfg.dida)`` created once in
+Loop-integration contract (train/peers.py wires it with one change: the bank update runs once per
+iteration after the mixed passes, on the whole batch's source embeddings, so ``run.accum`` stays exact;
+train/dacs.py ``_step``; ``bank = InstanceBank(cfg.dida)`` created once in
 ``train()`` on the device, saved/restored with the checkpoint under ``"dida_bank"``)::
 
     # 1. source pass: request the embedding, update the bank from it (no gradient):
@@ -49,30 +51,14 @@ Loop-integration contract (train/dacs.py ``_step``; ``bank = InstanceBank(cfg.di
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from train.config import DidaConfig
+
 IGNORE = 255
 EPS = 1e-10  # DIDA's `near_0` inside the log
-
-
-@dataclass
-class DidaConfig:
-    """``dida.*`` settings (TrainConfig section ``dida``). Off unless ``enabled``."""
-
-    enabled: bool = False
-    bank_size: int = 300         # K instances, class-balanced
-    dim: int = 256               # decoder embedding channels (model.head_channels)
-    num_classes: int = 19
-    momentum: float = 0.999      # EMA of a slot towards its class's boundary mean
-    update_every: int = 50       # EMA update interval (empty slots are filled whenever possible)
-    boundary_min_labels: int = 2 # distinct labels in a 3x3 window that make a pixel 'boundary'
-    weight: float = 0.5          # DIDA's ins_lambda
-    calibrate: str = "prob"      # "prob" (student softmax), "logit" (DIDA's raw logits) or "none"
-    target_only: bool = True     # loss on the mixed image's target pixels only (False = DIDA: all)
-    chunk: int = 0               # pixels per chunk for the similarity maps (0 = all at once)
 
 
 def boundary_mask(label: torch.Tensor, min_labels: int = 2, num_classes: int = 19) -> torch.Tensor:

@@ -12,8 +12,10 @@ DSRNSS (Pan et al. 2023, Rorisis/DSRNSS_codes) adds three things to DACS self-tr
 
 Nothing here touches the loop; the loop calls these functions (all off unless ``dsr.enabled``).
 
-Loop-integration contract (train/dacs.py ``_step``; ``cfg.dsr`` is a :class:`DsrConfig`, ``bank`` a
-:class:`TailBank` created once in ``train()`` and saved/restored with the checkpoint under ``"dsr_bank"``)::
+Loop-integration contract, as train/peers.py wires it (the loop runs the teacher first, on the whole
+batch, then pushes the source batch into the bank before ClassMix; ``cfg.dsr`` is a :class:`DsrConfig`,
+``bank`` a :class:`TailBank` created once per run and saved/restored with the checkpoint under
+``"dsr_bank"``)::
 
     # 1. source pass, right after `out = fwd(image=src_img, events=src_evt, isr=src_isr)`:
     if cfg.dsr.enabled and cfg.dsr.bank:
@@ -49,17 +51,14 @@ at the deepest stage (1/32), a [classes x pixels] matrix per sample: negligible 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from train.config import TAIL_CLASSES, DsrConfig
 from train.mixing import classmix_draws
 
 IGNORE = 255
-
-TAIL_CLASSES: tuple[int, ...] = (12, 14, 15, 17, 18)
-"""rider, truck, bus, motorcycle, bicycle (Cityscapes trainIds), DSRNSS's bank classes."""
 
 COMPANIONS: dict[int, tuple[int, ...]] = {5: (6, 7), 6: (5,), 7: (5,), 12: (17, 18)}
 """Class -> classes that come with it in grouped ClassMix: pole <-> traffic light / sign, rider -> bikes.
@@ -70,25 +69,6 @@ Applied to a fixpoint, so a picked traffic light brings its pole and, through th
 DYNAMIC_SMALL: tuple[int, ...] = (5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 """pole, traffic light, sign, person, rider, car, truck, bus, train, motorcycle, bicycle: DSRNSS's
 'dynamic and small' list, which the prototype loss weighs up by ``DsrConfig.proto_class_weight``."""
-
-
-@dataclass
-class DsrConfig:
-    """``dsr.*`` settings (TrainConfig section ``dsr``). Everything is off unless ``enabled``."""
-
-    enabled: bool = False
-    grouped_mix: bool = True          # ClassMix picks bring their companions (COMPANIONS)
-    bank: bool = True                 # tail-class bank pasted onto the mixed sample
-    bank_classes: tuple[int, ...] = TAIL_CLASSES
-    bank_capacity: int = 3            # source batches kept (oldest out); DSRNSS keeps ~3
-    paste_every: int = 5              # paste at iterations where it % paste_every == 0
-    proto_weight: float = 0.1         # DSRNSS's 0.1 on each direction; 0 switches the term off
-    proto_start: int = 0              # first iteration with the prototype terms (DSRNSS: after 8 epochs)
-    proto_scale: float = 10.0         # cosine similarity x 10 -> logits
-    proto_mix_factor: float = 0.1     # (source, mixed) term relative to (source, target): DSRNSS's / 10
-    proto_class_weight: float = 2.0   # CE class weight of DYNAMIC_SMALL classes (1.0 = DSRNSS's uniform)
-    proto_features: str = "fusion"    # which branch's deepest features are aligned: "fusion" or "image"
-    num_classes: int = 19
 
 
 # ---------------------------------------------------------------------- grouped ClassMix
@@ -143,15 +123,17 @@ class TailBank:
         return len(self.entries)
 
     @torch.no_grad()
-    def push(self, image: torch.Tensor, events: torch.Tensor, label: torch.Tensor) -> bool:
-        """Store the tail pixels of one source batch ([B,C,H,W], [B,C,H,W], [B,H,W]); False if none."""
+    def push(self, image: torch.Tensor, events: torch.Tensor | None, label: torch.Tensor) -> bool:
+        """Store the tail pixels of one source batch ([B,C,H,W], [B,C,H,W] or None, [B,H,W]); False if none.
+
+        ``events`` None (an image-only target has no event input): the entry holds image and label only."""
         mask = torch.isin(label, torch.tensor(self.classes, device=label.device))
         if not bool(mask.any()):
             return False
         m = mask.unsqueeze(1)
         self.entries.append({
             "image": torch.where(m, image.detach(), 0).clone(),
-            "events": torch.where(m, events.detach(), 0).clone(),
+            **({} if events is None else {"events": torch.where(m, events.detach(), 0).clone()}),
             "label": torch.where(mask, label, IGNORE).to(torch.uint8),  # trainIds and 255 fit a byte
             "mask": mask.clone(),
         })
@@ -163,17 +145,20 @@ class TailBank:
         return every > 0 and iteration % every == 0
 
     @torch.no_grad()
-    def paste(self, image: torch.Tensor, events: torch.Tensor, label: torch.Tensor,
+    def paste(self, image: torch.Tensor, events: torch.Tensor | None, label: torch.Tensor,
               weight: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """New tensors with every entry pasted (oldest first); pasted label pixels get weight 1.
 
         Returns ``(image, events, label, weight, pasted)`` with ``pasted`` the [B, H, W] boolean union.
         Entry sample ``i % B_entry`` goes onto batch sample ``i``. Raises ValueError on a size mismatch.
+        ``events`` None: only image, label and weight are pasted; an entry without events (pushed
+        without them) leaves the events of the batch untouched under its pixels.
         """
         b, h, w = label.shape
         pasted = torch.zeros_like(label, dtype=torch.bool)
-        image, events, label = image.clone(), events.clone(), label.clone()
+        image, label = image.clone(), label.clone()
+        events = None if events is None else events.clone()
         weight = None if weight is None else weight.clone()
         for e in self.entries:
             if e["mask"].shape[-2:] != (h, w):
@@ -182,7 +167,8 @@ class TailBank:
             m = e["mask"][idx].to(label.device)
             m4 = m.unsqueeze(1)
             image = torch.where(m4, e["image"][idx].to(image), image)
-            events = torch.where(m4, e["events"][idx].to(events), events)
+            if events is not None and "events" in e:
+                events = torch.where(m4, e["events"][idx].to(events), events)
             label = torch.where(m, e["label"][idx].to(label), label)
             if weight is not None:
                 weight = torch.where(m, torch.ones_like(weight), weight)
