@@ -78,3 +78,12 @@ def test_a_stopped_training_is_not_recorded_as_finished(tmp_path, monkeypatch):
         cmp.run_one(Entry("base", ("--variant", "baseline")), 0, (), tmp_path / "out")
     assert [a[0] for a in calls] == ["train"]  # never evaluated
     assert not (tmp_path / "out" / "base" / "seed0" / "result.json").exists()
+
+
+def test_one_seed_has_no_std_rather_than_zero():
+    """A configuration run with one seed has an unknown spread: the table says "one seed", the JSON null."""
+    rows = summarize([{"label": "a", "seed": 0, "mIoU": 0.5, "iou": {"road": 0.7}}], ["a"])
+    assert rows["a"]["mIoU_std"] is None and rows["a"]["per_class"]["road"]["std"] is None
+    table = markdown(rows)
+    assert "50.00 (one seed)" in table and "70.0 (one seed)" in table and "+- 0.00" not in table
+    assert json.loads(json.dumps(rows))["a"]["mIoU_std"] is None

@@ -100,10 +100,19 @@ def run_one(entry: Entry, seed: int, common: tuple[str, ...], out: Path) -> dict
     return record
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (n - 1); the std of one seed is None (unknown: null in compare.json), never a
+    reassuring 0."""
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
     return mean, std
+
+
+def _pm(mean: float, std: float | None, digits: int) -> str:
+    """``mean +- std`` in %, or ``mean (one seed)`` when the std is unknown."""
+    if std is None:
+        return f"{100 * mean:.{digits}f} (one seed)"
+    return f"{100 * mean:.{digits}f} +- {100 * std:.{digits}f}"
 
 
 def summarize(records: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
@@ -124,13 +133,12 @@ def markdown(rows: dict[str, Any]) -> str:
     lines = ["| configuration | seeds | night mIoU (fusion), mean +- std | per seed |", "|---|---|---|---|"]
     for label, r in rows.items():
         per = ", ".join(f"{100 * v:.2f}" for v in r["mIoU"])
-        lines.append(f"| {label} | {len(r['seeds'])} | {100 * r['mIoU_mean']:.2f} +- {100 * r['mIoU_std']:.2f} "
-                     f"| {per} |")
+        lines.append(f"| {label} | {len(r['seeds'])} | {_pm(r['mIoU_mean'], r['mIoU_std'], 2)} | {per} |")
     classes = list(dict.fromkeys(c for r in rows.values() for c in r["per_class"]))
     lines += ["", "| class | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for c in classes:
-        cells = [f"{100 * r['per_class'][c]['mean']:.1f} +- {100 * r['per_class'][c]['std']:.1f}"
-                 if c in r["per_class"] else "n/a" for r in rows.values()]
+        cells = [_pm(r["per_class"][c]["mean"], r["per_class"][c]["std"], 1) if c in r["per_class"] else "n/a"
+                 for r in rows.values()]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -144,7 +152,8 @@ def bars_png(rows: dict[str, Any], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 4))
     for i, (_label, r) in enumerate(rows.items()):
-        ax.bar(i, 100 * r["mIoU_mean"], yerr=100 * r["mIoU_std"], color="#7a9cc6", capsize=6)
+        err = None if r["mIoU_std"] is None else 100 * r["mIoU_std"]
+        ax.bar(i, 100 * r["mIoU_mean"], yerr=err, color="#7a9cc6", capsize=6)
         ax.scatter([i] * len(r["mIoU"]), [100 * v for v in r["mIoU"]], color="black", s=14, zorder=3)
     ax.set_xticks(range(len(rows)), list(rows), rotation=20, ha="right")
     ax.set_ylabel("night mIoU (%), fusion output")
