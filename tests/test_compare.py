@@ -87,3 +87,14 @@ def test_one_seed_has_no_std_rather_than_zero():
     table = markdown(rows)
     assert "50.00 (one seed)" in table and "70.0 (one seed)" in table and "+- 0.00" not in table
     assert json.loads(json.dumps(rows))["a"]["mIoU_std"] is None
+
+
+def test_a_broken_result_file_is_one_line_naming_it(tmp_path):
+    """result.json is written atomically, so a broken one is not compare's: say which file, do not trace back."""
+    from train import compare as cmp
+
+    done = tmp_path / "out" / "base" / "seed0" / "result.json"
+    done.parent.mkdir(parents=True)
+    done.write_text('{"label": ')
+    with pytest.raises(InputError, match=r"result\.json.*not a run record"):
+        cmp.run_one(Entry("base", ("--variant", "baseline")), 0, (), tmp_path / "out")

@@ -77,7 +77,14 @@ def run_one(entry: Entry, seed: int, common: tuple[str, ...], out: Path) -> dict
     run_dir = out / entry.slug / f"seed{seed}"
     done = run_dir / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        try:
+            record = json.loads(done.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:  # written atomically: a broken one is not ours
+            raise InputError(done, f"not a run record ({exc}); delete it to train and evaluate this run "
+                             "again") from None
+        if not isinstance(record, dict) or "mIoU" not in record:
+            raise InputError(done, "not a run record (no 'mIoU'); delete it to train and evaluate this run again")
+        return record
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "compare.log"
     train = ["train", *common, *entry.args, "--seed", str(seed), "--out", str(run_dir)]
