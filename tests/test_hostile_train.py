@@ -423,14 +423,9 @@ def test_a_stopped_run_exits_non_zero_and_does_not_call_its_score_final(training
     """A run stopped by a signal before its last iteration must not look finished to whatever called it
     (`cmda compare`, dvc, a job script): exit 130, as shells report an interrupted command, and no
     "final" mIoU (the score shown is the last evaluation's, iterations before the stop)."""
-    real_step = dacs._step
+    from tests.test_train import sigterm_after_each_step
 
-    def stop_after_first(cfg, batch, *a, **k):
-        out = real_step(cfg, batch, *a, **k)
-        signal.raise_signal(signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(dacs, "_step", stop_after_first)
+    sigterm_after_each_step(monkeypatch)
     out = tmp_path / "run"
     res = cli("train", "--settings", tiny_settings(tmp_path, 3), "--datasets", training_tree, "--out", out)
     assert res.exit_code == STOPPED_EXIT, (res.exit_code, res.output)

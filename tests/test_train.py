@@ -180,17 +180,24 @@ def test_divergence_stops_with_the_term_and_keeps_the_last_checkpoint(training_t
     assert ckpts == ["iter_000002.pt"]
 
 
-def test_stop_request_saves_a_resumable_checkpoint(training_tree, tmp_path, monkeypatch):
+def sigterm_after_each_step(monkeypatch) -> object:
+    """Make every training step end with a SIGTERM (what `kill` or a cluster scheduler sends); returns
+    the real step, to put back."""
+    import signal
+
     real_step = dacs._step
 
-    def stop_after_first(cfg, batch, *a, **k):
+    def step_then_sigterm(cfg, batch, *a, **k):
         out = real_step(cfg, batch, *a, **k)
-        import signal
-
-        signal.raise_signal(signal.SIGTERM)  # what `kill` or a cluster scheduler sends
+        signal.raise_signal(signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(dacs, "_step", stop_after_first)
+    monkeypatch.setattr(dacs, "_step", step_then_sigterm)
+    return real_step
+
+
+def test_stop_request_saves_a_resumable_checkpoint(training_tree, tmp_path, monkeypatch):
+    real_step = sigterm_after_each_step(monkeypatch)
     res = dacs.train(tiny_config(training_tree, tmp_path / "run", iters=4))
     assert res["stopped"] == 1
     assert (tmp_path / "run" / "checkpoints" / "iter_000001.pt").exists()
