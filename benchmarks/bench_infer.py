@@ -7,16 +7,20 @@ Three measurements, each a ratio taken in this process:
   graph on onnxruntime's CPU provider, both on one 440x640 frame (image + 1-bin events);
 * **event side**: read + voxelise + normalise one 50 ms window of a DSEC-rate recording (~330 k events,
   6.6 M/s), from a Blosc-compressed ``events.h5`` through the stream's own code, against the 50 ms
-  between two images; the kernels are single-threaded, so this is one core;
+  between two images, pinned to one core (Blosc's decoder threads off); on synthetic uniformly random
+  events (Blosc's worst case) and, with ``--events FILE``, on windows of the same size of a real file;
 * on a CUDA machine also CUDA eager bf16 and onnxruntime's CUDA provider (when installed).
 
     python benchmarks/bench_infer.py                                  # B0 and B2, 440x640
     python benchmarks/bench_infer.py --backbones mit_b0 --height 64 --width 128 --iters 2   # a smoke run
+    python benchmarks/bench_infer.py --no-model --events ../shared/data/real/prophesee_gen3_vga/events.h5
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numcodecs import blosc as numcodecs_blosc
 
 from pipeline.calib import rectify_map_from_calibration, synthetic_calibration
 from pipeline.dsec import EventFile
@@ -96,23 +101,58 @@ def bench_model(backbone: str, args, tmp: Path) -> dict[str, float]:
     return res
 
 
-def bench_events(args, tmp: Path) -> dict[str, float]:
-    """Read + voxelise + normalise 50 ms windows of a synthetic DSEC-rate recording."""
+@contextlib.contextmanager
+def one_core():
+    """Pin this process to one CPU and stop Blosc's own decoder threads, so "one core" is true.
+
+    (numcodecs decodes on Blosc's global threads when called from the main thread; the kernels
+    are single-threaded already.) Restores both afterwards. Where affinity cannot be set (macOS),
+    says so and measures unpinned.
+    """
+    saved_threads = numcodecs_blosc.use_threads
+    numcodecs_blosc.use_threads = False
+    saved_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if saved_cpus:
+        cpu = min(saved_cpus)
+        os.sched_setaffinity(0, {cpu})
+        where = f"pinned to CPU {cpu}"
+    else:
+        where = "NOT pinned (no sched_setaffinity here)"
+    try:
+        yield where
+    finally:
+        numcodecs_blosc.use_threads = saved_threads
+        if saved_cpus:
+            os.sched_setaffinity(0, saved_cpus)
+
+
+def synthetic_events(path: Path, per_window: int, windows: int) -> None:
+    """Uniformly random events at ``per_window`` per 50 ms: the worst case for Blosc (x, y and p barely compress)."""
     rng = np.random.default_rng(0)
-    per_window = int(DSEC_RATE * INTERVAL_MS / 1e3 * args.rate_scale)
-    windows = args.windows + 1
     n = per_window * windows
     t = np.sort(rng.integers(0, int(windows * INTERVAL_MS * 1e3), n)).astype(np.uint32)
-    path = tmp / "events.h5"
     write_events_h5(path, rng.integers(0, 640, n).astype(np.uint16), rng.integers(0, 480, n).astype(np.uint16),
                     rng.integers(0, 2, n).astype(np.uint8), t, 0)
+
+
+def bench_events(args, path: Path, label: str) -> dict[str, float]:
+    """Read + voxelise + normalise back-to-back windows of ``per_window`` events of ``path`` on one core.
+
+    Windows follow each other as in ``cmda stream`` (each starts where the last ended); a file with
+    fewer events than the windows need starts over from its beginning.
+    """
+    per_window = int(DSEC_RATE * INTERVAL_MS / 1e3 * args.rate_scale)
     rect = rectifier(rectify_map_from_calibration(synthetic_calibration(np.random.default_rng(1))))
     _ = rect.splat
-    bounds = np.searchsorted(t, np.arange(windows + 1) * int(INTERVAL_MS * 1e3))
     stages: dict[str, list[float]] = {"read": [], "voxelise": [], "normalise": []}
-    with EventFile(path) as ef:
-        for k in range(windows):
-            a, b = int(bounds[k]), int(bounds[k + 1])
+    with one_core() as where, EventFile(path) as ef:
+        if ef.n_events < per_window:
+            raise SystemExit(f"{path}: {ef.n_events} events, fewer than one window of {per_window}")
+        a = 0
+        for k in range(args.windows + 1):
+            if a + per_window > ef.n_events:
+                a = 0
+            b = a + per_window
             t0 = time.perf_counter()
             ev = ef.read(a, b)
             t1 = time.perf_counter()
@@ -123,13 +163,14 @@ def bench_events(args, tmp: Path) -> dict[str, float]:
             t2 = time.perf_counter()
             events_norm(grid[0], b - a)
             t3 = time.perf_counter()
+            a = b
             if k == 0:
                 continue  # first window: numba compilation / cache load, file opening
             stages["read"].append((t1 - t0) * 1e3)
             stages["voxelise"].append((t2 - t1) * 1e3)
             stages["normalise"].append((t3 - t2) * 1e3)
     total = [sum(v) for v in zip(*stages.values(), strict=True)]
-    print(f"event side, {per_window} events per {INTERVAL_MS:.0f} ms window ({args.windows} windows, one core):")
+    print(f"event side, {label}: {per_window} events per window, {args.windows} windows, {where}:")
     for s, v in stages.items():
         print(f"  {s:<10}{ms(v)}")
     print(f"  {'total':<10}{ms(total)}  = {statistics.median(total) / INTERVAL_MS * 100:.1f} % of the "
@@ -148,6 +189,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads (0 = their default)")
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--rate-scale", type=float, default=1.0, help="events per window x this (smoke runs)")
+    ap.add_argument("--events", action="append", default=[], metavar="EVENTS_H5",
+                    help="also time windows of this DSEC-format events.h5 (e.g. a real recording); repeatable")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-model", action="store_true")
     args = ap.parse_args()
@@ -156,7 +199,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.height}x{args.width}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        bench_events(args, tmp)
+        per_window = int(DSEC_RATE * INTERVAL_MS / 1e3 * args.rate_scale)
+        synthetic_events(tmp / "events.h5", per_window, args.windows + 1)
+        bench_events(args, tmp / "events.h5", "synthetic uniform random events")
+        for path in args.events:
+            bench_events(args, Path(path), str(path))
         if not args.no_model:
             for b in args.backbones.split(","):
                 bench_model(b.strip(), args, tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import h5py
@@ -201,3 +202,40 @@ def test_without_preadv_h5py_reads(tmp_path, monkeypatch):
         got = ef.read(3, CHUNK + 9)
         assert ef._direct["t"] is None
     assert np.array_equal(got["t"], t[3:]) and np.array_equal(got["x"], x[3:])
+
+
+class _CountingCodec:
+    """Wraps the module's Blosc codec and counts decoded chunks."""
+
+    def __init__(self, codec):
+        self.codec, self.calls = codec, 0
+
+    def decode(self, raw, out=None):
+        self.calls += 1
+        return self.codec.decode(raw, out=out)
+
+
+def test_back_to_back_windows_decode_their_shared_chunk_once(tmp_path, monkeypatch):
+    """A stream reads window after window; the chunk holding a boundary is decoded for the first
+    window and reused (copied) for the next, and no earlier result changes afterwards."""
+    import pipeline.h5chunks as h5chunks
+
+    n = 4 * CHUNK + 777
+    path = tmp_path / "events.h5"
+    write_events_h5(path, *_stream(n), T_OFFSET)
+    counting = _CountingCodec(h5chunks._CODEC)
+    monkeypatch.setattr(h5chunks, "_CODEC", counting)
+    bounds = [0, CHUNK // 2, CHUNK + 10, CHUNK + 20, 3 * CHUNK, 3 * CHUNK + 1, n]
+    with h5py.File(path, "r") as f, EventFile(path) as ef:
+        expect = {k: f[f"events/{k}"][:] for k in "xypt"}
+        counting.calls = 0  # (opening checked chunk 0 and read the first/last t)
+        kept = [ef.read(a, b) for a, b in itertools.pairwise(bounds)]
+        for (a, b), got in zip(itertools.pairwise(bounds), kept, strict=True):
+            for k in "xypt":
+                assert np.array_equal(got[k], expect[k][a:b]), (k, a, b)
+        chunks = [(a // CHUNK, (b - 1) // CHUNK) for a, b in itertools.pairwise(bounds)]
+        decoded = len(set().union(*(range(c0, c1 + 1) for c0, c1 in chunks)))
+        assert counting.calls == 4 * decoded  # each chunk of each field once, none twice
+        # a jump back is decoded again and still right
+        got = ef.read(5, CHUNK + 5)
+        assert all(np.array_equal(got[k], expect[k][5:CHUNK + 5]) for k in "xypt")
