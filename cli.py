@@ -536,7 +536,8 @@ def inspect_cmd(
 ) -> None:
     """Render one PNG of the training pair iteration N feeds the network.
 
-    Rows: source image | label overlay | IC1 | day ISR, and target image | target events | night ISR
+    Rows: source image | label overlay | IC1 | day ISR; target image | target events | night ISR;
+    ClassMix: pasted source classes | mixed image (grouped with --set dsr.enabled=true)
     (red = positive, blue = negative). Uses the training data settings (defaults, or --preset and
     --set as `cmda train` takes them) and Rare Class Sampling.
     """

@@ -25,7 +25,7 @@ from train.checkpoint import save_checkpoint
 from train.config import DataConfig, RcsConfig, TrainConfig, to_dict
 from train.data import NightTest, PairedBatches, network_batch
 from train.inference import load_for_inference, predict_logits
-from train.inspect_sample import SOURCE_TITLES, TARGET_TITLES, batch_isr
+from train.inspect_sample import SOURCE_TITLES, TARGET_TITLES, batch_isr, mix_batch
 from train.models import CMDAModel
 from train.predict import predict
 from train.visualize import TITLE_HEIGHT, colorize, denormalize, events_to_rgb, overlay
@@ -154,9 +154,9 @@ def test_inspect_renders_the_iterations_training_pair(training_tree, tmp_path, m
     assert str(png.name) in res.output
     pic = _read(png)
     crop = DataConfig().crop
-    # header strip, source row (4 tiles), target row (3 tiles, padded white on the right)
+    # header strip, source row (4 tiles), target row (3 tiles, padded white on the right), ClassMix row (2)
     row = TITLE_HEIGHT + crop
-    assert pic.shape == (TITLE_HEIGHT + 2 * row, len(SOURCE_TITLES) * crop, 3)
+    assert pic.shape == (TITLE_HEIGHT + 3 * row, len(SOURCE_TITLES) * crop, 3)
     raw = PairedBatches(load_config(tree), DataConfig(), RcsConfig(), batch=1, seed=7)[3]
     batch = network_batch(raw)
     batch.update(batch_isr(raw))
@@ -171,7 +171,19 @@ def test_inspect_renders_the_iterations_training_pair(training_tree, tmp_path, m
                     events_to_rgb(batch["target_isr"][0])]
     for k, tile in enumerate(expected_tgt):
         np.testing.assert_array_equal(pic[top:top + crop, k * crop:(k + 1) * crop], tile)
-    assert (pic[top - TITLE_HEIGHT:, len(TARGET_TITLES) * crop:] == 255).all()
+    assert (pic[top - TITLE_HEIGHT:top + crop, len(TARGET_TITLES) * crop:] == 255).all()
+    # the ClassMix row: the pasted source classes over the source image, and source pasted on target
+    top += crop + TITLE_HEIGHT
+    m = mix_batch(batch, TrainConfig(), 3, 7)
+    mask = m["mix_mask"][0, 0].bool()
+    assert 0 < float(mask.float().mean()) < 1
+    pasted = np.where(mask.numpy(), batch["source_label"][0].numpy(), 255)
+    np.testing.assert_array_equal(pic[top:top + crop, :crop], overlay(src, pasted, alpha=0.7))
+    mixed = pic[top:top + crop, crop:2 * crop]
+    np.testing.assert_array_equal(mixed, denormalize(m["mix_image"][0]))
+    tgt = denormalize(batch["target_image"][0])
+    np.testing.assert_array_equal(mixed[mask.numpy()], src[mask.numpy()])
+    np.testing.assert_array_equal(mixed[~mask.numpy()], tgt[~mask.numpy()])
     # the ISR tiles are real content, not blank: both signs present
     for isr in (batch["source_isr"], batch["target_isr"]):
         assert (isr > 0.1).any() and (isr < -0.1).any()
@@ -207,14 +219,53 @@ def test_inspect_shows_the_mic_pass_when_mic_is_on(training_tree, tmp_path, monk
     pic = _read(tmp_path / "mic.png")
     crop = DataConfig().crop
     row = TITLE_HEIGHT + crop
-    assert pic.shape == (TITLE_HEIGHT + 3 * row, len(SOURCE_TITLES) * crop, 3)  # a third (MIC) row
+    assert pic.shape == (TITLE_HEIGHT + 4 * row, len(SOURCE_TITLES) * crop, 3)  # a last (MIC) row
     raw = PairedBatches(load_config(training_tree), DataConfig(), RcsConfig(), batch=1, seed=0)[2]
     cfg = TrainConfig()
     cfg.mic.enabled, cfg.mic.block = True, 16
     mic = mic_batch(network_batch(raw), cfg, 2, 0)
-    top = 2 * TITLE_HEIGHT + 2 * row
+    top = 2 * TITLE_HEIGHT + 3 * row
     tiles = [denormalize(mic["mic_image"][0]), events_to_rgb(mic["mic_events"][0]), events_to_rgb(mic["mic_isr"][0])]
     for k, tile in enumerate(tiles[:len(MIC_TITLES)]):
         np.testing.assert_array_equal(pic[top:top + crop, k * crop:(k + 1) * crop], tile)
     hidden = float((mic["mic_events"][0] == 0).float().mean())
     assert 0.3 < hidden < 1.0  # blocks of the events are hidden with the image's
+
+
+def test_inspect_shows_dsrnss_grouped_classmix_with_its_companions(training_tree, tmp_path, monkeypatch):
+    """With dsr on, the ClassMix row is the grouped one: the same draws as plain ClassMix, grown by the
+    companions (pole -> traffic light/sign, rider -> bicycle/motorcycle) present in the sample."""
+    from train.config import TrainConfig
+    from train.dsr import COMPANIONS
+
+    dsr = TrainConfig()
+    dsr.dsr.enabled = True
+    # a source label with every class of a group (the sample's labels hold no pole)
+    label = torch.tensor([0, 5, 6, 7, 12, 17, 18, 2, 8, 10]).repeat_interleave(4).reshape(1, 4, 10)
+    items = {"source_label": label, "source_image": torch.rand(1, 3, 4, 10), "target_image": torch.rand(1, 3, 4, 10)}
+    grew = 0
+    for it in range(30):
+        grouped = mix_batch(items, dsr, it, 0)["mix_mask"][0, 0].bool()
+        plain = mix_batch(items, TrainConfig(), it, 0)["mix_mask"][0, 0].bool()
+        assert bool((grouped | ~plain).all())  # the same draws, grown
+        picked = set(torch.unique(label[0][plain]).tolist())
+        expect, todo = set(picked), list(picked)
+        while todo:  # companions of companions too (a light brings its pole, the pole its signs)
+            for c in COMPANIONS.get(todo.pop(), ()):
+                if c not in expect:
+                    expect.add(c)
+                    todo.append(c)
+        assert set(torch.unique(label[0][grouped]).tolist()) == expect, (it, picked)
+        grew += expect != picked
+    assert grew > 0
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["inspect", "--config", str(training_tree), "--iter", "4", "--set",
+                                   "dsr.enabled=true", "--out", "dsr.png"])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    batch = network_batch(PairedBatches(load_config(training_tree), DataConfig(), RcsConfig(), batch=1, seed=0)[4])
+    mask = mix_batch(batch, dsr, 4, 0)["mix_mask"][0, 0].numpy() > 0
+    crop = DataConfig().crop
+    top = 2 * TITLE_HEIGHT + 2 * (TITLE_HEIGHT + crop)
+    src = denormalize(batch["source_image"][0])
+    np.testing.assert_array_equal(_read(tmp_path / "dsr.png")[top:top + crop, :crop],
+                                  overlay(src, np.where(mask, batch["source_label"][0].numpy(), 255), alpha=0.7))

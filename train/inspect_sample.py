@@ -8,12 +8,16 @@ computes on the device, and lays out per sample::
     header: iteration, seed, sample
     source image | source label overlay | IC1 (image change) | day ISR
     target image | target events        | night ISR
+    ClassMix: pasted source classes | mixed image
 
 Signed inputs (IC1, events, ISR, all in [-1, 1]) use :func:`train.visualize.events_to_rgb`: red
 positive, blue negative, white zero. Not shown: the CycleGAN "source events" (they need the
-generator weights) and the ClassMix-mixed batch (it needs the teacher's pseudo-labels). With
-``mic.enabled`` (``--set mic.enabled=true``) a third row shows the MIC pass's masked target image,
-masked events and the ISR of the masked image.
+generator weights), the mixed label and events (they need the teacher's pseudo-labels and those source
+events) and DSRNSS's tail-bank paste (it needs the bank the previous iterations filled). The ClassMix row
+shows the mask on the source label and the mixed image before colour jitter; with ``dsr.enabled`` (and
+``dsr.grouped_mix``) it is DSRNSS's grouped ClassMix, the picked classes' companions included. With
+``mic.enabled`` (``--set mic.enabled=true``) a last row shows the MIC pass's masked target image, masked
+events and the ISR of the masked image.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from train.visualize import denormalize, events_to_rgb, overlay, panel, stack, t
 
 SOURCE_TITLES = ("source image", "source label", "IC1", "day ISR")
 TARGET_TITLES = ("target image", "target events", "night ISR")
+MIX_TITLES = ("ClassMix: pasted source classes", "mixed image (before jitter)")
+GROUPED_MIX_TITLES = ("grouped ClassMix (DSRNSS): pasted classes", "mixed image (before jitter)")
 MIC_TITLES = ("MIC: masked target image", "MIC: masked events", "MIC: ISR of the masked image")
 
 
@@ -49,6 +55,23 @@ def mic_batch(items: dict[str, torch.Tensor], cfg: TrainConfig, iteration: int, 
     m = masked_inputs(items["target_image"], items["target_events"], cfg.mic,
                       random_directions(len(items["target_image"])), lambda im: _augment(cfg, im))
     return {"mic_image": m.image, "mic_events": m.events, "mic_isr": m.isr}
+
+
+def mix_batch(items: dict[str, torch.Tensor], cfg: TrainConfig, iteration: int, seed: int) -> dict[str, torch.Tensor]:
+    """The ClassMix mask (``dsr``'s grouped one when on) and mixed image of the batch, as the loop's
+    ``_mix`` draws them (source labels only). Seeded by (seed, iteration), not in the loop's order:
+    *a* mask of that iteration's kind."""
+    from train.dsr import grouped_class_masks
+    from train.mixing import class_masks, mix
+
+    torch.manual_seed(seed * 1_000_003 + iteration + 1)
+    labels = items["source_label"]
+    if cfg.dsr.enabled and cfg.dsr.grouped_mix:
+        mask = grouped_class_masks(labels, per_sample=cfg.dacs.classmix_per_sample)
+    else:
+        mask = class_masks(labels, cfg.dacs.classmix_per_sample)
+    return {"mix_mask": mask, "mix_image": mix(mask, items["source_image"], items["target_image"]),
+            "mix_grouped": cfg.dsr.enabled and cfg.dsr.grouped_mix}
 
 
 def batch_isr(batch: dict[str, torch.Tensor], direction: str = "rightdown") -> dict[str, torch.Tensor]:
@@ -77,6 +100,13 @@ def render_batch(batch: dict[str, Any], header: str = "") -> np.ndarray:
                 denormalize(batch["target_image"][b]), events_to_rgb(batch["target_events"][b]),
                 events_to_rgb(batch["target_isr"][b]),
             ), strict=True))))
+        if "mix_image" in batch:
+            src = denormalize(batch["source_image"][b])
+            pasted = np.where(np.asarray(batch["mix_mask"][b, 0]) > 0, label, 255)
+            titles = GROUPED_MIX_TITLES if batch.get("mix_grouped") else MIX_TITLES
+            sample_rows.append(panel(list(zip(titles, (
+                overlay(src, pasted, alpha=0.7), denormalize(batch["mix_image"][b]),
+            ), strict=True))))
         if "mic_image" in batch:
             sample_rows.append(panel(list(zip(MIC_TITLES, (
                 denormalize(batch["mic_image"][b]), events_to_rgb(batch["mic_events"][b]),
@@ -103,6 +133,8 @@ def inspect_iteration(config: str | Path = "datasets.yaml", iteration: int = 0, 
     raw = batches[iteration]
     items = network_batch(raw)
     items.update(batch_isr(raw, direction))
+    if "target_image" in items:
+        items.update(mix_batch(items, train_cfg or TrainConfig(), iteration, seed))
     if train_cfg is not None and train_cfg.mic.enabled and "target_image" in items:
         items.update(mic_batch(items, train_cfg, iteration, seed))
     picture = render_batch(items, header=f"iteration {iteration}, seed {seed}")
