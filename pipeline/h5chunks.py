@@ -26,6 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from numcodecs import Blosc
+from numcodecs import blosc as numcodecs_blosc
 
 from pipeline.errors import InputError
 
@@ -33,6 +34,15 @@ BLOSC_FILTER_ID = 32001
 MAX_GAP = 64 * 1024  # chunks at most this far apart on disk are fetched with one pread
 
 _CODEC = Blosc()  # decoding needs no settings: every Blosc buffer carries its own header
+
+if numcodecs_blosc.use_threads is None:
+    # numcodecs' default (None) decodes on Blosc's global thread pool whenever it is called from the
+    # main thread. For DSEC's 40k-event chunks that pool costs more than it gives: a 330k-event read
+    # took 8.5-9.0 ms with it and 5.0 ms without on the 2-core VM (benchmarks/bench_infer.py), and
+    # cmda reads in parallel with its own worker threads anyway (where numcodecs never uses the
+    # pool). A value the user set (True/False) is left alone; Zarr stores' encoding in the main
+    # thread is the only other user (0.27 vs 0.34 ms per frame grid: noise next to a read).
+    numcodecs_blosc.use_threads = False
 _SCRATCH = threading.local()  # per-thread buffer for compressed bytes
 
 

@@ -239,3 +239,16 @@ def test_back_to_back_windows_decode_their_shared_chunk_once(tmp_path, monkeypat
         # a jump back is decoded again and still right
         got = ef.read(5, CHUNK + 5)
         assert all(np.array_equal(got[k], expect[k][5:CHUNK + 5]) for k in "xypt")
+
+
+@pytest.mark.parametrize(("user", "expect"), [("", "False"), ("b.use_threads = True;", "True")])
+def test_blosc_thread_pool_is_off_unless_the_user_chose(user, expect):
+    """Blosc's global pool made event reads ~1.7x slower (module comment); a user's own choice stays."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"import numcodecs.blosc as b; {user} import pipeline.h5chunks; print(b.use_threads)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == expect
