@@ -32,6 +32,7 @@ from numcodecs import blosc as numcodecs_blosc
 
 from pipeline.calib import rectify_map_from_calibration, synthetic_calibration
 from pipeline.dsec import EventFile
+from pipeline.errors import InputError
 from pipeline.events_h5 import write_events_h5
 from pipeline.voxel import accumulate_voxels, events_norm, rectifier
 from train.export import DeploymentGraph, _export_onnx, ort_session
@@ -194,6 +195,11 @@ def main() -> None:
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-model", action="store_true")
     args = ap.parse_args()
+    for path in args.events:  # check them before minutes of other measurements
+        try:
+            EventFile(path).close()
+        except InputError as exc:
+            ap.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.height}x{args.width}")
