@@ -14,6 +14,13 @@ Sections (each runs on its own; a failure is recorded and the suite goes on):
 (c) ``oom``: a deliberately too large batch, to see the out-of-memory path end in its one-line message.
 (d) ``ddp``: ``torchrun --nproc_per_node 1`` (NCCL on CUDA, gloo with --smoke) for a few iterations.
 (e) ``env``: GPU name, driver, torch, CUDA and cuDNN versions.
+(f) ``components``: ``benchmarks/bench_components.py``'s step (the loop's ``_step`` + EMA + AdamW) for
+    the baseline, DSRNSS, DIDA, the discriminator and all three, MiT-B5 at 512x512, batch 2+2:
+    s/iter, ratio to the baseline (target <= 1.5x) and peak allocated memory (DIDA: <= +10 %).
+(g) ``inference``: ``benchmarks/bench_infer.py`` for MiT-B0 and B2 at 440x640 (head 256): PyTorch eager
+    fp32 on the CPU, CUDA eager bf16, onnxruntime (CPU, and its CUDA provider where installed), and the
+    event side (read + voxelise + normalise 330 k events on one core); B2's end to end is the CUDA model
+    plus the event side (target >= 30 frames/s).
 
 Writes ``<out>/gpu_suite.json`` and ``<out>/gpu_suite.md`` (default out: runs/gpu_suite). Packages
 needed beyond the project's own: none. A bare GPU machine needs a CUDA build of torch and then
@@ -41,6 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import bench_components  # noqa: E402
+import bench_infer  # noqa: E402
 import bench_train  # noqa: E402
 
 REQUIREMENTS = "none beyond the project: a CUDA build of torch, then `pip install -e .`"
@@ -55,6 +64,12 @@ STEP_CONFIGS = (  # name, amp, channels_last, fused, compile, checkpoint, accum
     ("default + checkpointing", True, True, True, False, True, 1),
     ("default + accum 2", True, True, True, False, False, 2),
 )
+COMP_FULL = {"backbone": "mit_b5", "crop": 512, "batch": 2, "head_channels": 256, "iters": 10, "warmup": 3}
+COMP_SMOKE = {"backbone": "mit_b0", "crop": 128, "batch": 1, "head_channels": 32, "iters": 1, "warmup": 0}
+INFER_FULL = {"backbones": ("mit_b0", "mit_b2"), "height": 440, "width": 640, "head_channels": 256, "iters": 10,
+              "warmup": 2, "threads": 0, "no_onnx": False, "windows": 20, "rate_scale": 1.0}
+INFER_SMOKE = {"backbones": ("mit_b0",), "height": 64, "width": 128, "head_channels": 32, "iters": 1, "warmup": 0,
+               "threads": 0, "no_onnx": True, "windows": 2, "rate_scale": 0.05}
 SMOKE_SAMPLE_YAML = (
     "dsec:\n  root: data/sample/DSEC_Night\n  out: data/processed/dsec\n  test_split: rule\n  label_every: 6\n"
     "  sequences:\n    zurich_city_09_a: {labelled: [0, 13]}\n"
@@ -106,6 +121,50 @@ def train_step(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
         if base and "s_per_iter" in r:
             r["speedup_vs_fp32"] = base / r["s_per_iter"]
     return rows
+
+
+def components(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """The peer components' step cost and peak memory against the baseline (bench_components)."""
+    sizes = COMP_SMOKE if smoke else COMP_FULL
+    try:
+        rows = bench_components.measure(list(bench_components.CONFIGS), argparse.Namespace(**sizes), device)
+    except torch.OutOfMemoryError as exc:
+        return {**sizes, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # recorded, the suite goes on
+        return {**sizes, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=3)}
+    base = rows["baseline"]
+    for r in rows.values():
+        r["ratio"] = r["s_per_iter"] / base["s_per_iter"]
+        if "peak_gib" in r:
+            r["peak_ratio"] = r["peak_gib"] / base["peak_gib"]
+    return {**sizes, "configs": rows}
+
+
+def inference(work: Path, smoke: bool) -> dict[str, Any]:
+    """Per-frame latency of the deployment models and the event side (bench_infer); ms per frame."""
+    sizes = dict(INFER_SMOKE if smoke else INFER_FULL)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        sizes["no_onnx"], sizes["onnx_note"] = True, "onnxruntime not installed (pip install -e '.[deploy]')"
+    args = argparse.Namespace(**sizes, events=[])
+    out: dict[str, Any] = {**sizes, "models": {}}
+    try:
+        per_window = int(bench_infer.DSEC_RATE * bench_infer.INTERVAL_MS / 1e3 * args.rate_scale)
+        bench_infer.synthetic_events(work / "bench_events.h5", per_window, args.windows + 1)
+        out["event_side_ms"] = bench_infer.bench_events(args, work / "bench_events.h5", "synthetic")["event_total"]
+    except Exception as exc:
+        out["event_side_error"] = f"{type(exc).__name__}: {exc}"
+    for b in args.backbones:
+        try:
+            res = bench_infer.bench_model(b, args, work)
+        except Exception as exc:  # recorded, the suite goes on
+            out["models"][b] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=3)}
+            continue
+        if "torch_cuda_bf16" in res and "event_side_ms" in out:
+            res["end_to_end_fps_cuda"] = 1e3 / (res["torch_cuda_bf16"] + out["event_side_ms"])
+        out["models"][b] = res
+    return out
 
 
 def _cmda(args: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None
@@ -209,6 +268,30 @@ def markdown(report: dict[str, Any]) -> str:
               f"{sr.get('evaluate', {}).get('exit')}, night mIoU (fusion) "
               f"{sr.get('evaluate', {}).get('night_mIoU_fusion')}",
               f"- out-of-memory path: {report['oom']}", f"- torchrun 1 process: {report['ddp']}"]
+    comp = report.get("components") or {}
+    if comp:
+        lines += ["", f"Peer components ({comp.get('backbone')}, crop {comp.get('crop')}, batch {comp.get('batch')}+"
+                  f"{comp.get('batch')}):", "", "| configuration | s/iter | vs baseline | peak GB | vs baseline |",
+                  "|---|---|---|---|---|"]
+        if "error" in comp:
+            lines.append(f"| {comp['error']} | | | | |")
+        for name, r in comp.get("configs", {}).items():
+            peak = f"{r['peak_gib']:.2f} | {r['peak_ratio']:.2f}x" if "peak_gib" in r else "- | -"
+            lines.append(f"| {name} | {r['s_per_iter']:.3f} | {r['ratio']:.2f}x | {peak} |")
+    inf = report.get("inference") or {}
+    if inf:
+        side = f"{inf['event_side_ms']:.1f} ms" if "event_side_ms" in inf else inf.get("event_side_error")
+        lines += ["", f"Inference ({inf.get('height')}x{inf.get('width')}, ms per frame; event side {side} on one "
+                  "core):", "",
+                  "| backbone | eager fp32 CPU | onnxruntime CPU | onnxruntime CUDA | eager bf16 CUDA "
+                  "| end to end fps |",
+                  "|---|---|---|---|---|---|"]
+        for b, r in inf.get("models", {}).items():
+            if "error" in r:
+                lines.append(f"| {b} | {r['error']} | | | | |")
+                continue
+            cells = [r.get(k) for k in ("torch_cpu", "ort_cpu", "ort_cuda", "torch_cuda_bf16", "end_to_end_fps_cuda")]
+            lines.append(f"| {b} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +301,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_suite", help="folder for the report")
     ap.add_argument("--datasets", type=Path, default=None,
                     help="datasets.yaml of an already built sample (default: build one in the work folder)")
-    ap.add_argument("--only", default="env,train_step,sample_run,oom,ddp", help="comma-separated sections")
+    ap.add_argument("--only", default="env,train_step,sample_run,oom,ddp,components,inference",
+                    help="comma-separated sections")
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         print("error: no CUDA device: the GPU suite needs one (pass --smoke to check the script on the CPU)",
@@ -240,6 +324,8 @@ def main() -> int:
         datasets = work / "datasets.yaml"
     report["oom"] = oom_check(work, datasets, dev_arg, args.smoke) if "oom" in only else {}
     report["ddp"] = ddp_check(work, datasets, dev_arg, args.smoke) if "ddp" in only else {}
+    report["components"] = components(device, args.smoke) if "components" in only else {}
+    report["inference"] = inference(work, args.smoke) if "inference" in only else {}
     report["seconds"] = time.perf_counter() - t0
     (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
     md = markdown(report)

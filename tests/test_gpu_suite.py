@@ -32,7 +32,13 @@ def test_smoke_run_writes_every_field(training_tree, tmp_path):
     res = _run(["--smoke", "--out", str(tmp_path / "out"), "--datasets", str(training_tree)], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
-    assert set(report) >= {"smoke", "requirements", "env", "train_step", "sample_run", "oom", "ddp", "seconds"}
+    assert set(report) >= {"smoke", "requirements", "env", "train_step", "sample_run", "oom", "ddp", "components",
+                           "inference", "seconds"}
+    comp = report["components"]["configs"]
+    assert list(comp) == ["baseline", "dsr", "dida", "adv", "all"]
+    assert comp["baseline"]["ratio"] == 1.0 and all(r["s_per_iter"] > 0 for r in comp.values())
+    inf = report["inference"]
+    assert inf["event_side_ms"] > 0 and inf["models"]["mit_b0"]["torch_cpu"] > 0, inf
     assert {"gpu", "driver", "torch", "cuda", "cudnn"} <= set(report["env"])
     names = [r["name"] for r in report["train_step"]]
     assert names == ["fp32 eager", "default (bf16, channels_last, fused AdamW)", "default + compile",
