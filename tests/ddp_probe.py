@@ -1,6 +1,9 @@
 """`cmda train` under torchrun, recording each rank's student weights after the first optimiser step
 (and, with ``CMDA_DDP_SIGTERM_RANK=r``, sending SIGTERM to rank r alone during iteration 2).
 
+With the peer components on, it also writes a digest of their state (tail bank, instance bank,
+discriminator + optimiser) after the first iteration to ``rank<RANK>_peers.txt``.
+
 Used by tests/test_end_to_end.py::test_torchrun_ddp_on_cpu: the EMA update of iteration 1 receives
 the student right after step 1, on every rank; this writes a SHA-256 of its parameters to
 ``$CMDA_DDP_PROBE/rank<RANK>.txt``. Ranks draw different batches (seed + 1000 * rank), so equal
@@ -14,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from train import dacs
+from train import dacs, peers
 
 _real_ema_update = dacs.ema_update
 
@@ -36,6 +39,37 @@ def _probe(teacher, student, alpha) -> None:
 
 
 dacs.ema_update = _probe
+
+_real_finish = peers.PeerStep.finish
+
+
+def _probe_peers(step):
+    """After the first iteration's component updates: a digest of every component's state per rank."""
+    extra = _real_finish(step)
+    if not getattr(_probe_peers, "done", False):
+        _probe_peers.done = True
+        digest = hashlib.sha256()
+        for key, state in sorted(step.peers.state_dict().items()):
+            digest.update(key.encode())
+            for t in _tensors(state):
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        out = Path(os.environ["CMDA_DDP_PROBE"])
+        (out / f"rank{os.environ.get('RANK', '0')}_peers.txt").write_text(digest.hexdigest())
+    return extra
+
+
+def _tensors(obj):
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k])
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
+    elif hasattr(obj, "detach"):
+        yield obj
+
+
+peers.PeerStep.finish = _probe_peers
 
 if __name__ == "__main__":
     from cli import app

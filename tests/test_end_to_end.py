@@ -101,6 +101,40 @@ def test_torchrun_ddp_on_cpu(training_tree, tmp_path):
     assert digests[0] == digests[1]
 
 
+def test_torchrun_ddp_with_the_peer_components(training_tree, tmp_path):
+    """DSRNSS, DIDA and the discriminator under two gloo processes: after the first iteration both ranks
+    hold the same student and the same component state (train/collective.py), so rank 0's checkpoint,
+    which holds it, resumes every rank."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "CMDA_DDP_PROBE": str(tmp_path), "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", str(repo / "tests" / "ddp_probe.py"), "train", "--preset", "cpu-sample",
+         "--iters", "2", "--crop", "128", "--set", "data.source_resize=256,128", "--set", "run.eval_every=2",
+         "--set", "data.workers=0", "--set", "rcs.min_pixels=50", "--set", "dsr.enabled=true",
+         "--set", "dsr.bank_classes=0,2", "--set", "dida.enabled=true", "--set", "dida.dim=64",
+         "--set", "dida.update_every=1", "--set", "adv.enabled=true", "--device", "cpu",
+         "--datasets", str(training_tree), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [(tmp_path / "rank0.txt").read_text()] * 2
+    peers = [(tmp_path / f"rank{r}_peers.txt").read_text() for r in (0, 1)]
+    assert peers[0] == peers[1]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "iter_000002.pt", map_location="cpu", weights_only=False)
+    extra = state.get("extra", state)
+    assert {"dsr_bank", "dida_bank", "adversary"} <= set(extra), sorted(extra)
+    assert extra["dsr_bank"]["entries"] and extra["dsr_bank"]["entries"][0]["mask"].shape[0] == 2 * 2  # both ranks
+
+
 def test_torchrun_sigterm_to_one_rank_stops_every_rank(training_tree, tmp_path):
     """A SIGTERM that reaches one rank only: every rank stops after the same iteration, rank 0
     checkpoints it, and the run exits cleanly instead of waiting forever on the stopped rank."""

@@ -40,7 +40,7 @@ DistributedDataParallel (or all-reduce its gradients before ``opt.step``) so the
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -142,10 +142,15 @@ class Adversary:
                 "adv/d_target": _bce(self._d(target_logits.detach()), TARGET, target_weight) / 2}
 
     def discriminator_step(self, source_logits: torch.Tensor, target_logits: torch.Tensor,
-                           target_weight: torch.Tensor | None = None) -> dict[str, float]:
-        """Backward D's loss, step D's optimiser, zero its gradients; returns the halves as floats."""
+                           target_weight: torch.Tensor | None = None,
+                           reduce_grads: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
+        """Backward D's loss, step D's optimiser, zero its gradients; returns the halves as floats.
+
+        ``reduce_grads(disc)`` runs between backward and step (under DDP: the ranks' mean)."""
         terms = self.discriminator_loss(source_logits, target_logits, target_weight)
         sum(terms.values()).backward()
+        if reduce_grads is not None:
+            reduce_grads(self.disc)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {k: float(v.detach()) for k, v in terms.items()}

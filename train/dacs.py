@@ -373,7 +373,7 @@ def build(cfg: TrainConfig, ctx: Context, say, resuming: bool = False) -> Parts:
     threshold = (AdaptiveThreshold(cfg.model.num_classes, cfg.dacs.adaptive_cap, device=ctx.device)
                  if cfg.dacs.pseudo_mode == "adaptive" and teacher is not None else None)
     return Parts(batches, test, model, model, teacher, gan, imnet, opt, threshold,
-                 Peers.build(cfg, ctx.device, ctx.world))
+                 Peers.build(cfg, ctx.device))
 
 
 def restore(parts: Parts, state: dict[str, Any] | None, path: Path | None, say) -> int:

@@ -146,12 +146,13 @@ class TailBank:
 
     @torch.no_grad()
     def paste(self, image: torch.Tensor, events: torch.Tensor | None, label: torch.Tensor,
-              weight: torch.Tensor | None = None
+              weight: torch.Tensor | None = None, offset: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """New tensors with every entry pasted (oldest first); pasted label pixels get weight 1.
 
         Returns ``(image, events, label, weight, pasted)`` with ``pasted`` the [B, H, W] boolean union.
-        Entry sample ``i % B_entry`` goes onto batch sample ``i``. Raises ValueError on a size mismatch.
+        Entry sample ``(offset + i) % B_entry`` goes onto batch sample ``i`` (under DDP the entries hold
+        every rank's batch and rank r passes ``offset = r * B``). Raises ValueError on a size mismatch.
         ``events`` None: only image, label and weight are pasted; an entry without events (pushed
         without them) leaves the events of the batch untouched under its pixels.
         """
@@ -163,7 +164,7 @@ class TailBank:
         for e in self.entries:
             if e["mask"].shape[-2:] != (h, w):
                 raise ValueError(f"bank entry of size {tuple(e['mask'].shape[-2:])} cannot paste onto {(h, w)}")
-            idx = torch.arange(b, device=label.device) % e["mask"].shape[0]
+            idx = (torch.arange(b, device=label.device) + offset) % e["mask"].shape[0]
             m = e["mask"][idx].to(label.device)
             m4 = m.unsqueeze(1)
             image = torch.where(m4, e["image"][idx].to(image), image)

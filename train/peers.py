@@ -23,6 +23,12 @@ Where each component hooks in (full batch unless said, so ``run.accum`` > 1 give
   embeddings and steps the discriminator on the whole batch's (detached) outputs. DIDA's bank is
   therefore updated *after* the iteration's instance loss, which sees the bank as it was after the
   previous iteration: that keeps gradient accumulation exact (departure from DIDA's order, README).
+
+Under torchrun (DDP) the components' state stays the same on every rank (train/collective.py), so rank
+0's checkpoint resumes them all: the tail bank stores every rank's source batch (rank r pastes the
+entries' samples r*B .. r*B+B-1 onto its own), DIDA's bank is updated from every rank's embeddings and
+then takes rank 0's slots (the random picks differ by rank), and the discriminator steps on the ranks'
+mean gradient. The prototype terms need nothing: DDP averages their gradients with the rest.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import InputError
 from train.adversarial import Adversary
+from train.collective import average_gradients, broadcast_, gather, world
 from train.config import TrainConfig
 from train.dida import InstanceBank, dida_terms
 from train.dsr import TailBank, grouped_class_masks, prototype_terms
@@ -56,17 +62,18 @@ class Peers:
     device: torch.device | None = None
 
     @classmethod
-    def build(cls, cfg: TrainConfig, device: torch.device, world: int = 1) -> Peers:
-        on = [n for n in ("dsr", "dida", "adv") if getattr(cfg, n).enabled]
-        if on and world > 1:
-            raise InputError(None, f"{', '.join(on)}: the peer components run in one process only for now (each "
-                             "rank would keep its own banks and discriminator, and a checkpoint holds rank 0's)")
+    def build(cls, cfg: TrainConfig, device: torch.device) -> Peers:
+        """The components' state. Under DDP every rank builds the same (same seed; the discriminator's
+        initial weights are broadcast from rank 0 all the same) and keeps it equal (module docstring)."""
         s = cfg.dsr
-        return cls(
+        peers = cls(
             tail=TailBank(s.bank_capacity, s.bank_classes) if s.enabled and s.bank else None,
             instances=InstanceBank(cfg.dida, device) if cfg.dida.enabled else None,
             adversary=Adversary(cfg.adv, cfg.model.num_classes, device) if cfg.adv.enabled else None,
             device=device)
+        if peers.adversary is not None:
+            broadcast_(*peers.adversary.disc.parameters())
+        return peers
 
     def state_dict(self) -> dict[str, Any]:
         """``{checkpoint key: state}`` of the components that are on (a checkpoint's ``extra``)."""
@@ -133,9 +140,12 @@ class PeerStep:
             self._teacher_emb = t_out.embeddings["fusion"]
 
     def push_tail(self, x: Mapping[str, torch.Tensor]) -> None:
-        """DSRNSS: store this source batch's tail-class pixels (before the paste, as DSRNSS)."""
+        """DSRNSS: store this source batch's tail-class pixels (before the paste, as DSRNSS); under DDP
+        every rank's batch, so the ranks' banks stay equal."""
         if self.peers.tail is not None:
-            self.peers.tail.push(x["source_image"], x.get("source_events"), x["source_label"])
+            events = x.get("source_events")
+            self.peers.tail.push(gather(x["source_image"]), None if events is None else gather(events),
+                                 gather(x["source_label"]))
 
     def class_masks(self, labels: torch.Tensor, per_sample: bool) -> torch.Tensor:
         """ClassMix masks: DSRNSS's grouped ones when ``dsr.grouped_mix`` (the same random draws)."""
@@ -154,7 +164,8 @@ class PeerStep:
         tail = self.peers.tail
         if tail is None or not tail.should_paste(self.it, self.cfg.dsr.paste_every) or not tail.n_entries:
             return image, events, label, weight, target
-        image, events, label, weight, pasted = tail.paste(image, events, label, weight)
+        image, events, label, weight, pasted = tail.paste(image, events, label, weight,
+                                                          offset=world()[0] * label.shape[0])
         self._pasted = float(pasted.float().mean())
         return image, events, label, weight, target * ~pasted
 
@@ -212,14 +223,17 @@ class PeerStep:
     def finish(self) -> dict[str, float]:
         """Update DIDA's bank and step the discriminator on the whole batch; the components' metrics."""
         extra: dict[str, float] = {}
-        if self.peers.instances is not None and self._bank_in:
-            emb, lbl = (torch.cat(t) for t in zip(*self._bank_in, strict=True))
-            self.peers.instances.update(emb, lbl, self.it)
+        bank = self.peers.instances
+        if bank is not None and self._bank_in:
+            emb, lbl = (gather(torch.cat(t)) for t in zip(*self._bank_in, strict=True))  # DDP: the global batch
+            bank.update(emb, lbl, self.it)
+            broadcast_(bank.feats, bank.filled)  # DDP: rank 0's random picks
         adv = self.peers.adversary
         if adv is not None and self._adv_target:
             tgt, w = (torch.cat(t) for t in zip(*self._adv_target, strict=True))
             extra["adv/lr"] = adv.set_lr(self.it, self.cfg.run.iters)
-            extra.update(adv.discriminator_step(torch.cat(self._adv_source), tgt, w))
+            extra.update(adv.discriminator_step(torch.cat(self._adv_source), tgt, w,
+                                                reduce_grads=average_gradients))  # DDP: the ranks' mean
         if self.peers.tail is not None:
             extra["dsr/pasted"] = self._pasted or 0.0  # share of the mixed pixels pasted from the bank
         extra.update(self.peers.metrics())
