@@ -286,3 +286,21 @@ def test_a_model_that_fails_the_check_is_not_written(tree, ckpt, tmp_path, monke
     out = tmp_path / "bad.onnx"
     _fails(["export", ckpt, "--out", out, "--config", tree], "disagrees with PyTorch", "90.000 %", "not written")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_only_checkpoint_is_refused_by_export_and_stream(tree, tmp_path):
+    """An image + ISR model (Dark Zurich / ACDC) has no event input: exporting it with an "events" input or
+    streaming DSEC events into its ISR encoder would give predictions that mean nothing, silently."""
+    from train.config import apply_target
+
+    cfg = apply_target(TrainConfig(), "darkzurich")
+    cfg.model.backbone, cfg.model.head_channels = "mit_b0", 32
+    path = tmp_path / "dz" / "iter_1.pt"
+    save_checkpoint(path, iteration=1, student=CMDAModel("mit_b0", head_channels=32, fusion=cfg.model.fusion),
+                    teacher=None, optimizer=None, config=to_dict(cfg))
+    _fails(["export", path, "--config", tree, "--out", tmp_path / "dz.onnx"], "iter_1.pt", "image + ISR model",
+           "darkzurich")
+    assert not (tmp_path / "dz.onnx").exists()
+    _fails(["stream", "--seq", SEQ, "--model", path, "--config", tree, "--out", tmp_path / "s"], "iter_1.pt",
+           "image + ISR model")
+    assert not (tmp_path / "s").exists()

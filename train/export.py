@@ -62,13 +62,19 @@ def require(module: str) -> Any:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CMDAModel, TrainConfig, dict[str, Any]]:
     """Checkpoint -> (student in eval mode, its training config, the raw state).
 
-    The one place ``cmda export`` and ``cmda stream`` read a checkpoint.
+    The one place ``cmda export`` and ``cmda stream`` read a checkpoint (cmda's or CMDA's released
+    one). Both deploy image + event models: an image + ISR model (``--target darkzurich``/``acdc``)
+    is refused, since its second encoder would get events (or an "events" input) it never saw.
     """
+    from train.config import image_only
     from train.inference import load_for_inference
 
-    # CMDA-CHECKPOINT: when the importer of CMDA's released (mmcv) checkpoints lands, call its
-    # "load either format" function here instead, so both commands accept CMDA's files too.
-    return load_for_inference(path, teacher=False, device=device)
+    model, cfg, state = load_for_inference(path, teacher=False, device=device)
+    if image_only(cfg):
+        raise InputError(path, f"this is an image + ISR model (trained for {cfg.data.target}, no event input): "
+                         "`cmda export` and `cmda stream` deploy image + event models only; score or predict it "
+                         f"with `cmda evaluate/predict --target {cfg.data.target}`")
+    return model, cfg, state
 
 
 def fold_event_channels(encoder: nn.Module) -> nn.Module:
