@@ -103,8 +103,9 @@ def test_torchrun_ddp_on_cpu(training_tree, tmp_path):
 
 def test_torchrun_ddp_with_the_peer_components(training_tree, tmp_path):
     """DSRNSS, DIDA and the discriminator under two gloo processes: after the first iteration both ranks
-    hold the same student and the same component state (train/collective.py), so rank 0's checkpoint,
-    which holds it, resumes every rank."""
+    hold the same student and the same component state (train/collective.py), and a run resumed under
+    torchrun from rank 0's checkpoint continues exactly (its last iteration logs what the full run's did)."""
+    import json
     import os
     import shutil
     import subprocess
@@ -115,24 +116,38 @@ def test_torchrun_ddp_with_the_peer_components(training_tree, tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "CMDA_DDP_PROBE": str(tmp_path), "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", str(repo / "tests" / "ddp_probe.py"), "train", "--preset", "cpu-sample",
-         "--iters", "2", "--crop", "128", "--set", "data.source_resize=256,128", "--set", "run.eval_every=2",
-         "--set", "data.workers=0", "--set", "rcs.min_pixels=50", "--set", "dsr.enabled=true",
-         "--set", "dsr.bank_classes=0,2", "--set", "dida.enabled=true", "--set", "dida.dim=64",
-         "--set", "dida.update_every=1", "--set", "adv.enabled=true", "--device", "cpu",
-         "--datasets", str(training_tree), "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [(tmp_path / "rank0.txt").read_text()] * 2
-    peers = [(tmp_path / f"rank{r}_peers.txt").read_text() for r in (0, 1)]
-    assert peers[0] == peers[1]
-    state = torch.load(tmp_path / "run" / "checkpoints" / "iter_000002.pt", map_location="cpu", weights_only=False)
-    extra = state.get("extra", state)
-    assert {"dsr_bank", "dida_bank", "adversary"} <= set(extra), sorted(extra)
-    assert extra["dsr_bank"]["entries"] and extra["dsr_bank"]["entries"][0]["mask"].shape[0] == 2 * 2  # both ranks
+    common = ["--preset", "cpu-sample", "--iters", "3", "--crop", "128", "--set", "data.source_resize=256,128",
+              "--set", "run.eval_every=3", "--set", "run.ckpt_every=1", "--set", "data.workers=0",
+              "--set", "rcs.min_pixels=50", "--set", "dsr.enabled=true", "--set", "dsr.bank_classes=0,2",
+              "--set", "dsr.paste_every=1", "--set", "dida.enabled=true", "--set", "dida.dim=64",
+              "--set", "dida.update_every=1", "--set", "adv.enabled=true", "--device", "cpu",
+              "--datasets", str(training_tree)]
+
+    def torchrun_train(probe: Path, *args: str) -> None:
+        probe.mkdir()
+        env = {**os.environ, "CMDA_DDP_PROBE": str(probe), "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+        res = subprocess.run([torchrun, "--nproc_per_node", "2", str(repo / "tests" / "ddp_probe.py"), "train",
+                              *common, *args], capture_output=True, text=True, timeout=900, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    torchrun_train(tmp_path / "probe_full", "--out", str(tmp_path / "full"))
+    probe = tmp_path / "probe_full"
+    assert (probe / "rank0.txt").read_text() == (probe / "rank1.txt").read_text()
+    assert (probe / "rank0_peers.txt").read_text() == (probe / "rank1_peers.txt").read_text()
+    state = torch.load(tmp_path / "full" / "checkpoints" / "iter_000002.pt", map_location="cpu", weights_only=False)
+    assert {"dsr_bank", "dida_bank", "adversary"} <= set(state), sorted(state)
+    assert state["dsr_bank"]["entries"][0]["mask"].shape[0] == 2 * 2  # both ranks' batches of 2
+
+    torchrun_train(tmp_path / "probe_resumed", "--out", str(tmp_path / "resumed"), "--resume",
+                   str(tmp_path / "full" / "checkpoints" / "iter_000002.pt"))
+
+    def last(run: str) -> dict:
+        rows = [json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        row = [r for r in rows if r.get("iter") == 3 and "loss/total" in r][-1]
+        return {k: v for k, v in row.items() if k != "time/iter_s"}
+
+    assert last("resumed") == last("full")
+    assert {"loss/dsr/proto", "loss/dida/instance", "loss/adv/generator", "adv/d_source"} <= set(last("full"))
 
 
 def test_torchrun_sigterm_to_one_rank_stops_every_rank(training_tree, tmp_path):
