@@ -389,8 +389,9 @@ def export(
 ) -> None:
     """Export the student's fusion output (both encoders, fusion, one head pass) as an ONNX model.
 
-    Inputs: the normalised image 1x3xHxW and event grid 1xCxHxW (C = 1 for 1 bin); output: logits
-    1x19xHxW or, with --argmax, labels 1xHxW. The model is checked against PyTorch on one frame with
+    Inputs: the normalised image 1x3xHxW and event grid 1xCxHxW (C = 1 for 1 bin); an image + ISR model
+    (--target darkzurich/acdc) takes the image and its ISR 1x1xHxW instead, at 540x960 by default. Output:
+    logits 1x19xHxW or, with --argmax, labels 1xHxW. The model is checked against PyTorch on one frame with
     onnxruntime before it is written. Needs the deploy extra: pip install -e '.[deploy]'.
     """
     from train.export import export_checkpoint
@@ -399,7 +400,8 @@ def export(
                           fp16=fp16, dynamic=dynamic)
     shape = "dynamic HxW" if r.dynamic else f"{r.height}x{r.width}"
     diff = "" if r.max_diff is None else f"max |logit diff| {r.max_diff:.1e}, "
-    typer.echo(f"{r.backbone} {r.precision} {r.output}, image 1x3 and events 1x{r.event_channels} at {shape}; "
+    typer.echo(f"{r.backbone} {r.precision} {r.output}, image 1x3 and {r.second_input} 1x{r.event_channels} at "
+               f"{shape}; "
                f"checked on {r.frame}: {diff}argmax agreement {100 * r.agreement:.3f} % "
                f"-> {r.out} ({r.size_mb:.1f} MB)")
 

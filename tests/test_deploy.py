@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.config import load_config
+from pipeline.errors import InputError
 from pipeline.store import VoxelStore
 from tests.raw_tree import SEQ, TEST_FRAMES, raw_tree
 from train.checkpoint import save_checkpoint
@@ -288,19 +289,45 @@ def test_a_model_that_fails_the_check_is_not_written(tree, ckpt, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_image_only_checkpoint_is_refused_by_export_and_stream(tree, tmp_path):
-    """An image + ISR model (Dark Zurich / ACDC) has no event input: exporting it with an "events" input or
-    streaming DSEC events into its ISR encoder would give predictions that mean nothing, silently."""
+def test_an_image_only_checkpoint_exports_with_an_isr_input_and_stream_refuses_it(tree, tmp_path):
+    """An image + ISR model (Dark Zurich / ACDC) has no event input. Export gives it an ``isr`` input (the
+    one-channel ISR, folded as 1-bin events are) and checks it against PyTorch; ``cmda stream``, which
+    replays DSEC events, refuses both the checkpoint and the exported model. (Before, both commands took
+    it silently: an "events" input the model never saw, DSEC events into its ISR encoder.)"""
     from train.config import apply_target
+    from train.data import normalize_image
+    from train.export import ort_session
+    from train.night_data import night_isr
 
     cfg = apply_target(TrainConfig(), "darkzurich")
     cfg.model.backbone, cfg.model.head_channels = "mit_b0", 32
+    torch.manual_seed(3)
+    model = CMDAModel("mit_b0", head_channels=32, fusion=cfg.model.fusion)
     path = tmp_path / "dz" / "iter_1.pt"
-    save_checkpoint(path, iteration=1, student=CMDAModel("mit_b0", head_channels=32, fusion=cfg.model.fusion),
-                    teacher=None, optimizer=None, config=to_dict(cfg))
-    _fails(["export", path, "--config", tree, "--out", tmp_path / "dz.onnx"], "iter_1.pt", "image + ISR model",
-           "darkzurich")
-    assert not (tmp_path / "dz.onnx").exists()
+    save_checkpoint(path, iteration=1, student=model, teacher=None, optimizer=None, config=to_dict(cfg))
+    out = tmp_path / "dz.onnx"
+    line = _ok(["export", path, "--out", out, "--height", "128", "--width", "224"])
+    assert "image 1x3 and isr 1x1 at 128x224" in line and "image and its ISR" in line
+    sess = ort_session(out)
+    assert [i.name for i in sess.get_inputs()] == ["image", "isr"]
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["cmda.second_input"] == "isr" and meta["cmda.target"] == "darkzurich"
+    # a frame of its own: what cmda predict --target darkzurich feeds the model (image, ISR x 3)
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (128, 224, 3)).astype(np.uint8)
+    image, isr = normalize_image(img)[None], night_isr(img)[None]
+    got = sess.run(None, {"image": image, "isr": isr})[0]
+    model.eval()
+    with torch.no_grad():
+        ref = predict_logits(model, torch.from_numpy(image), torch.from_numpy(np.repeat(isr, 3, axis=1)),
+                             ("fusion",), amp=False, scale=cfg.data.test_scale)["fusion"].numpy()
+    assert np.abs(got - ref).max() <= 1e-3
+    assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.999
+    _fails(["export", path, "--bins", "3"], "iter_1.pt", "--bins 3 does not apply")
     _fails(["stream", "--seq", SEQ, "--model", path, "--config", tree, "--out", tmp_path / "s"], "iter_1.pt",
+           "image + ISR model", "cmda export")
+    _fails(["stream", "--seq", SEQ, "--model", out, "--config", tree, "--out", tmp_path / "s"], "dz.onnx",
            "image + ISR model")
     assert not (tmp_path / "s").exists()
+    with pytest.raises(InputError, match="image \\+ ISR"):
+        open_onnx(out)

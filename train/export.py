@@ -33,6 +33,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,21 +60,23 @@ def require(module: str) -> Any:
         raise InputError(None, f"{module} is not installed; {DEPLOY_HINT}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CMDAModel, TrainConfig, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, image_only_ok: bool = False
+               ) -> tuple[CMDAModel, TrainConfig, dict[str, Any]]:
     """Checkpoint -> (student in eval mode, its training config, the raw state).
 
     The one place ``cmda export`` and ``cmda stream`` read a checkpoint (cmda's or CMDA's released
-    one). Both deploy image + event models: an image + ISR model (``--target darkzurich``/``acdc``)
-    is refused, since its second encoder would get events (or an "events" input) it never saw.
+    one). An image + ISR model (``--target darkzurich``/``acdc``) is refused unless ``image_only_ok``:
+    ``cmda stream`` would feed its ISR encoder events it never saw (``cmda export`` takes it, with an
+    ``isr`` input instead of ``events``).
     """
     from train.config import image_only
     from train.inference import load_for_inference
 
     model, cfg, state = load_for_inference(path, teacher=False, device=device)
-    if image_only(cfg):
+    if image_only(cfg) and not image_only_ok:
         raise InputError(path, f"this is an image + ISR model (trained for {cfg.data.target}, no event input): "
-                         "`cmda export` and `cmda stream` deploy image + event models only; score or predict it "
-                         f"with `cmda evaluate/predict --target {cfg.data.target}`")
+                         "`cmda stream` replays events, which it never saw; export it with `cmda export` (inputs "
+                         f"image and isr), score or predict it with `cmda evaluate/predict --target {cfg.data.target}`")
     return model, cfg, state
 
 
@@ -168,6 +171,19 @@ class ExportReport:
     agreement: float  # argmax agreement with PyTorch
     size_mb: float
     metadata: dict[str, str] = field(default_factory=dict)
+    second_input: str = "events"  # "isr" for an image + ISR model
+
+
+def isr_frame(height: int, width: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """(what it is, normalised image [1,3,H,W], its night ISR [1,1,H,W]) to check an image + ISR export on:
+    a fixed pseudo-random smooth image, its ISR computed from the uint8 pixels as ``cmda predict`` does."""
+    from train.data import normalize_image
+    from train.night_data import night_isr
+
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3)).astype(np.uint8)
+    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
+    return "a pseudo-random image and its ISR", normalize_image(img)[None], night_isr(img)[None].astype(np.float32)
 
 
 def sample_frame(config: Path | None, cfg: TrainConfig, height: int, width: int, bins: int
@@ -203,7 +219,7 @@ def compare(onnx_out: np.ndarray, torch_out: np.ndarray, argmax: bool) -> tuple[
 
 
 def _export_onnx(graph: DeploymentGraph, example: tuple[torch.Tensor, torch.Tensor], path: Path, dynamic: bool,
-                 output: str) -> None:
+                 output: str, second: str = "events") -> None:
     dynamic_shapes = None
     if dynamic:
         h, w = torch.export.Dim("height", min=32, max=4096), torch.export.Dim("width", min=32, max=4096)
@@ -215,7 +231,7 @@ def _export_onnx(graph: DeploymentGraph, example: tuple[torch.Tensor, torch.Tens
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, example, str(path), dynamo=True, opset_version=OPSET, external_data=False,
-                              input_names=["image", "events"], output_names=[output], dynamic_shapes=dynamic_shapes,
+                              input_names=["image", second], output_names=[output], dynamic_shapes=dynamic_shapes,
                               verbose=False)
     finally:
         quiet.setLevel(level)
@@ -246,10 +262,19 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
     onnx = require("onnx")
     require("onnxscript")
     require("onnxruntime")
+    from train.config import image_only
+
     checkpoint = Path(checkpoint)
-    model, cfg, state = load_model(checkpoint)
+    model, cfg, state = load_model(checkpoint, image_only_ok=True)
+    isr = image_only(cfg)  # an image + ISR model: the second input is the image's ISR (one channel, repeated)
+    second = "isr" if isr else "events"
     rep = None
-    if config is not None and Path(config).exists():
+    if isr:
+        if bins not in (0, 1):
+            raise InputError(checkpoint, f"an image + ISR model's second input is the image's ISR (one channel): "
+                             f"--bins {bins} does not apply")
+        height, width, bins = height or cfg.data.target_resize[1], width or cfg.data.target_resize[0], 1
+    elif config is not None and Path(config).exists():
         from pipeline.config import load_config
 
         rep = load_config(config).representation
@@ -264,7 +289,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
         raise InputError(checkpoint, exc.problem) from None
     out = Path(out) if out is not None else checkpoint.with_suffix(".onnx")
     output = "labels" if argmax else "logits"
-    frame, image, events = sample_frame(Path(config) if config else None, cfg, height, width, bins)
+    frame, image, events = (isr_frame(height, width) if isr else
+                            sample_frame(Path(config) if config else None, cfg, height, width, bins))
     example = (torch.from_numpy(image), torch.from_numpy(events))
     # the reference is cmda predict's own computation: the unfolded model, three event channels, fp32
     from train.inference import predict_logits
@@ -276,10 +302,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
             "height": str(height), "width": str(width), "test_scale": repr(cfg.data.test_scale),
             "output": output, "precision": "fp16" if fp16 else "fp32", "dynamic": str(dynamic).lower(),
             "checkpoint": checkpoint.name, "iteration": str(state.get("iteration")),
-            "variant": cfg.run.variant}
+            "variant": cfg.run.variant, "second_input": second, "target": cfg.data.target}
     with atomic_path(out) as tmp:
         try:
-            _export_onnx(graph, example, tmp, dynamic, output)
+            _export_onnx(graph, example, tmp, dynamic, output, second)
         except InputError:
             raise
         except Exception as exc:
@@ -290,7 +316,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
             entry = proto.metadata_props.add()
             entry.key, entry.value = META_PREFIX + k, v
         onnx.save(proto, str(tmp))
-        got = ort_session(tmp).run(None, {"image": image, "events": events})[0]
+        got = ort_session(tmp).run(None, {"image": image, second: events})[0]
         diff, agreement = compare(got, expected, argmax)
         need = FP16_AGREEMENT if fp16 else FP32_AGREEMENT
         bad = agreement < need or (not fp16 and diff is not None and diff > FP32_MAX_DIFF)
@@ -302,7 +328,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
     return ExportReport(out=out, backbone=cfg.model.backbone, height=height, width=width,
                         event_channels=graph.event_channels, output=output, precision=meta["precision"],
                         dynamic=dynamic, frame=frame, max_diff=diff, agreement=agreement, size_mb=size_mb,
-                        metadata=meta)
+                        metadata=meta, second_input=second)
 
 
 @dataclass(frozen=True)
@@ -329,6 +355,9 @@ def open_onnx(path: str | Path, threads: int = 0) -> OnnxModel:
         raise InputError(path, "model file not found")
     session = ort_session(path, threads)
     inputs = {i.name: i for i in session.get_inputs()}
+    if set(inputs) == {"image", "isr"}:
+        raise InputError(path, "an image + ISR model (inputs image and isr): `cmda stream` replays events, which "
+                         "it never saw; feed it the image's ISR (train.night_data.night_isr) yourself")
     if set(inputs) != {"image", "events"}:
         raise InputError(path, f"not a cmda export: inputs are {sorted(inputs)}, expected image and events")
     shape_i, shape_e = inputs["image"].shape, inputs["events"].shape
