@@ -281,7 +281,7 @@ def test_a_model_that_fails_the_check_is_not_written(tree, ckpt, tmp_path, monke
     """The export is compared before it is renamed into place: a disagreeing model leaves nothing behind."""
     import train.export as export
 
-    monkeypatch.setattr(export, "_export_onnx", lambda graph, example, path, dynamic, output: _fake_onnx(
+    monkeypatch.setattr(export, "_export_onnx", lambda graph, example, path, *settings: _fake_onnx(
         Path(path), 440, 640, 1))
     monkeypatch.setattr(export, "compare", lambda got, expected, argmax: (0.5, 0.9))
     out = tmp_path / "bad.onnx"
