@@ -33,8 +33,8 @@ per run after the model; ``adv.state_dict()`` saved with the checkpoint under ``
 
 The generator term sends gradient to the segmentation network only (the discriminator's parameters do
 not require grad while it is built); the discriminator step takes detached inputs and steps only the
-discriminator's optimiser, zeroing its gradients after the step. Under DDP, wrap ``adv.disc`` in
-DistributedDataParallel (or all-reduce its gradients before ``opt.step``) so the ranks' D stay equal.
+discriminator's optimiser, zeroing its gradients after the step. Under DDP, train/peers.py passes
+``reduce_grads=train.collective.average_gradients`` so the ranks' D stay equal.
 """
 
 from __future__ import annotations

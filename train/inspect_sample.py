@@ -61,15 +61,12 @@ def mix_batch(items: dict[str, torch.Tensor], cfg: TrainConfig, iteration: int, 
     """The ClassMix mask (``dsr``'s grouped one when on) and mixed image of the batch, as the loop's
     ``_mix`` draws them (source labels only). Seeded by (seed, iteration), not in the loop's order:
     *a* mask of that iteration's kind."""
-    from train.dsr import grouped_class_masks
-    from train.mixing import class_masks, mix
+    from train.mixing import mix
+    from train.peers import Peers, PeerStep
 
     torch.manual_seed(seed * 1_000_003 + iteration + 1)
-    labels = items["source_label"]
-    if cfg.dsr.enabled and cfg.dsr.grouped_mix:
-        mask = grouped_class_masks(labels, per_sample=cfg.dacs.classmix_per_sample)
-    else:
-        mask = class_masks(labels, cfg.dacs.classmix_per_sample)
+    # the loop's own choice between CMDA's and DSRNSS's grouped ClassMix (train.dacs._mix)
+    mask = PeerStep(cfg, Peers(), iteration).class_masks(items["source_label"], cfg.dacs.classmix_per_sample)
     return {"mix_mask": mask, "mix_image": mix(mask, items["source_image"], items["target_image"]),
             "mix_grouped": cfg.dsr.enabled and cfg.dsr.grouped_mix}
 
