@@ -303,6 +303,7 @@ def test_source_label_values_outside_the_classes_are_an_input_error(tmp_path):
 
 BAD_OPTIONS = [
     (["--set", "run.ckpt_every=0"], "run.ckpt_every"),
+    (["--set", "run.keep_ckpts=-1"], "run.keep_ckpts"),
     (["--set", "run.log_every=0"], "run.log_every"),
     (["--set", "run.eval_every=0"], "run.eval_every"),
     (["--backbone", "resnet50"], "model.backbone"),
@@ -415,6 +416,42 @@ def test_stale_checkpoint_temp_files_are_cleaned(training_tree, tmp_path):
                override=True)
     assert not stale.exists() and not legacy.exists() and live.exists()
     assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp") and p != live]
+
+
+def test_keep_ckpts_keeps_only_the_newest_checkpoints_and_resume_still_works(training_tree, tmp_path):
+    """A full disk stopped CI once; a 40k-iteration MiT-B5 run writes ten ~GB checkpoints. run.keep_ckpts=N
+    deletes older iter_*.pt only after the newer one is safely renamed into place; best.pt is never pruned."""
+    run = tmp_path / "run"
+    train_cli(training_tree, tmp_path, run, 4, "--set", "run.ckpt_every=1", "--set", "run.keep_ckpts=2",
+              "--set", "run.eval_every=1")
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best.pt", "iter_000003.pt", "iter_000004.pt"], names
+    # keep_ckpts says nothing about what a run computes: a resume may change it without --resume-override
+    res = cli("train", "--resume", run, "--iters", "5", "--set", "run.eval_every=1", "--set", "run.keep_ckpts=1",
+              "--resume-override")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "iter_000005.pt"]
+    assert "run.keep_ckpts" not in next(r for r in records(run) if "resume_override" in r)["resume_override"]
+    assert load_checkpoint(run / "checkpoints" / "iter_000005.pt")["iteration"] == 5
+
+
+def test_keep_ckpts_zero_keeps_every_checkpoint(training_tree, tmp_path):
+    run = tmp_path / "run"
+    train_cli(training_tree, tmp_path, run, 3, "--set", "run.ckpt_every=1")
+    assert [f"iter_00000{i}.pt" for i in (1, 2, 3)] == sorted(p.name for p in (run / "checkpoints").glob("iter_*"))
+
+
+def test_prune_orders_checkpoints_by_iteration_not_by_name(tmp_path):
+    """Past iteration 999999 the zero-padded names stop sorting by number."""
+    from train.checkpoint import find_checkpoint, prune_checkpoints
+
+    for it in (999_998, 999_999, 1_000_000):
+        (tmp_path / f"iter_{it:06d}.pt").write_bytes(b"x")
+    (tmp_path / "best.pt").write_bytes(b"x")
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["iter_999998.pt"]
+    assert find_checkpoint(tmp_path).name == "iter_1000000.pt"
+    assert prune_checkpoints(tmp_path, keep=0) == []
 
 
 # ---------------------------------------------------------------------- 7b: a stopped run is not a finished one

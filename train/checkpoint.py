@@ -96,11 +96,35 @@ def clean_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
+_ITER = re.compile(r"iter_(?P<it>\d+)\.pt")
+
+
+def iteration_checkpoints(folder: Path) -> list[Path]:
+    """``folder``'s ``iter_N.pt`` files, oldest first by N (names stop sorting by number past 999999)."""
+    found = [(int(m.group("it")), p) for p in Path(folder).glob("iter_*.pt") if (m := _ITER.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` iteration checkpoints (0 = keep all); returns what went.
+
+    Called only after a new checkpoint has been renamed into place, so the newest resumable state is
+    always on disk. ``best.pt`` and temp files are not iteration checkpoints and are never touched.
+    """
+    if keep <= 0:
+        return []
+    old = iteration_checkpoints(folder)[:-keep]
+    for p in old:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return old
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint file as given, or a run folder's latest ``checkpoints/iter_*.pt``."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob("checkpoints/iter_*.pt")) or sorted(path.glob("iter_*.pt"))
+        found = iteration_checkpoints(path / "checkpoints") or iteration_checkpoints(path)
         if not found:
             raise InputError(path, "no checkpoints/iter_*.pt to resume from")
         return found[-1]

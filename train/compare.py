@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.atomic import write_text
 from pipeline.errors import STOPPED_EXIT, InputError
+from train.checkpoint import find_checkpoint
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
@@ -96,7 +97,7 @@ def run_one(entry: Entry, seed: int, common: tuple[str, ...], out: Path) -> dict
                          "run the same `cmda compare` again to continue it")
     if rc != 0:
         raise InputError(log, f"training {entry.label!r} seed {seed} failed (see this log)")
-    ckpt = sorted(run_dir.glob("checkpoints/iter_*.pt"))[-1]
+    ckpt = find_checkpoint(run_dir)  # the highest iteration (names stop sorting by number past 999999)
     if _run_cmd(["evaluate", str(ckpt), "--out", str(run_dir / "eval_final")], log) != 0:
         raise InputError(log, f"evaluating {entry.label!r} seed {seed} failed (see this log)")
     metrics = json.loads((run_dir / "eval_final" / "metrics.json").read_text())

@@ -233,6 +233,9 @@ class RunConfig:
     log_every: int = 50
     eval_every: int = 4000
     ckpt_every: int = 4000
+    # Keep only the newest N iter_*.pt (0 = all; best.pt is never pruned). A MiT-B5 checkpoint with the
+    # teacher and AdamW state is over a GB, and CMDA's 40k iterations at ckpt_every 4000 write ten.
+    keep_ckpts: int = 0
     eval_max: int = 0  # 0 = every test frame
 
 
@@ -505,6 +508,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("iters", "batch", "log_every", "eval_every", "ckpt_every"):
         _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), ">= 1")
     _check(r.eval_max >= 0, "run.eval_max", r.eval_max, ">= 0 (0 = every test frame)")
+    _check(r.keep_ckpts >= 0, "run.keep_ckpts", r.keep_ckpts, ">= 0 (0 = keep every checkpoint)")
     _check(m.num_classes >= 1, "model.num_classes", m.num_classes, ">= 1")
     _check(m.head_channels >= 1, "model.head_channels", m.head_channels, ">= 1")
     for key in ("drop_path", "fusion_drop_path"):
@@ -609,9 +613,9 @@ def _validate_peers(cfg: TrainConfig) -> None:
                "adv.upsample / 4 >= 32 (crop >= 128 at upsample 1)")
 
 
-# Settings that say where and how fast a run goes, not what it computes: a resume may change them
-# freely (another machine, another folder), every other setting must match the run's own.
-MACHINE_KEYS = frozenset({"run.device", "run.out", "data.workers"})
+# Settings that say where and how fast a run goes (and how much disk it keeps), not what it computes: a
+# resume may change them freely (another machine, another folder), every other setting must match the run's own.
+MACHINE_KEYS = frozenset({"run.device", "run.out", "data.workers", "run.keep_ckpts"})
 
 
 def flatten(data: dict[str, Any]) -> dict[str, Any]:

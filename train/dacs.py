@@ -60,6 +60,7 @@ from train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_model_state,
+    prune_checkpoints,
     restore_rng,
     save_checkpoint,
 )
@@ -488,8 +489,10 @@ class RunFolder:
             return None
         extra = {"adaptive_threshold": parts.threshold.state_dict()} if parts.threshold is not None else {}
         extra.update(parts.peers.state_dict())
-        return save_checkpoint(self.ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=parts.model,
+        path = save_checkpoint(self.ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=parts.model,
                                teacher=parts.teacher, optimizer=parts.opt, config=to_dict(cfg), extra=extra)
+        prune_checkpoints(self.ckpt_dir, cfg.run.keep_ckpts)
+        return path
 
     def save_best(self, it: int, parts: Parts, cfg: TrainConfig, miou: float) -> None:
         """checkpoints/best.pt: the weights of the best night evaluation so far (no optimiser: not for resuming)."""
