@@ -21,6 +21,27 @@ import cv2
 import numpy as np
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only set it:
+    setting and restoring would race with the store's writer threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(fd_or_path: int | Path) -> None:
+    """Give a mkstemp file (always 0600) the mode a plain open() would: 0666 less the umask."""
+    mode = 0o666 & ~_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -31,6 +52,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _ordinary_mode(tmp_path)  # the writer may have re-created it
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -43,6 +65,7 @@ def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _ordinary_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
