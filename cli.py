@@ -458,6 +458,10 @@ def stream(
     typer.echo(msg)
     if s.video is not None:
         typer.echo(f"video -> {s.video}")
+    if s.interrupted:
+        typer.echo(f"interrupted after {s.frames} of {s.planned} frame(s): their predictions are in {s.out}"
+                   + ("; no video written (it would be incomplete)" if video else ""), err=True)
+        raise typer.Exit(STOPPED_EXIT)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.config import load_config
-from pipeline.errors import InputError
+from pipeline.errors import STOPPED_EXIT, InputError
 from pipeline.store import VoxelStore
 from tests.raw_tree import SEQ, TEST_FRAMES, raw_tree
 from train.checkpoint import save_checkpoint
@@ -167,6 +167,32 @@ def test_stream_checkpoint_predictions_equal_cmda_predict(tree, ckpt, tmp_path):
         count += 1
     cap.release()
     assert n == 4 and count == n  # images 2..5
+
+
+@pytest.mark.parametrize("at", [0, 3])
+def test_ctrl_c_stops_the_stream_with_what_it_did_and_no_video(tree, ckpt, tmp_path, monkeypatch, at):
+    """Stopping a replay is normal use: the frames done are reported and kept, an incomplete video is not
+    written under the video's name, and the exit status says it was interrupted (130, as `cmda train`)."""
+    import train.stream as stream_mod
+
+    real, calls = stream_mod.write_png, []
+
+    def interrupt_at(path, image, **kw):
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        calls.append(path)
+        real(path, image, **kw)
+
+    monkeypatch.setattr(stream_mod, "write_png", interrupt_at)
+    out = tmp_path / "stream"
+    res = CliRunner().invoke(app, [str(a) for a in ["stream", "--seq", SEQ, "--model", ckpt, "--config", tree,
+                                                    "--out", out, "--device", "cpu", "--video", "--limit", "6"]])
+    assert res.exit_code == STOPPED_EXIT, (res.exit_code, res.output)
+    assert f"interrupted after {at} of 6 frame(s)" in res.output
+    assert "no video written" in res.output
+    assert len(list(out.glob("*_pred.png"))) == at
+    assert not list(out.glob("*.mp4")) and not list(out.glob(".*"))
+    assert ("total" in res.output) == (at > 0)  # the stage table of the frames done
 
 
 def test_stream_onnx_agrees_with_checkpoint_and_realtime_counts_deadlines(tree, ckpt, exported, tmp_path):

@@ -212,8 +212,12 @@ class StreamSummary:
     interval_ms: float  # median camera interval
     missed: int | None = None  # frames past their deadline (realtime only)
     max_lag_ms: float | None = None
+    planned: int = 0  # frames the replay was asked for; more than ``frames`` when interrupted
+    interrupted: bool = False  # Ctrl-C / SIGINT: ``frames`` were finished, no video was kept
 
     def stage_table(self) -> str:
+        if not self.frames:
+            return "no frame finished"
         lines = [f"{'stage':<10} {'mean ms':>8} {'p95 ms':>8}"]
         total = np.zeros(self.frames)
         for s in STAGES:
@@ -287,9 +291,9 @@ def stream(seq: str, model: str | Path, *, config: str | Path = "datasets.yaml",
         missed, max_lag = 0, 0.0
         start_wall = time.perf_counter()
         t_first = replay.timestamps[frames[0]]
-        ok = False
+        done = 0  # frames whose prediction is written
+        bar = tqdm(total=len(frames), desc=f"stream {replay.name}", unit="frame", disable=not progress)
         try:
-            bar = tqdm(total=len(frames), desc=f"stream {replay.name}", unit="frame", disable=not progress)
             raw_iter = replay.replay(frames)
             for f in frames:
                 if realtime:  # the image arrives at its timestamp
@@ -317,19 +321,25 @@ def stream(seq: str, model: str | Path, *, config: str | Path = "datasets.yaml",
                         max_lag = max(max_lag, lag)
                 name = f"{replay.name}_{f:06d}"
                 write_png(out / f"{name}_pred.png", colorize(pred))
+                done += 1
                 if writer is not None:
                     writer.write(frame_panel(raw.rgb[:runner.rows], events, pred, None, "fusion"))
                 per_frame = sum(seconds[s][-1] for s in STAGES)
                 bar.set_postfix(fps=f"{1 / per_frame:.1f}", refresh=False)
                 bar.update()
-            bar.close()
-            ok = True
+        except KeyboardInterrupt:  # a user stopping the replay: report and keep the frames done
+            pass
         finally:
-            if writer is not None:
-                writer.close(keep=ok)
-        return StreamSummary(replay.name, runner.name, len(frames), out, writer.path if writer else None, seconds,
-                             time.perf_counter() - start_wall, interval / 1e3,
-                             missed if realtime else None, max_lag * 1e3 if realtime else None)
+            bar.close()
+            if writer is not None:  # a video of some of the frames is not kept under the video's name
+                writer.close(keep=done == len(frames))
+        complete = done == len(frames)
+        for s in STAGES:  # a frame cut mid-way may have some stages timed and no prediction written
+            del seconds[s][done:]
+        return StreamSummary(replay.name, runner.name, done, out, writer.path if writer and complete else None,
+                             seconds, time.perf_counter() - start_wall, interval / 1e3,
+                             missed if realtime else None, max_lag * 1e3 if realtime else None,
+                             planned=len(frames), interrupted=not complete)
     finally:
         replay.close()
 
