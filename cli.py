@@ -377,7 +377,8 @@ def predict(
 @reports_input_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt).")],
-    out: Annotated[Path | None, typer.Option(help="The .onnx file to write (default: beside the checkpoint).")] = None,
+    out: Annotated[Path | None, typer.Option(help="The .onnx file to write, or a folder to write "
+                                             "<checkpoint name>.onnx in (default: beside the checkpoint).")] = None,
     config: ConfigOpt = Path("datasets.yaml"),
     height: Annotated[int, typer.Option(help="Input rows (0 = the test geometry: data.test_rows, 440).")] = 0,
     width: Annotated[int, typer.Option(help="Input columns (0 = the event frame width, 640).")] = 0,

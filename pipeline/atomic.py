@@ -43,17 +43,32 @@ def _ordinary_mode(fd_or_path: int | Path) -> None:
 
 
 @contextmanager
+def _errors_name(path: Path) -> Iterator[None]:
+    """Report an OSError about the temp file under the path the caller asked for (the CLI prints the
+    error's filename; '.model.onnx.x8f2.tmp' would send the user looking for a file that never existed)."""
+    try:
+        yield
+    except OSError as exc:
+        name = Path(exc.filename).name if isinstance(exc.filename, str | Path) else ""
+        if name.startswith(f".{path.name}.") and name.endswith(".tmp"):
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _errors_name(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        _ordinary_mode(tmp_path)  # the writer may have re-created it
-        os.replace(tmp_path, path)
+        with _errors_name(path):
+            _ordinary_mode(tmp_path)  # the writer may have re-created it
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -63,16 +78,17 @@ def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` atomically (the hot path of the voxel store: one call per frame)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _ordinary_mode(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _errors_name(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            _ordinary_mode(fd)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -63,3 +63,22 @@ def test_a_processed_tree_is_readable_as_the_umask_allows(training_tree):
     assert len(processed) > 20
     modes = {oct(_mode(p)) for p in processed if not p.name.endswith(".lock")}
     assert modes == {oct(0o666 & ~mask)}, modes
+
+
+def test_a_failed_write_names_the_file_asked_for_not_the_temp(tmp_path):
+    """The CLI prints an OSError's filename: it must be the user's path, not '.name.x8f2.tmp'."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as err:
+        write_bytes(folder, b"x")
+    assert err.value.filename == str(folder)
+    with pytest.raises(IsADirectoryError) as err, atomic_path(folder) as tmp:
+        tmp.write_bytes(b"x")
+    assert err.value.filename == str(folder)
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError) as err:
+        write_bytes(blocker / "inside.bin", b"x")  # a file where a folder should be
+    assert err.value.filename == str(blocker)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]
+    assert not list(folder.iterdir())

@@ -98,6 +98,18 @@ def test_export_reports_the_check_and_writes_a_self_contained_model(exported):
     assert model.metadata["test_scale"] == "0.2" and model.metadata["iteration"] == "7"
 
 
+def test_export_into_a_folder_and_an_unwritable_out(tree, ckpt, tmp_path):
+    """--out FOLDER writes <checkpoint>.onnx in it (it used to fail after the export, naming a temp file)."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    out = _ok(["export", ckpt, "--out", folder, "--config", tree])
+    assert [p.name for p in folder.iterdir()] == [ckpt.with_suffix(".onnx").name], out
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    res = CliRunner().invoke(app, [str(a) for a in ["export", ckpt, "--out", blocker / "m.onnx", "--config", tree]])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [f"error: {blocker}: File exists"], res.output
+
+
 def test_exported_b0_matches_pytorch_on_test_frames_and_random_frames(tree, ckpt, exported):
     """fp32: max |logit difference| <= 1e-3 and argmax agreement >= 99.9 % against the 3-channel PyTorch model."""
     model, cfg = _student(ckpt)

@@ -288,6 +288,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
     except InputError as exc:
         raise InputError(checkpoint, exc.problem) from None
     out = Path(out) if out is not None else checkpoint.with_suffix(".onnx")
+    if out.is_dir():  # `--out exports/`: the checkpoint's name in that folder
+        out = out / checkpoint.with_suffix(".onnx").name
     output = "labels" if argmax else "logits"
     frame, image, events = (isr_frame(height, width) if isr else
                             sample_frame(Path(config) if config else None, cfg, height, width, bins))
