@@ -284,6 +284,10 @@ def train(
         return
     result = run_training(cfg, resume=checkpoint, override=resume_override)
     if result.get("stopped") is not None:  # a signal stopped it: not a finished run, for whoever called us
+        if int(os.environ.get("RANK", "0")) != 0:
+            # Under torchrun only rank 0 says so: torchrun terminates every other process as soon as one
+            # exits non-zero, and rank 0 may still be writing the checkpoint the others have left to it.
+            raise typer.Exit(0)
         typer.echo(f"stopped at iteration {result['stopped']} of {cfg.run.iters}: not finished; continue with "
                    f"--resume {result['out']}")
         raise typer.Exit(STOPPED_EXIT)
