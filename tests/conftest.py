@@ -12,6 +12,19 @@ SHARED = Path(os.environ.get("CMDA_SHARED", REPO.parent / "shared"))
 REAL = SHARED / "data" / "real"
 
 
+NEEDS_GB = 1.4  # peak of a full fast run under pytest's temp folder (README, "Quickstart")
+
+
+def pytest_report_header(config) -> str:
+    """Say up front how much disk the temp folder has: a full disk once failed CI 84 % of the way through."""
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    low = f"; LOW: the suite needs ~{NEEDS_GB} GB at its peak" if free < 2 * NEEDS_GB else ""
+    return f"cmda: {free:.1f} GB free in {tempfile.gettempdir()}{low}"
+
+
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
     """The real DSEC calibration and Prophesee recording; skipped where ../shared is absent."""
