@@ -213,7 +213,11 @@ class StreamSummary:
     missed: int | None = None  # frames past their deadline (realtime only)
     max_lag_ms: float | None = None
     planned: int = 0  # frames the replay was asked for; more than ``frames`` when interrupted
-    interrupted: bool = False  # Ctrl-C / SIGINT: ``frames`` were finished, no video was kept
+
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C / SIGINT stopped the replay: ``frames`` of ``planned`` were finished, no video was kept."""
+        return self.frames < self.planned
 
     def stage_table(self) -> str:
         if not self.frames:
@@ -331,15 +335,15 @@ def stream(seq: str, model: str | Path, *, config: str | Path = "datasets.yaml",
             pass
         finally:
             bar.close()
+            complete = done == len(frames)
             if writer is not None:  # a video of some of the frames is not kept under the video's name
-                writer.close(keep=done == len(frames))
-        complete = done == len(frames)
+                writer.close(keep=complete)
         for s in STAGES:  # a frame cut mid-way may have some stages timed and no prediction written
             del seconds[s][done:]
         return StreamSummary(replay.name, runner.name, done, out, writer.path if writer and complete else None,
                              seconds, time.perf_counter() - start_wall, interval / 1e3,
                              missed if realtime else None, max_lag * 1e3 if realtime else None,
-                             planned=len(frames), interrupted=not complete)
+                             planned=len(frames))
     finally:
         replay.close()
 
