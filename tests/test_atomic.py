@@ -21,6 +21,15 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def assert_ordinary_modes(files: list[Path]) -> None:
+    """Every file has the mode a plain write gets under this process's umask (read here with os.umask,
+    independently of pipeline.atomic's own reading)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {oct(_mode(p)) for p in files}
+    assert modes == {oct(0o666 & ~mask)}, modes
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_atomic_files_get_the_mode_the_umask_gives(tmp_path, umask):
     old = os.umask(umask)
@@ -57,12 +66,9 @@ def test_a_replaced_file_gets_the_umask_mode_and_no_temp_is_left(tmp_path):
 
 def test_a_processed_tree_is_readable_as_the_umask_allows(training_tree):
     """The voxel store, index files, warped images and RCS statistics: what a lab shares."""
-    mask = os.umask(0)
-    os.umask(mask)
     processed = [p for p in training_tree.parent.rglob("*") if p.is_file()]
     assert len(processed) > 20
-    modes = {oct(_mode(p)) for p in processed if not p.name.endswith(".lock")}
-    assert modes == {oct(0o666 & ~mask)}, modes
+    assert_ordinary_modes([p for p in processed if not p.name.endswith(".lock")])
 
 
 def test_a_failed_write_names_the_file_asked_for_not_the_temp(tmp_path):

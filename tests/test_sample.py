@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
 import cv2
@@ -68,11 +66,9 @@ def _paths(sample: Path, seq: str) -> SequencePaths:
 
 def test_every_file_is_readable_as_the_umask_allows(sample):
     """Atomic writes go through mkstemp (0600); the tree must carry the umask's mode like any other file."""
-    old = os.umask(0)
-    os.umask(old)
-    want = 0o666 & ~old
-    modes = {oct(stat.S_IMODE(p.stat().st_mode)) for p in sample.rglob("*") if p.is_file()}
-    assert modes == {oct(want)}, modes
+    from tests.test_atomic import assert_ordinary_modes
+
+    assert_ordinary_modes([p for p in sample.rglob("*") if p.is_file()])
 
 
 def test_layout(sample):
