@@ -1,6 +1,6 @@
 """Per-iteration cost of the peer components (``dsr``, ``dida``, ``adv``) against the baseline, in one process.
 
-Times the training loop's own step (``train.dacs._step`` with :class:`train.peers.Peers`, + EMA update +
+Times the trainer's own iteration (:func:`train.uda.step.iteration`: EMA update, passes, components,
 AdamW step) on synthetic batches (benchmarks/bench_train.py's ``fake_batch``) for the baseline and each
 component alone and all three together. The configurations run round-robin, one iteration each per
 round, so a machine whose load drifts slows them alike; each is reported as its median step time and
@@ -12,8 +12,6 @@ reported (ru_maxrss), plus DIDA's similarity maps by tensor size. Data loading i
     python benchmarks/bench_components.py --rss                            # + peak RSS per configuration
     python benchmarks/bench_components.py --backbone mit_b5 --crop 512    # GPU figures
 
-``peer_step`` below is the components' wiring as their module docstrings first described it, kept as a
-worked example (tests/test_peer_wiring.py); the loop's own wiring is train/peers.py.
 """
 
 from __future__ import annotations
@@ -30,98 +28,12 @@ import time
 import torch
 
 from benchmarks.bench_train import fake_batch
-from train.adversarial import AdvConfig, Adversary
-from train.config import LossConfig, TrainConfig, apply_layers, validate
-from train.dacs import Context, _step
-from train.dida import DidaConfig, InstanceBank, dida_terms
-from train.dsr import DsrConfig, TailBank, grouped_class_masks, prototype_terms
-from train.losses import pseudo_labels, segmentation_terms
-from train.mixing import class_masks, mix
-from train.models import CMDAModel, ic1_to_events
-from train.peers import Peers
-from train.schedule import ema_alpha, ema_update
+from train.config import TrainConfig, apply_layers, validate
+from train.models import CMDAModel
+from train.uda.method import build_method
+from train.uda.step import Networks, iteration
 
 CONFIGS = ("baseline", "dsr", "dida", "adv", "all")
-
-
-class Components:
-    """The three components' configs and states, as the loop would hold them."""
-
-    def __init__(self, which: str, head_channels: int, device: torch.device):
-        on = {which} if which != "all" else {"dsr", "dida", "adv"}
-        self.dsr = DsrConfig(enabled="dsr" in on)
-        self.dida = DidaConfig(enabled="dida" in on, dim=head_channels)
-        self.adv = AdvConfig(enabled="adv" in on)
-        self.bank = TailBank(self.dsr.bank_capacity, self.dsr.bank_classes)
-        self.inst = InstanceBank(self.dida, device)
-        self.adversary = Adversary(self.adv, 19, device) if self.adv.enabled else None
-
-
-def peer_step(model, teacher, opt, batch: dict[str, torch.Tensor], comp: Components, it: int,
-              loss_cfg: LossConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One iteration with the components wired per their contracts; returns (terms, extra metrics)."""
-    src_img, src_evt, src_isr, src_lbl = (batch[k] for k in ("src_img", "src_evt", "src_isr", "src_lbl"))
-    tgt_img, tgt_evt = batch["tgt_img"], batch["tgt_evt"]
-    emb = ("fusion",) if comp.dida.enabled else ()
-    extra: dict[str, float] = {}
-    # 1. source pass
-    out = model(image=src_img, events=src_evt, isr=src_isr, embeddings=emb)
-    terms = segmentation_terms(out.logits, src_lbl, loss_cfg, prefix="src/")
-    if comp.dsr.enabled and comp.dsr.bank:
-        comp.bank.push(src_img, src_evt, src_lbl)
-    if comp.dida.enabled:
-        comp.inst.update(out.embeddings["fusion"], src_lbl, it)
-    src_pred = out.logits["fusion"].detach()
-    # 2. teacher pass, before the source backward (no_grad, no random draws in between)
-    with torch.no_grad():
-        t_out = teacher(image=tgt_img, events=tgt_evt, fuse_with="events", outputs=("fusion",), embeddings=emb)
-        pseudo, pseudo_w = pseudo_labels(t_out.logits["fusion"], tgt_img.shape[-2:], 0.968)
-    proto_on = comp.dsr.enabled and comp.dsr.proto_weight and it >= comp.dsr.proto_start
-    f = comp.dsr.proto_features
-    if proto_on:
-        terms.update(prototype_terms(comp.dsr, source=(out.features[f][-1], src_lbl),
-                                     target=(t_out.features[f][-1], pseudo)))
-        keep_proto = out.features[f][-1].detach()
-    sum(terms.values()).backward()
-    del out
-    # 3. ClassMix (+ tail-bank paste)
-    with torch.no_grad():
-        mask = grouped_class_masks(src_lbl) if comp.dsr.enabled and comp.dsr.grouped_mix else class_masks(src_lbl)
-        mixed_img, mixed_evt = mix(mask, src_img, tgt_img), mix(mask, src_evt, tgt_evt)
-        mixed_lbl, mixed_w = mix(mask, src_lbl, pseudo), mix(mask, torch.ones_like(pseudo_w), pseudo_w)
-        if comp.dsr.enabled and comp.dsr.bank and comp.bank.should_paste(it, comp.dsr.paste_every):
-            mixed_img, mixed_evt, mixed_lbl, mixed_w, _ = comp.bank.paste(mixed_img, mixed_evt, mixed_lbl, mixed_w)
-        mixed_isr = torch.randn_like(mixed_img)
-    # 4. mixed pass
-    m_out = model(image=mixed_img, events=mixed_evt, isr=mixed_isr, embeddings=emb)
-    mix_terms = segmentation_terms(m_out.logits, mixed_lbl, loss_cfg, mixed_w, prefix="mix/")
-    if proto_on:
-        mix_terms.update(prototype_terms(comp.dsr, source=(keep_proto, src_lbl),
-                                         mixed=(m_out.features[f][-1], mixed_lbl)))
-    if comp.dida.enabled:
-        mix_terms.update(dida_terms(comp.dida, comp.inst, t_out.embeddings["fusion"], m_out.embeddings["fusion"],
-                                    m_out.logits["fusion"], 1 - mask[:, 0]))
-    tgt_w = 1 - mask[:, 0]
-    if comp.adversary is not None:
-        mix_terms.update(comp.adversary.generator_terms(m_out.logits["fusion"], tgt_w))
-    sum(mix_terms.values()).backward()
-    terms.update(mix_terms)
-    if comp.adversary is not None:
-        extra.update(comp.adversary.discriminator_step(src_pred, m_out.logits["fusion"].detach(), tgt_w))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return terms, extra
-
-
-def synthetic_batch(b: int, size: int, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    def img() -> torch.Tensor:
-        return torch.randn(b, 3, size, size, generator=gen).to(device)
-
-    cell = max(size // 16, 1)
-    lbl = torch.randint(0, 19, (b, -(-size // cell), -(-size // cell)), generator=gen)
-    lbl = lbl.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, :size, :size].to(device)
-    return {"src_img": img(), "src_evt": img(), "src_isr": img(), "src_lbl": lbl,
-            "tgt_img": img(), "tgt_evt": img()}
 
 
 ON = {"baseline": (), "dsr": ("dsr",), "dida": ("dida",), "adv": ("adv",), "all": ("dsr", "dida", "adv")}
@@ -144,7 +56,8 @@ class Setup:
             self.model.to(memory_format=torch.channels_last)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.param_groups(6e-5, 0.01), lr=6e-5)
-        self.peers = Peers.build(cfg, device)
+        self.method = build_method(cfg, device, None, None)
+        self.nets = Networks(self.model, self.model, self.teacher, self.opt)
         gen = torch.Generator().manual_seed(0)
         self.batches = [fake_batch(args.batch, args.crop, device, gen) for _ in range(2)]
         self.amp = device.type == "cuda"
@@ -154,13 +67,7 @@ class Setup:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        if it:
-            ema_update(self.teacher, self.model, ema_alpha(it, 0.999))
-        torch.manual_seed(it)
-        _step(self.cfg, self.batches[it % 2], Context(device=self.device), self.model, self.teacher, None, None,
-              self.amp, ic1_to_events, None, self.peers, it)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        iteration(self.cfg, self.method, self.nets, self.batches[it % 2], it, seed=0)  # the trainer's own step
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if timed:

@@ -31,7 +31,8 @@ from pipeline.config import load_config
 from pipeline.dsec import SequencePaths
 from pipeline.voxel import events_norm
 from train.config import DataConfig, RcsConfig
-from train.data import NightFrames, PairedBatches, augment_target, read_rgb
+from train.data.batches import PairedBatches
+from train.data.loaders import NightFrames, augment_target, read_rgb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import torch_put_voxels

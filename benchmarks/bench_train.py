@@ -1,7 +1,7 @@
 """Training-step speed and memory: the full DACS step, fp32 eager vs the project's default settings.
 
 One iteration = EMA update, source pass + backward, teacher pseudo-labels, ClassMix + jitter/blur +
-ISR recompute, mixed pass + backward, AdamW step: exactly ``train.dacs._step`` plus the optimiser,
+ISR recompute, mixed pass + backward, AdamW step: the trainer's own ``train.uda.step.iteration``,
 on synthetic tensors of the training shapes (so data loading is not measured; see
 bench_loader.py). Both configurations run in one process on the same model size and batch:
 
@@ -22,9 +22,9 @@ import time
 import torch
 
 from train.config import TrainConfig
-from train.dacs import Context, _step
-from train.models import CMDAModel, ic1_to_events
-from train.schedule import ema_alpha, ema_update
+from train.models import CMDAModel
+from train.uda.method import build_method
+from train.uda.step import Networks, iteration
 
 
 def fake_batch(b: int, size: int, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -53,7 +53,8 @@ def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool
     teacher = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.param_groups(6e-5, 0.01), lr=6e-5, fused=fused if device.type == "cuda" else None)
     fwd = torch.compile(model) if compile_ else model
-    ctx = Context(device=device)
+    method = build_method(cfg, device, None, None)
+    nets = Networks(model, fwd, teacher, opt)
     gen = torch.Generator().manual_seed(0)
     batches = [fake_batch(args.batch, args.crop, device, gen) for _ in range(2)]
     if device.type == "cuda":
@@ -62,12 +63,7 @@ def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool
     times = []
     for it in range(args.warmup + args.iters):
         t0 = time.perf_counter()
-        if it:
-            ema_update(teacher, model, ema_alpha(it, 0.999))
-        torch.manual_seed(it)
-        _step(cfg, batches[it % 2], ctx, fwd, teacher, None, None, amp and device.type == "cuda", ic1_to_events)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        iteration(cfg, method, nets, batches[it % 2], it, seed=0)  # EMA, passes and optimiser step
         if device.type == "cuda":
             torch.cuda.synchronize()
         if it >= args.warmup:

@@ -169,7 +169,7 @@ def inference(work: Path, smoke: bool) -> dict[str, Any]:
 
 def _cmda(args: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None
           ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "cli.py"), *args]
+    cmd = [sys.executable, "-m", "cli", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
@@ -246,7 +246,7 @@ def ddp_check(work: Path, datasets: Path | None, device: str, smoke: bool) -> di
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29533"]
     args = _train_args(datasets, work / "ddp_run", 3, device, smoke)
     t0 = time.perf_counter()
-    res = subprocess.run([*torchrun, str(REPO / "cli.py"), *args], cwd=work, capture_output=True, text=True,
+    res = subprocess.run([*torchrun, "-m", "cli", *args], cwd=work, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     return {"backend": "nccl" if device.startswith("cuda") else "gloo", **_outcome(res, time.perf_counter() - t0)}
 

@@ -35,6 +35,7 @@ from pipeline import lock
 from pipeline.atomic import write_png, write_text
 from pipeline.errors import InputError
 from pipeline.image_change import ic1, ic1_to_uint8
+from pipeline.parallel import run_tasks
 from pipeline.rcs_stats import count_classes, remove_stats, write_stats
 
 SPLITS = ("train", "val")
@@ -216,7 +217,6 @@ def convert_cityscapes(
     cmda_compat: bool = False,
 ) -> ConvertSummary:
     """Convert the Cityscapes tree at ``root`` into ``out`` (see module docstring); resumable."""
-    from pipeline.parallel import run_tasks
 
     root, out = Path(root).resolve(), Path(out).resolve()
     if out == root or root in out.parents:

@@ -17,9 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from train import dacs, peers
+from train.engine import loop as engine_loop
+from train.uda import step as step_module
 
-_real_ema_update = dacs.ema_update
+_real_ema_update = step_module.ema_update
 
 
 def _probe(teacher, student, alpha) -> None:
@@ -38,18 +39,19 @@ def _probe(teacher, student, alpha) -> None:
     _real_ema_update(teacher, student, alpha)
 
 
-dacs.ema_update = _probe
+step_module.ema_update = _probe
 
-_real_finish = peers.PeerStep.finish
+_real_iteration = engine_loop.iteration
 
 
-def _probe_peers(step):
+def _probe_peers(cfg, method, *args, **kw):
     """After the first iteration's component updates: a digest of every component's state per rank."""
-    extra = _real_finish(step)
+    extra = _real_iteration(cfg, method, *args, **kw)
     if not getattr(_probe_peers, "done", False):
         _probe_peers.done = True
         digest = hashlib.sha256()
-        for key, state in sorted(step.peers.state_dict().items()):
+        states = {p.state_key: p.state_dict() for p in method.stateful()}
+        for key, state in sorted(states.items()):
             digest.update(key.encode())
             for t in _tensors(state):
                 digest.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -69,7 +71,7 @@ def _tensors(obj):
         yield obj
 
 
-peers.PeerStep.finish = _probe_peers
+engine_loop.iteration = _probe_peers
 
 if __name__ == "__main__":
     from cli import app

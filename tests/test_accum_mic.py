@@ -10,12 +10,14 @@ import torch
 
 from benchmarks.bench_train import fake_batch
 from pipeline.errors import InputError
+from tests.steps import step_grads
 from tests.test_train import _losses, tiny_config
-from train import dacs
-from train.checkpoint import load_checkpoint
+from train.checkpoints.files import load_checkpoint
 from train.config import PRESETS, TrainConfig, apply_preset, apply_variant, set_value, validate
-from train.mic import masked_inputs
-from train.models import CMDAModel, ic1_to_events
+from train.engine import loop as dacs
+from train.models import CMDAModel
+from train.uda.components.mic import masked_inputs
+from train.uda.targets import EventTarget
 
 
 def _tiny(variant: str = "baseline") -> tuple[TrainConfig, CMDAModel, CMDAModel]:
@@ -30,10 +32,7 @@ def _tiny(variant: str = "baseline") -> tuple[TrainConfig, CMDAModel, CMDAModel]
 def _grads_after_step(cfg, model, teacher, batch, accum: int, **kw):
     cfg = copy.deepcopy(cfg)
     cfg.run.accum = accum
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(123)
-    terms, extra = dacs._step(cfg, batch, dacs.Context(), model, teacher, None, None, False, ic1_to_events, **kw)
-    return [p.grad.clone() for p in model.parameters() if p.grad is not None], terms, extra
+    return step_grads(cfg, model, teacher, batch, **kw)
 
 
 @pytest.mark.parametrize("variant", ["baseline", "rgb_st+event_s_rgb_t"])
@@ -108,7 +107,7 @@ def test_mic_pass_trains_the_student_only_and_leaves_the_teacher_unmasked():
     assert all(p.grad is None for p in teacher.parameters())
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
-    x = dacs._inputs(batch, torch.device("cpu"), torch.contiguous_format, None, ic1_to_events)
+    x = EventTarget(None, torch.device("cpu"), torch.contiguous_format).inputs(batch)
     assert len(seen) == 1 and torch.equal(seen[0], x["target_image"])  # the teacher saw the unmasked target
 
 

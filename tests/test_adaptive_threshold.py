@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from train.adaptive_threshold import BINS, AdaptiveThreshold
+from train.uda.pseudo_rules import BINS, AdaptiveThreshold
 
 
 def _centre(p: float) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.adversarial import AdvConfig, Adversary, LightDiscriminator, StandardDiscriminator, n_params
+from train.uda.components.adversarial import AdvConfig, Adversary, LightDiscriminator, StandardDiscriminator, n_params
 
 
 def test_parameter_counts_match_the_stated_ones():

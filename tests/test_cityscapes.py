@@ -262,7 +262,7 @@ def test_converts_cmda_sample_output(tmp_path):
     sample = pytest.importorskip("pipeline.synthetic.sample")
     if not hasattr(sample, "write_cityscapes_frame"):
         pytest.skip("pipeline.synthetic.sample has no write_cityscapes_frame")
-    from train.rcs import RareClassSampler
+    from train.data.rcs import RareClassSampler
 
     spec = sample.SampleSpec(seed=0, frames=10, event_rate=1e5, cityscapes_train=2, cityscapes_val=1, dt_us=5000)
     root, out = tmp_path / "cityscapes", tmp_path / "out"

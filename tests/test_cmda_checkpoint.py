@@ -13,15 +13,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import train.cmda_checkpoint as cc
+import train.checkpoints.cmda_layout as cc
 from cli import app
 from pipeline.errors import InputError
 from tests.fixtures.cmda_layout import cmda_layout, read_tsv
 from tests.trees import datasets_yaml, make_night
-from train.checkpoint import FORMAT, load_checkpoint, load_model_state
+from train.checkpoints.cyclegan import load_cyclegan
+from train.checkpoints.files import FORMAT, load_checkpoint, load_model_state
+from train.checkpoints.inference import build_model, load_for_inference
 from train.config import TrainConfig
-from train.inference import build_model, load_for_inference
-from train.models import CMDAModel, ResnetGenerator, load_cyclegan
+from train.models import CMDAModel, ResnetGenerator
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cmda_mit_b5_keys.tsv"
 SHARED_COPY = ("_events.", "_fusion.")
@@ -271,7 +272,7 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
 
 def test_train_init_starts_from_the_cmda_student(b0_file, training_tree, tmp_path):
     from tests.test_train import tiny_config
-    from train import dacs
+    from train.engine import loop as dacs
 
     cfg = tiny_config(training_tree, tmp_path / "run", iters=1)
     cfg.model.head_channels, cfg.model.init = 256, str(b0_file)

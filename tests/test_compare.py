@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from train.compare import Entry, compare, markdown, parse_entry, parse_seeds, summarize
+from train.tools.compare import Entry, compare, markdown, parse_entry, parse_seeds, summarize
 
 
 def test_entries_and_seeds_parse():
@@ -63,7 +63,7 @@ def test_compare_two_configurations_two_seeds(training_tree, tmp_path):
 def test_a_stopped_training_is_not_recorded_as_finished(tmp_path, monkeypatch):
     """A `cmda train` that stops early (a signal: exit 130) must not be evaluated and marked done: the
     next `cmda compare` resumes it instead of tabulating a half-trained checkpoint."""
-    from train import compare as cmp
+    from train.tools import compare as cmp
 
     calls: list[list[str]] = []
 
@@ -91,7 +91,7 @@ def test_one_seed_has_no_std_rather_than_zero():
 
 def test_a_broken_result_file_is_one_line_naming_it(tmp_path):
     """result.json is written atomically, so a broken one is not compare's: say which file, do not trace back."""
-    from train import compare as cmp
+    from train.tools import compare as cmp
 
     done = tmp_path / "out" / "base" / "seed0" / "result.json"
     done.parent.mkdir(parents=True)

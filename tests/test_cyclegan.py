@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
+from train.checkpoints.cyclegan import load_cyclegan
 from train.models.cyclegan import ResnetGenerator, ic1_to_events
-from train.models.weights import load_cyclegan
 
 
 def test_key_layout_matches_the_released_generator():

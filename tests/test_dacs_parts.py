@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from train.config import LossConfig, OptimConfig
-from train.losses import pseudo_labels, segmentation_terms, weighted_ce
-from train.metrics import confusion, iou_per_class, summarize
-from train.mixing import block_mask, class_masks, mix
-from train.schedule import ema_alpha, ema_update, learning_rate
+from train.eval.metrics import confusion, iou_per_class, summarize
+from train.uda.losses import pseudo_labels, segmentation_terms, weighted_ce
+from train.uda.mixing import block_mask, class_masks, mix
+from train.uda.schedule import ema_alpha, ema_update, learning_rate
 
 
 def test_warmup_then_poly_matches_hand_computation():

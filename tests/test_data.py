@@ -10,12 +10,12 @@ from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.voxel import events_norm
 from train.config import DataConfig, RcsConfig
-from train.data import (
+from train.data.batches import PairedBatches
+from train.data.loaders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CityscapesVal,
     NightTest,
-    PairedBatches,
     augment_source,
     augment_target,
     crop_max_ratio,

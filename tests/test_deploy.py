@@ -22,13 +22,13 @@ from pipeline.config import load_config
 from pipeline.errors import STOPPED_EXIT, InputError
 from pipeline.store import VoxelStore
 from tests.raw_tree import SEQ, TEST_FRAMES, raw_tree
-from train.checkpoint import save_checkpoint
+from train.checkpoints.files import save_checkpoint
+from train.checkpoints.inference import predict_logits
 from train.config import TrainConfig, apply_variant, to_dict
-from train.data import NightTest
-from train.export import DeploymentGraph, fold_event_channels, open_onnx
-from train.inference import predict_logits
+from train.data.loaders import NightTest
+from train.deploy.export import DeploymentGraph, fold_event_channels, open_onnx
+from train.deploy.stream import window_grids
 from train.models import CMDAModel
-from train.stream import window_grids
 
 onnx = pytest.importorskip("onnx", reason="deploy extra not installed (pip install -e '.[test]')")
 ort = pytest.importorskip("onnxruntime", reason="deploy extra not installed (pip install -e '.[test]')")
@@ -82,7 +82,7 @@ def exported(tree, ckpt) -> tuple[Path, str]:
 
 
 def _student(path: Path) -> tuple[CMDAModel, TrainConfig]:
-    from train.export import load_model
+    from train.deploy.export import load_model
 
     model, cfg, _ = load_model(path)
     return model, cfg
@@ -185,7 +185,7 @@ def test_stream_checkpoint_predictions_equal_cmda_predict(tree, ckpt, tmp_path):
 def test_ctrl_c_stops_the_stream_with_what_it_did_and_no_video(tree, ckpt, tmp_path, monkeypatch, at):
     """Stopping a replay is normal use: the frames done are reported and kept, an incomplete video is not
     written under the video's name, and the exit status says it was interrupted (130, as `cmda train`)."""
-    import train.stream as stream_mod
+    import train.deploy.stream as stream_mod
 
     real, calls = stream_mod.write_png, []
 
@@ -208,7 +208,7 @@ def test_ctrl_c_stops_the_stream_with_what_it_did_and_no_video(tree, ckpt, tmp_p
 
 
 def test_stream_onnx_agrees_with_checkpoint_and_realtime_counts_deadlines(tree, ckpt, exported, tmp_path):
-    from train.stream import stream
+    from train.deploy.stream import stream
 
     a = stream(SEQ, ckpt, config=tree, out=tmp_path / "pt", device="cpu", progress=False, limit=3)
     b = stream(SEQ, exported[0], config=tree, out=tmp_path / "onnx", realtime=True, progress=False, limit=3)
@@ -317,7 +317,7 @@ def test_dynamic_export_runs_at_other_sizes(tree, tmp_path):
 
 def test_a_model_that_fails_the_check_is_not_written(tree, ckpt, tmp_path, monkeypatch):
     """The export is compared before it is renamed into place: a disagreeing model leaves nothing behind."""
-    import train.export as export
+    import train.deploy.export as export
 
     monkeypatch.setattr(export, "_export_onnx", lambda graph, example, path, *settings: _fake_onnx(
         Path(path), 440, 640, 1))
@@ -333,9 +333,9 @@ def test_an_image_only_checkpoint_exports_with_an_isr_input_and_stream_refuses_i
     replays DSEC events, refuses both the checkpoint and the exported model. (Before, both commands took
     it silently: an "events" input the model never saw, DSEC events into its ISR encoder.)"""
     from train.config import apply_target
-    from train.data import normalize_image
-    from train.export import ort_session
-    from train.night_data import night_isr
+    from train.data.image_only import night_isr
+    from train.data.loaders import normalize_image
+    from train.deploy.export import ort_session
 
     cfg = apply_target(TrainConfig(), "darkzurich")
     cfg.model.backbone, cfg.model.head_channels = "mit_b0", 32

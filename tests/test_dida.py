@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.dida import (
+from train.uda.components.dida import (
     DidaConfig,
     InstanceBank,
     boundary_mask,

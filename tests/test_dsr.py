@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.dsr import (
+from train.uda.components.dsr import (
     TAIL_CLASSES,
     DsrConfig,
     TailBank,
@@ -18,7 +18,7 @@ from train.dsr import (
     prototype_terms,
     with_companions,
 )
-from train.mixing import class_masks
+from train.uda.mixing import class_masks
 
 POLE, LIGHT, SIGN, RIDER, MOTO, BIKE = 5, 6, 7, 12, 17, 18
 

@@ -14,10 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from train.config import TrainConfig
-from train.dacs import backend_flags
-from train.data import resize_pil_bilinear, resize_pil_nearest
-from train.losses import ignore_rows, pseudo_labels
-from train.mixing import (
+from train.data.loaders import resize_pil_bilinear, resize_pil_nearest
+from train.engine.loop import backend_flags
+from train.uda.losses import ignore_rows, pseudo_labels
+from train.uda.mixing import (
     JitterParams,
     class_masks,
     cmda_jitter,
@@ -213,7 +213,7 @@ def test_downscale_equals_pil(src, dst):
 
 def test_loader_downscale_equals_pil_on_the_generated_tree(training_tree):
     from pipeline.config import load_config
-    from train.data import CityscapesTrain
+    from train.data.loaders import CityscapesTrain
 
     source = CityscapesTrain(load_config(training_tree))
     f = source.files[0]
@@ -330,8 +330,8 @@ def test_baseline_dry_run_prints_cmdas_values():
 # ---------------------------------------------------------------------- best checkpoint beside the last
 def test_best_checkpoint_by_night_miou_is_kept_and_noted(training_tree, tmp_path, monkeypatch):
     from tests.test_train import tiny_config
-    from train import dacs
-    from train.checkpoint import load_checkpoint
+    from train.checkpoints.files import load_checkpoint
+    from train.engine import loop as dacs
 
     scores = iter([0.30, 0.50, 0.40])  # evaluations at iterations 1, 2, 3: the best is iteration 2
 

@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.errors import STOPPED_EXIT, InputError
 from pipeline.splits import TABLE, read_index
-from train import dacs
-from train.checkpoint import load_checkpoint
+from train.checkpoints.files import load_checkpoint
 from train.config import TrainConfig
+from train.engine import loop as dacs
+from train.engine.signals import worker_init
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,14 +146,14 @@ def test_second_signal_never_writes_an_inconsistent_checkpoint(training_tree, tm
             signal.raise_signal(signal.SIGTERM)
 
     if where == "step":
-        real = dacs._step
+        real = dacs.iteration
 
         def step(*a, **k):
             out = real(*a, **k)
             twice()
             return out
 
-        monkeypatch.setattr(dacs, "_step", step)
+        monkeypatch.setattr(dacs, "iteration", step)
     else:
         real_opt = torch.optim.AdamW.step
 
@@ -200,7 +201,7 @@ def test_loader_workers_ignore_sigint_and_sigterm():
     """7 (unit): the worker init leaves both signals to the main process."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        dacs._worker_init(0)
+        worker_init(0)
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
@@ -241,7 +242,7 @@ def test_resume_refuses_a_metrics_log_broken_in_the_middle(training_tree, tmp_pa
 def test_input_error_in_a_loader_worker_is_one_line(training_tree, tmp_path, monkeypatch):
     """9: a missing file read inside a DataLoader worker process is the usual InputError, not RuntimeError."""
     from tests.test_train import tiny_config
-    from train import data
+    from train.data import loaders as data
 
     def missing(path):
         raise InputError(path, "image missing or unreadable")
@@ -256,7 +257,7 @@ def test_input_error_in_a_loader_worker_is_one_line(training_tree, tmp_path, mon
 def test_index_paths_are_relative_to_the_datasets_yaml(training_tree, tmp_path, monkeypatch):
     """9: an index.csv with relative paths works with --datasets from another folder."""
     from pipeline.config import load_config
-    from train.data import NightFrames
+    from train.data.loaders import NightFrames
 
     cfg_path = copy_tree(training_tree, tmp_path / "tree")
     assert not read_index(tmp_path / "tree" / "processed" / TABLE)[0].store.startswith("/")
@@ -271,7 +272,7 @@ def test_label_values_outside_the_classes_are_an_input_error(training_tree, tmp_
     import cv2
 
     from pipeline.config import load_config
-    from train.data import NightTest
+    from train.data.loaders import NightTest
 
     cfg_path = copy_tree(training_tree, tmp_path / "tree")
     row = read_index(tmp_path / "tree" / "processed" / TABLE, "test")[0]
@@ -287,7 +288,7 @@ def test_source_label_values_outside_the_classes_are_an_input_error(tmp_path):
     import numpy as np
 
     from pipeline.atomic import write_png
-    from train.data import CityscapesTrain, SourceFile
+    from train.data.loaders import CityscapesTrain, SourceFile
 
     for name, arr in (("img.png", np.zeros((8, 8, 3), np.uint8)), ("ic1.png", np.zeros((8, 8), np.uint8))):
         write_png(tmp_path / name, arr)
@@ -336,7 +337,7 @@ def test_cuda_without_cuda_is_one_line(device):
 
 
 def test_device_names_resolve_alike_everywhere():
-    from train.inference import resolve_device
+    from train.common.device import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("cuda", local_rank=1, cuda_available=True) == torch.device("cuda:1")
@@ -443,7 +444,7 @@ def test_keep_ckpts_zero_keeps_every_checkpoint(training_tree, tmp_path):
 
 def test_prune_orders_checkpoints_by_iteration_not_by_name(tmp_path):
     """Past iteration 999999 the zero-padded names stop sorting by number."""
-    from train.checkpoint import find_checkpoint, prune_checkpoints
+    from train.checkpoints.files import find_checkpoint, prune_checkpoints
 
     for it in (999_998, 999_999, 1_000_000):
         (tmp_path / f"iter_{it:06d}.pt").write_bytes(b"x")

@@ -127,7 +127,7 @@ def test_uint8_storage_rounding_and_loader():
     # the trainer's decode of a stored IC1 (train.data.network_batch): 0 -> -1, 255 -> 1, 3 channels
     import torch
 
-    from train.data import network_batch
+    from train.data.loaders import network_batch
 
     ic1 = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3)
     decoded = network_batch({"source_ic1": ic1})["source_ic1"]

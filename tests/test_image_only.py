@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import train.cmda_checkpoint as cc
+import train.checkpoints.cmda_layout as cc
 from cli import app
 from pipeline.errors import InputError
 from pipeline.image_change import ISR_DAY, isr_reference
@@ -27,16 +27,19 @@ from pipeline.night_targets import discover
 from tests.fixtures.cmda_layout import cmda_layout
 from tests.test_cmda_checkpoint import mmcv_file, random_state
 from tests.test_train import tiny_config
-from train import dacs
-from train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from train.checkpoints.files import load_checkpoint, load_model_state, save_checkpoint
+from train.checkpoints.inference import build_model
 from train.config import TrainConfig, apply_preset, apply_target, to_dict, validate
-from train.data import IMAGENET_MEAN, IMAGENET_STD, PairedBatches
-from train.inference import build_model
-from train.isr import denormalize_to_uint8
+from train.data.batches import PairedBatches
+from train.data.image_only import ISR_TARGET, NightTargetEval
+from train.data.isr import denormalize_to_uint8
+from train.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from train.engine import loop as dacs
 from train.models import AttentionFusion, CMDAModel
 from train.models.mit import get_config
-from train.night_data import ISR_TARGET, NightTargetEval
-from train.peers import Peers, PeerStep
+from train.uda.method import build_method
+from train.uda.step import class_mix, teacher_pseudo_labels
+from train.uda.targets import ImageOnlyTarget
 
 W, H = 160, 96  # the synthetic tree's images, = data.target_resize below: no resize, so the reference is exact
 CROP = 64
@@ -150,7 +153,7 @@ def test_second_encoder_gets_the_night_isr_as_cmda_defines_it(dz_yaml):
     batches = PairedBatches(dcfg, cfg.data, cfg.rcs, 2, seed=5)
     items = discover(dcfg.darkzurich.root, "darkzurich").train
     batch = batches[3]
-    inputs = dacs._inputs(batch, torch.device("cpu"), torch.contiguous_format, None, None, True)
+    inputs = ImageOnlyTarget(torch.device("cpu"), torch.contiguous_format).inputs(batch)
     assert set(inputs) == {"source_image", "source_label", "source_events", "target_image", "target_events"}
     for b in range(2):
         image, isr = _reference_target(items, 5, 3, b)
@@ -188,14 +191,15 @@ def test_teacher_and_mixed_pass_see_the_night_and_the_mixed_isr(dz_yaml):
 
     cfg = dz_config(dz_yaml, None)
     batch = PairedBatches(load_config(dz_yaml), cfg.data, cfg.rcs, 2, seed=1)[0]
-    x = dacs._inputs(batch, torch.device("cpu"), torch.contiguous_format, None, None, True)
+    x = ImageOnlyTarget(torch.device("cpu"), torch.contiguous_format).inputs(batch)
     teacher = Spy()
     torch.manual_seed(0)
-    pseudo, weight, _, _ = dacs._pseudo_labels(cfg, x, teacher, amp=False)
+    method = build_method(cfg, torch.device("cpu"), None, None)
+    pseudo, weight, _ = teacher_pseudo_labels(cfg, method, teacher, x)
     call = teacher.calls[0]
     assert call["events"] is x["target_events"] and call["isr"] is None and call["fuse_with"] == "events"
     assert weight[:, :1].sum() == 0 and weight[:, -8:].sum() == 0  # the ignored rows (15/120 at 540 -> 2/18 at 96)
-    mixed = dacs._mix(cfg, x, pseudo, weight, torch.contiguous_format, PeerStep(cfg, Peers(), 0))
+    mixed = class_mix(cfg, method, x, pseudo, weight)
     assert "isr" not in mixed
     for b in range(2):  # the mixed image's ISR, night parameters of this setting, rightdown
         rgb = denormalize_to_uint8(mixed["image"][b:b + 1])[0].permute(1, 2, 0).numpy()
@@ -295,8 +299,8 @@ def test_acdc_val_test_and_the_day_domain(dz_run, dz_yaml, tmp_path):
 
 def test_day_isr_replaces_ic1_for_an_image_isr_model(dz_yaml):
     from pipeline.config import load_config
-    from train.data import CityscapesVal
-    from train.night_data import DayIsr
+    from train.data.image_only import DayIsr
+    from train.data.loaders import CityscapesVal
 
     cfg = dz_config(dz_yaml, None)
     base = CityscapesVal(load_config(dz_yaml), cfg.data, limit=1)

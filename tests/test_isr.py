@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from pipeline.image_change import isr_reference
-from train.isr import (
+from train.common import IMAGENET_MEAN, IMAGENET_STD
+from train.data.isr import (
     DIRECTIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ISR_DAY,
     ISR_NIGHT,
     cmda_direction,

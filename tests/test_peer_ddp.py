@@ -7,15 +7,19 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from train.collective import gather, world
+from train.common.collective import gather, world
 from train.config import TrainConfig, apply_layers, validate
-from train.peers import Peers, PeerStep
+from train.uda.components.adversarial import OutputDiscriminator
+from train.uda.components.dida import Dida
+from train.uda.components.dsr import Dsrnss
+from train.uda.method import build_method
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -37,30 +41,36 @@ def _worker(rank: int, port: int, out: dict) -> None:
     tdist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.manual_seed(100 + rank)  # the ranks' generators differ, as under torchrun (seed + 1000 * rank)
-        peers = Peers.build(_cfg(), torch.device("cpu"))
-        d_init = _digest(*peers.adversary.disc.parameters())
+        method = build_method(_cfg(), torch.device("cpu"), None, None)
+        dsr, dida, adv = (next(c for c in method.components if isinstance(c, k))
+                          for k in (Dsrnss, Dida, OutputDiscriminator))
+        for c in (dsr, dida, adv):
+            c.start(5)
+        d_init = _digest(*adv.adversary.disc.parameters())
         g = torch.Generator().manual_seed(rank)  # and so do their batches
         b, h, w = 2, 128, 128
         label = torch.randint(0, 19, (b, h, w), generator=g)
         label[:, :32] = 12  # rider: a tail class, so the bank stores something on every rank
         x = {"source_image": torch.randn(b, 3, h, w, generator=g),
              "source_events": torch.randn(b, 3, h, w, generator=g), "source_label": label}
-        step = PeerStep(_cfg(), peers, it=5)
-        step.push_tail(x)
-        image, _, lbl, _, _ = step.paste_tail(torch.zeros(b, 3, h, w), torch.zeros(b, 3, h, w),
-                                               torch.full((b, h, w), 255), torch.ones(b, h, w),
-                                               torch.zeros(b, 1, h, w))
+        teacher_out = SimpleNamespace(features={"fusion": [torch.zeros(b, 8, h // 32, w // 32)]})
+        dsr.after_pseudo_labels(x, teacher_out, torch.zeros(b, h, w, dtype=torch.long))
+        mixed = dsr.after_mix({"image": torch.zeros(b, 3, h, w), "events": torch.zeros(b, 3, h, w),
+                               "label": torch.full((b, h, w), 255), "weight": torch.ones(b, h, w),
+                               "target": torch.ones(b, h, w)})
+        image, lbl = mixed["image"], mixed["label"]
         own = lbl[:, :32] == 12
         out_rank = {"pasted_own": bool(own.all()) and torch.equal(image[:, :, :32], x["source_image"][:, :, :32]),
                     "d_init": d_init}
-        step._bank_in.append((torch.randn(b, 8, h // 4, w // 4, generator=g), label))
-        step._adv_source.append(torch.randn(b, 19, h // 4, w // 4, generator=g))
-        step._adv_target.append((torch.randn(b, 19, h // 4, w // 4, generator=g), torch.ones(b, h // 4, w // 4)))
-        step.finish()
-        e = peers.tail.entries[0]
+        dida.bank_in.append((torch.randn(b, 8, h // 4, w // 4, generator=g), label))
+        adv.source.append(torch.randn(b, 19, h // 4, w // 4, generator=g))
+        adv.target.append((torch.randn(b, 19, h // 4, w // 4, generator=g), torch.ones(b, h // 4, w // 4)))
+        for c in (dsr, dida, adv):
+            c.finish()
+        e = dsr.bank.entries[0]
         out_rank.update(tail=_digest(e["image"], e["events"], e["label"], e["mask"]), tail_n=e["mask"].shape[0],
-                        bank=_digest(peers.instances.feats, peers.instances.filled),
-                        filled=peers.instances.n_filled, disc=_digest(*peers.adversary.disc.parameters()),
+                        bank=_digest(dida.bank.feats, dida.bank.filled),
+                        filled=dida.bank.n_filled, disc=_digest(*adv.adversary.disc.parameters()),
                         gather=gather(torch.tensor([rank])).tolist(), world=world())
         out[rank] = out_rank
     finally:

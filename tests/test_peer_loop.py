@@ -12,13 +12,16 @@ import torch
 
 from benchmarks.bench_train import fake_batch
 from pipeline.errors import InputError
+from tests.steps import step_grads
 from tests.test_accum_mic import _tiny
 from tests.test_train import _losses, assert_same_state, tiny_config
-from train import dacs
-from train.checkpoint import load_checkpoint
+from train.checkpoints.files import load_checkpoint
 from train.config import TrainConfig, apply_layers, validate
-from train.models import ic1_to_events
-from train.peers import Peers
+from train.engine import loop as dacs
+from train.uda.components.adversarial import OutputDiscriminator
+from train.uda.components.dida import Dida
+from train.uda.components.dsr import Dsrnss
+from train.uda.method import build_method
 
 # Road and sky are in every crop of the test tree's source images (its tail classes may not be).
 EVERYWHERE = "0,10"
@@ -137,22 +140,20 @@ def test_accum_2_with_every_component_gives_the_full_batch_step(adv_input):
     apply_layers(cfg, sets=["dsr.enabled=true", "dida.enabled=true", "adv.enabled=true", "dida.dim=16",
                             f"dsr.bank_classes={EVERYWHERE}", "adv.upsample=2", f"adv.input={adv_input}"])
     batch = fake_batch(2, 64, torch.device("cpu"), torch.Generator().manual_seed(0))
-    peers = Peers.build(cfg, torch.device("cpu"))
+    method = build_method(cfg, torch.device("cpu"), None, None)
+    dsr, dida = (next(c for c in method.components if isinstance(c, k)) for k in (Dsrnss, Dida))
     gen = torch.Generator().manual_seed(1)  # banks with entries, so every term is non-zero
     labels = torch.randint(0, 19, (2, 64, 64), generator=gen)
-    peers.instances.update(torch.rand(2, 16, 16, 16, generator=gen), labels, 0)
+    dida.bank.update(torch.rand(2, 16, 16, 16, generator=gen), labels, 0)
     corner = torch.full((2, 64, 64), 255)
     corner[:, :16, :16] = 0  # a bank entry covering one corner: the rest stays target
-    peers.tail.push(torch.rand(2, 3, 64, 64, generator=gen), torch.rand(2, 3, 64, 64, generator=gen), corner)
+    dsr.bank.push(torch.rand(2, 3, 64, 64, generator=gen), torch.rand(2, 3, 64, 64, generator=gen), corner)
     results = []
     for accum in (1, 2):
-        c, p = copy.deepcopy(cfg), copy.deepcopy(peers)
+        c, m = copy.deepcopy(cfg), copy.deepcopy(method)
         c.run.accum = accum
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(123)
-        terms, extra = dacs._step(c, batch, dacs.Context(), model, teacher, None, None, False, ic1_to_events,
-                                  peers=p, it=0)
-        grads = [q.grad.clone() for q in model.parameters() if q.grad is not None]
+        grads, terms, extra = step_grads(c, model, teacher, batch, it=0, method=m)
+        p = {type(k): k for k in m.components}
         results.append((grads, terms, extra, p))
     (g1, t1, e1, p1), (g2, t2, e2, p2) = results
     assert {"dsr/proto", "dsr/proto_mix", "dida/instance", "adv/generator"} <= set(t1)
@@ -164,9 +165,10 @@ def test_accum_2_with_every_component_gives_the_full_batch_step(adv_input):
         assert e1[k] == pytest.approx(e2[k], rel=1e-5, abs=1e-7), k
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    for a, b in zip(p1.adversary.disc.parameters(), p2.adversary.disc.parameters(), strict=True):
+    adv1, adv2 = p1[OutputDiscriminator].adversary, p2[OutputDiscriminator].adversary
+    for a, b in zip(adv1.disc.parameters(), adv2.disc.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(p1.instances.feats, p2.instances.feats)
+    torch.testing.assert_close(p1[Dida].bank.feats, p2[Dida].bank.feats)
 
 
 @pytest.mark.parametrize(("sets", "match"), [

@@ -21,14 +21,15 @@ from cli import app
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from tests.trees import SEQ, TEST_FRAMES, TEST_ROWS, TRAIN_FRAMES, H, W, datasets_yaml, make_night
-from train.checkpoint import save_checkpoint
+from train.checkpoints.files import save_checkpoint
+from train.checkpoints.inference import load_for_inference, predict_logits
 from train.config import DataConfig, RcsConfig, TrainConfig, to_dict
-from train.data import NightTest, PairedBatches, network_batch
-from train.inference import load_for_inference, predict_logits
-from train.inspect_sample import SOURCE_TITLES, TARGET_TITLES, batch_isr, mix_batch
+from train.data.batches import PairedBatches
+from train.data.loaders import NightTest, network_batch
+from train.eval.inspect import SOURCE_TITLES, TARGET_TITLES, batch_isr, mix_batch
+from train.eval.predict import predict
+from train.eval.visualize import TITLE_HEIGHT, colorize, denormalize, events_to_rgb, overlay
 from train.models import CMDAModel
-from train.predict import predict
-from train.visualize import TITLE_HEIGHT, colorize, denormalize, events_to_rgb, overlay
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ def test_predict_real_dsec_frame_size(training_tree, tmp_path):
 
 def test_inspect_shows_the_mic_pass_when_mic_is_on(training_tree, tmp_path, monkeypatch):
     from train.config import TrainConfig
-    from train.inspect_sample import MIC_TITLES, mic_batch
+    from train.eval.inspect import MIC_TITLES, mic_batch
 
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["inspect", "--config", str(training_tree), "--iter", "2", "--set",
@@ -236,7 +237,7 @@ def test_inspect_shows_dsrnss_grouped_classmix_with_its_companions(training_tree
     """With dsr on, the ClassMix row is the grouped one: the same draws as plain ClassMix, grown by the
     companions (pole -> traffic light/sign, rider -> bicycle/motorcycle) present in the sample."""
     from train.config import TrainConfig
-    from train.dsr import COMPANIONS
+    from train.uda.components.dsr import COMPANIONS
 
     dsr = TrainConfig()
     dsr.dsr.enabled = True

@@ -23,7 +23,7 @@ from pipeline.rcs_stats import (
     write_stats,
 )
 from tests.test_cityscapes import make_tree
-from train.rcs import RareClassSampler, choose_crop, rcs_class_probs
+from train.data.rcs import RareClassSampler, choose_crop, rcs_class_probs
 
 # class -> pixels per file (files f0..f5); class 9 never exceeds 3000 pixels in one file.
 TABLE = {

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from train import dacs
-from train.checkpoint import load_checkpoint
+from train.checkpoints.files import load_checkpoint
 from train.config import VARIANTS, TrainConfig, apply_variant
-from train.losses import source_feature_terms, target_feature_terms
+from train.engine import loop as dacs
 from train.models import CMDAModel
+from train.uda import step as step_module
+from train.uda.losses import source_feature_terms, target_feature_terms
 
 # ---------------------------------------------------------------------- gradient routing
 
@@ -163,17 +164,17 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(training_tree, tmp_path
 
 
 def test_divergence_stops_with_the_term_and_keeps_the_last_checkpoint(training_tree, tmp_path, monkeypatch):
-    real_step = dacs._step
+    real_pass = step_module.mixed_pass
 
-    def poisoned(cfg, batch, *a, **k):
-        terms, extra = real_step(cfg, batch, *a, **k)
+    def poisoned(*a, **k):  # the third iteration's mixed pass returns a NaN term (after its backward)
+        terms = real_pass(*a, **k)
         if poisoned.calls == 2:
             terms["mix/events"] = terms["mix/events"] * float("nan")
         poisoned.calls += 1
-        return terms, extra
+        return terms
 
     poisoned.calls = 0
-    monkeypatch.setattr(dacs, "_step", poisoned)
+    monkeypatch.setattr(step_module, "mixed_pass", poisoned)
     with pytest.raises(InputError, match=r"iteration 3: loss term 'mix/events' is nan.*iter_000002\.pt"):
         dacs.train(tiny_config(training_tree, tmp_path / "run", iters=4))
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -185,14 +186,14 @@ def sigterm_after_each_step(monkeypatch) -> object:
     the real step, to put back."""
     import signal
 
-    real_step = dacs._step
+    real_step = dacs.iteration
 
     def step_then_sigterm(cfg, batch, *a, **k):
         out = real_step(cfg, batch, *a, **k)
         signal.raise_signal(signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(dacs, "_step", step_then_sigterm)
+    monkeypatch.setattr(dacs, "iteration", step_then_sigterm)
     return real_step
 
 
@@ -201,7 +202,7 @@ def test_stop_request_saves_a_resumable_checkpoint(training_tree, tmp_path, monk
     res = dacs.train(tiny_config(training_tree, tmp_path / "run", iters=4))
     assert res["stopped"] == 1
     assert (tmp_path / "run" / "checkpoints" / "iter_000001.pt").exists()
-    monkeypatch.setattr(dacs, "_step", real_step)
+    monkeypatch.setattr(dacs, "iteration", real_step)
     first = tmp_path / "run" / "checkpoints" / "iter_000001.pt"
     res = dacs.train(tiny_config(training_tree, None, iters=4), resume=first)
     assert "stopped" not in res and (tmp_path / "run" / "checkpoints" / "iter_000004.pt").exists()

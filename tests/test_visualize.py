@@ -1,4 +1,4 @@
-"""train.visualize: palette from cityscapesscripts, overlay, event colours, panels, confusion and loss plots."""
+"""train.eval.visualize: palette from cityscapesscripts, overlay, event colours, panels, confusion and loss plots."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
 
 from pipeline.errors import InputError
-from train.data import normalize_image
-from train.metrics import CLASSES
-from train.visualize import (
+from train.common import CLASSES
+from train.data.loaders import normalize_image
+from train.eval.visualize import (
     PALETTE,
     TITLE_HEIGHT,
     colorize,

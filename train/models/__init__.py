@@ -3,7 +3,8 @@
 API for the training loop (everything is plain PyTorch; inputs are ``[B, 3, H, W]`` float tensors,
 images ImageNet-normalised, events / ISR / IC1 in [-1, 1] repeated to 3 channels)::
 
-    from train.models import CMDAModel, load_cyclegan, ic1_to_events
+    from train.models import CMDAModel, ic1_to_events
+    from train.checkpoints.cyclegan import load_cyclegan
 
     model = CMDAModel("mit_b5", num_classes=19, checkpoint=True)   # checkpoint = recompute blocks in backward
     model.load_pretrained("pretrained/mit_b5.pth")                  # same ImageNet file into both encoders
@@ -16,7 +17,7 @@ images ImageNet-normalised, events / ISR / IC1 in [-1, 1] repeated to 3 channels
     out = model(image=img, events=src_events, isr=isr)     # all four outputs; fusion = image + events
     out.logits["fusion"]        # [B, 19, H/4, W/4]: upsample to the label size before the loss
     out.features["fusion"][-1]  # [B, 512, H/32, W/32] deepest stage (also "image", "events", "isr")
-    loss = sum(segmentation_terms(out.logits, label, cfg.loss).values())  # train.losses: CMDA's weights
+    loss = sum(segmentation_terms(out.logits, label, cfg.loss).values())  # train.uda.losses: CMDA's weights
 
     # teacher pseudo-labels: only the image encoder, the event encoder on ISR, the fusion and the head run
     out = teacher(image=night_img, isr=night_isr, fuse_with="isr", outputs=("fusion",))
@@ -37,7 +38,7 @@ from train.models.cyclegan import ResnetGenerator, ic1_to_events
 from train.models.fusion import FUSIONS, OUTPUTS, AttentionAvgFusion, AttentionFusion, CMDAModel, ModelOutput
 from train.models.head import DAFormerHead
 from train.models.mit import MIT_CONFIGS, MiTConfig, MixVisionTransformer, mit
-from train.models.weights import load_cyclegan, load_mit_pretrained, read_state_dict
+from train.models.weights import load_mit_pretrained, read_state_dict
 
 __all__ = [
     "FUSIONS",
@@ -52,7 +53,6 @@ __all__ = [
     "ModelOutput",
     "ResnetGenerator",
     "ic1_to_events",
-    "load_cyclegan",
     "load_mit_pretrained",
     "mit",
     "read_state_dict",

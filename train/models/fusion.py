@@ -21,6 +21,7 @@ from torch import nn
 
 from train.models.head import DAFormerHead
 from train.models.mit import Block, MixFFN, MixVisionTransformer, get_config, map_to_tokens, tokens_to_map
+from train.models.weights import load_mit_pretrained
 
 OUTPUTS = ("image", "events", "fusion", "isr")
 """The four heads' outputs, in a fixed order."""
@@ -160,7 +161,7 @@ class CMDAModel(nn.Module):
 
         out = model(image=img, events=ev, isr=isr)                 # source pass: all four outputs
         out = teacher(image=img, isr=isr, fuse_with="isr", outputs=("fusion",))   # pseudo-labels
-        loss = sum(segmentation_terms(out.logits, y, cfg.loss).values())  # train.losses
+        loss = sum(segmentation_terms(out.logits, y, cfg.loss).values())  # train.uda.losses
         feat = out.features["fusion"][-1]                          # deepest stage, for feature losses
 
     Only the encoders needed by the requested outputs run: the fusion reuses the events/ISR features when
@@ -241,7 +242,6 @@ class CMDAModel(nn.Module):
 
     def load_pretrained(self, mit_path: str | Path) -> None:
         """Load one official ImageNet ``mit_bX.pth`` into both encoders (InputError on any mismatch)."""
-        from train.models.weights import load_mit_pretrained
 
         load_mit_pretrained(self.backbone_image, mit_path)
         load_mit_pretrained(self.backbone_events, mit_path)

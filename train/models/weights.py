@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
-from train.models.cyclegan import ResnetGenerator
 from train.models.mit import MIT_CONFIGS
 
 MIT_IGNORED_KEYS = frozenset({"head.weight", "head.bias"})
@@ -119,19 +118,3 @@ def load_mit_pretrained(model: nn.Module, path: str | Path) -> None:
     hint = f" (the file looks like {guess})" if guess and guess != name else ""
     check_state_dict(path, state, model, name, MIT_IGNORED_KEYS, hint)
     model.load_state_dict({k: v for k, v in state.items() if k not in MIT_IGNORED_KEYS}, strict=True)
-
-
-def load_cyclegan(path: str | Path, device: str | torch.device = "cpu") -> ResnetGenerator:
-    """Load ``cityscapes_ICD_to_dsec_EN.pth`` into a frozen, eval-mode 1->1 channel ResNet generator.
-
-    Also takes CMDA's released checkpoint (its ``cyclegan_itrd2en.*`` weights) or a cmda checkpoint converted
-    from one (``cmda convert``).
-    """
-    from train.cmda_checkpoint import cyclegan_state
-
-    state = cyclegan_state(path)
-    gen = ResnetGenerator(input_nc=1, output_nc=1, ngf=64, n_blocks=9)
-    check_state_dict(path, state, gen, "the CycleGAN ResNet-9 generator (1->1 channel, 64 filters)")
-    gen.load_state_dict(state, strict=True)
-    gen.requires_grad_(False)
-    return gen.eval().to(device)

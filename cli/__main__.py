@@ -1,0 +1,5 @@
+"""``python -m cli``: the ``cmda`` command."""
+
+from cli import app
+
+app()

@@ -1,0 +1,76 @@
+"""The ``cmda`` application object and what every command shares: options and the one-line error report.
+
+Each command module (:mod:`cli.data`, :mod:`cli.train`, :mod:`cli.evaluate`, :mod:`cli.deploy`,
+:mod:`cli.tools`) is a thin layer: it parses options, calls one function of ``pipeline`` or ``train`` and
+prints. Bad input raises ``pipeline.errors.InputError``; :func:`reports_input_errors` turns it into one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pipeline.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="cmda: nighttime semantic segmentation with images and events (DSEC night, Cityscapes day).\n\n"
+    "Typical use: `cmda sample` (synthetic data), `dvc repro` (every dataset artefact), "
+    "`cmda train --variant baseline`.",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[Path, typer.Option("--config", help="datasets.yaml to read (paths in it are relative to it).")]
+SeqOpt = Annotated[list[str] | None, typer.Option("--seq", help="Sequence name, e.g. zurich_city_09a (repeatable).")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every sequence listed in datasets.yaml.")]
+SchedulerOpt = Annotated[
+    str | None, typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786 (default: local threads).")
+]
+WorkersOpt = Annotated[int, typer.Option(min=0, help="Local threads (0 = one per core).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), cpu, cuda "
+                                        "or cuda:N.")]
+RunDatasetsOpt = Annotated[Path | None, typer.Option("--config", help="datasets.yaml (default: the one the "
+                                                     "checkpoint's run trained with).")]
+
+
+
+@app.callback()
+def _root() -> None:
+    """cmda: nighttime semantic segmentation with images and events."""
+
+
+def reports_input_errors(fn: F) -> F:
+    """Turn InputError into 'error: <file>: <problem>' and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a full disk, a read-only or vanished folder: the system's words, one line
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def sequences(cfg: Any, seq: list[str] | None, all_: bool) -> list[str]:
+    if all_ or not seq:
+        if not all_ and not seq:
+            raise InputError(cfg.source, "name a sequence with --seq NAME or pass --all")
+        if not cfg.dsec.sequences:
+            raise InputError(cfg.source, "--all: no sequences are listed under dsec.sequences")
+        return list(cfg.dsec.sequences)
+    return [cfg.sequence(s) for s in seq]

@@ -1,0 +1,461 @@
+"""CMDA's released mmcv checkpoints, read as they are: recognised, renamed onto :class:`CMDAModel`, checked strictly.
+
+CMDA publishes its Cityscapes -> DSEC model as an mmcv checkpoint ``{'meta', 'state_dict'[, 'optimizer']}``
+whose state dict is the whole UDA module of XiaRho/CMDA@9d25129: the student under ``model.*``, the EMA teacher under
+``ema_model.*`` (same names) and the frozen CycleGAN generator under ``cyclegan_itrd2en.*``. cmda's model was
+named after CMDA's, so only three renames are needed per model:
+
+==============================================  ====================================
+CMDA key (after ``model.`` / ``ema_model.``)     cmda key
+==============================================  ====================================
+``backbone_image.*``, ``backbone_events.*``      same
+``fusion_module.basic_block.{i}.*``              ``fusion_module.blocks.{i}.*``
+``fusion_module.linear_block.{i}.*``             ``fusion_module.mlps.{i}.*``
+``decode_head.embed_layers_image.{i}.*``         ``decode_head.embed_layers.{i}.*``
+``decode_head.fuse_layer_image.*``               ``decode_head.fuse_layer.*``
+``decode_head.conv_seg.*``                       same
+==============================================  ====================================
+
+Two released models share this layout. The Cityscapes -> DSEC model fuses with ``AttentionAvgFusion``
+(``basic_block.0..7``, one block per encoder and stage). The Cityscapes -> Dark Zurich image + ISR model
+(``cs2dz_image+raw-isr``) fuses with ``AttentionFusion``: ``basic_block.0..3`` are blocks of width 2C on
+concat(image, ISR) and ``linear_block.0..3`` the Mlps 2C -> C -> C; the file is recognised by its
+``linear_block`` keys and imported as a ``model.fusion=attention``, ``data.target=darkzurich`` model.
+
+CMDA's head is built with ``share_decoder=True``: the events and fusion branches are the image branch's modules
+under two more names, so the state dict lists ``embed_layers_{events,fusion}`` / ``fuse_layer_{events,fusion}``
+with the same values. They are checked against the image group (cmda's single shared head uses the image
+group; a difference is reported as a warning). Known unused groups are skipped with one line:
+``fusion_isr_module.*`` (CMDA's config builds an ISR attention fusion that the DSEC run never calls) and
+``imnet_model.*`` (the ImageNet copy only present when the feature distance was on).
+
+Everything else is strict: a key that maps nowhere, a key the model needs that the file lacks, or a shape that
+does not fit is an :class:`InputError` listing them under the file's own names. The MiT size is read from the
+file (depths and widths of ``backbone_image``) and a mismatch with the size a command asked for names both.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import InputError
+from train.checkpoints.files import FORMAT
+from train.config import TrainConfig, apply_target, to_dict
+from train.models import CMDAModel
+from train.models.cyclegan import ResnetGenerator
+from train.models.weights import guess_mit_variant, key_listing
+
+STUDENT, TEACHER, CYCLEGAN = "model.", "ema_model.", "cyclegan_itrd2en."
+SKIPPED_IN_MODEL = {
+    "fusion_isr_module.": "CMDA's ISR attention fusion, built by its config but unused by the DSEC model",
+}
+SKIPPED_TOP = {"imnet_model.": "the frozen ImageNet encoder of the feature distance"}
+RENAMES = (  # (CMDA name prefix, cmda name prefix), after the model prefix
+    ("backbone_image.", "backbone_image."),
+    ("backbone_events.", "backbone_events."),
+    ("fusion_module.basic_block.", "fusion_module.blocks."),
+    ("fusion_module.linear_block.", "fusion_module.mlps."),
+    ("decode_head.embed_layers_image.", "decode_head.embed_layers."),
+    ("decode_head.fuse_layer_image.", "decode_head.fuse_layer."),
+    ("decode_head.conv_seg.", "decode_head.conv_seg."),
+)
+SHARED = re.compile(r"^decode_head\.(embed_layers|fuse_layer)_(events|fusion)\.(.+)$")
+CMDA_MARKERS = (STUDENT + "backbone_image.", STUDENT + "decode_head.", TEACHER + "backbone_image.")
+_LIST_MAX = 8
+
+
+def _listing(keys: list[str]) -> str:
+    return key_listing(keys, _LIST_MAX)
+
+
+# ---------------------------------------------------------------------- reading and recognising
+def read_checkpoint_object(path: str | Path) -> Any:
+    """``torch.load`` a checkpoint on the CPU, memory-mapped where the file allows.
+
+    Tries the safe ``weights_only`` unpickler first (CMDA's mmcv files and plain weight files pass it); cmda's
+    own checkpoints hold NumPy RNG state and need the full unpickler, as :func:`train.checkpoint.load_checkpoint`
+    uses: only open checkpoints you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    last: Exception | None = None
+    for weights_only in (True, False):
+        for mmap in (True, False):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+            except Exception as exc:  # unpickling, non-zip (mmap) or corrupt-file errors: try the next way
+                last = exc
+    raise InputError(path, f"not a readable PyTorch checkpoint ({type(last).__name__}: {last})")
+
+
+def state_dict_of(obj: Any) -> Mapping[str, Any] | None:
+    """The name -> tensor mapping inside an mmcv / plain checkpoint object (None if there is none)."""
+    if isinstance(obj, Mapping):
+        inner = obj.get("state_dict")
+        if isinstance(inner, Mapping):
+            return inner
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+    return None
+
+
+def is_cmda_mmcv(obj: Any) -> bool:
+    """True for CMDA's released layout (a state dict with ``model.backbone_image.*`` or similar keys)."""
+    sd = state_dict_of(obj)
+    return sd is not None and any(k.startswith(CMDA_MARKERS) for k in sd)
+
+
+def describe_layout(obj: Any) -> str:
+    """A phrase naming what a checkpoint that is neither cmda's nor CMDA's layout looks like."""
+
+    if isinstance(obj, Mapping) and "format" in obj:
+        return f"a cmda checkpoint of another format ({obj.get('format')!r}, this version reads {FORMAT!r})"
+    if isinstance(obj, Mapping) and "student" in obj:
+        return "a cmda-style checkpoint without its 'format' marker"
+    sd = state_dict_of(obj)
+    if sd is None:
+        kind = type(obj).__name__
+        keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, Mapping) else ""
+        return f"a {kind}{f' with keys {keys}' if keys else ''}, not a state dict"
+    keys = list(sd)
+    if any(k.startswith("patch_embed1.") for k in keys):
+        guess = guess_mit_variant(sd)
+        return f"an ImageNet MiT encoder file ({guess or 'unknown size'}; use it with --pretrained)"
+    if any(k.startswith("model.1.") for k in keys) and any(k.startswith("model.10.conv_block") for k in keys):
+        return "a CycleGAN generator file (use it with --cyclegan)"
+    if any(k.startswith("backbone.") for k in keys) and any(k.startswith("decode_head.") for k in keys):
+        return "a single-encoder mmseg EncoderDecoder (SegFormer/DAFormer, image only)"
+    if any(k.startswith(("backbone_image.", "decode_head.")) for k in keys):
+        return "a bare cmda/CMDA model state dict (no 'model.' prefix, no cmda checkpoint fields)"
+    return f"an unknown state dict ({len(keys)} keys, e.g. {_listing(keys[:3])})"
+
+
+def not_a_checkpoint_error(path: Path, obj: Any) -> InputError:
+    return InputError(path, "neither a cmda checkpoint nor CMDA's released layout: it looks like "
+                      f"{describe_layout(obj)}; a cmda checkpoint has 'format': {FORMAT!r} with 'student' weights, "
+                      "CMDA's has a state_dict "
+                      "with model.backbone_image.*, model.backbone_events.*, model.fusion_module.*, "
+                      "model.decode_head.*")
+
+
+# ---------------------------------------------------------------------- renaming one model
+def cmda_to_ours(rest: str) -> str | None:
+    """cmda name of a CMDA key (model prefix removed), None when no rename rule applies."""
+    for src, dst in RENAMES:
+        if rest.startswith(src):
+            return dst + rest[len(src):]
+    return None
+
+
+def ours_to_cmda(name: str) -> str:
+    """CMDA name (without model prefix) of a cmda key, for messages."""
+    for src, dst in RENAMES:
+        if name.startswith(dst):
+            return src + name[len(dst):]
+    return name
+
+
+@dataclass
+class _Mapped:
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    differing: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def map_model(sd: Mapping[str, torch.Tensor], prefix: str) -> _Mapped | None:
+    """Rename the keys under ``prefix`` (``model.`` or ``ema_model.``) onto cmda's names; None if there are none."""
+    sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not sub:
+        return None
+    m = _Mapped()
+    shared: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for rest, value in sub.items():
+        skip = next((s for s in SKIPPED_IN_MODEL if rest.startswith(s)), None)
+        if skip is not None:
+            m.skipped[prefix + skip] = m.skipped.get(prefix + skip, 0) + 1
+            continue
+        dup = SHARED.match(rest)
+        if dup:
+            shared.setdefault((dup.group(1), dup.group(2)), {})[dup.group(3)] = value
+            continue
+        name = cmda_to_ours(rest)
+        if name is None:
+            m.unexpected.append(prefix + rest)
+        else:
+            m.state[name] = value
+    # the events / fusion copies of the shared head: same keys and values as the image group
+    for kind in ("embed_layers", "fuse_layer"):
+        ours = f"decode_head.{kind}."
+        image = {k[len(ours):]: v for k, v in m.state.items() if k.startswith(ours)}
+        for branch in ("events", "fusion"):
+            group = shared.get((kind, branch), {})
+            where = f"{prefix}decode_head.{kind}_{branch}."
+            m.missing += [where + k for k in image if k not in group]
+            for k, v in group.items():
+                if k not in image:
+                    m.unexpected.append(where + k)
+                elif v.shape != image[k].shape or not torch.equal(v, image[k]):
+                    m.differing.append(where + k)
+    return m
+
+
+# ---------------------------------------------------------------------- the whole file
+@dataclass
+class CMDAImport:
+    """A CMDA checkpoint converted to cmda's names (student, teacher or None, CycleGAN or None)."""
+
+    path: Path
+    backbone: str
+    num_classes: int
+    head_channels: int
+    student: dict[str, torch.Tensor]
+    fusion: str  # "attention_avg" (the DSEC image + events model) or "attention" (the Dark Zurich image + ISR model)
+    teacher: dict[str, torch.Tensor] | None
+    cyclegan: dict[str, torch.Tensor] | None
+    iteration: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_backbone(path: Path, state: Mapping[str, torch.Tensor], prefix: str) -> str:
+    """MiT size of ``backbone_image`` and ``backbone_events`` (must agree); InputError naming what was found."""
+
+    found = {}
+    for enc in ("backbone_image", "backbone_events"):
+        sub = {k[len(enc) + 1:]: v for k, v in state.items() if k.startswith(enc + ".")}
+        if not sub:
+            continue
+        guess = guess_mit_variant(sub)
+        if guess is None:
+            depths = [len({k.split(".")[1] for k in sub if k.startswith(f"block{s}.")}) for s in range(1, 5)]
+            widths = [int(sub[f"norm{s}.weight"].shape[0]) if f"norm{s}.weight" in sub else 0 for s in range(1, 5)]
+            raise InputError(path, f"{prefix}{enc} is no MiT-B0..B5: depths {depths}, widths {widths}")
+        found[enc] = guess
+    if not found:
+        raise InputError(path, f"CMDA checkpoint has no {prefix}backbone_image.* or {prefix}backbone_events.* keys")
+    if len(set(found.values())) > 1:
+        raise InputError(path, f"{prefix}backbone_image is {found.get('backbone_image')} but {prefix}backbone_events "
+                         f"is {found.get('backbone_events')}")
+    return next(iter(found.values()))
+
+
+def detect_fusion(state: Mapping[str, torch.Tensor]) -> str:
+    """``attention`` when the renamed student holds AttentionFusion's Mlps (CMDA's image + ISR model),
+    else ``attention_avg`` (its DSEC image + events model)."""
+    return "attention" if any(k.startswith("fusion_module.mlps.") for k in state) else "attention_avg"
+
+
+@functools.lru_cache(maxsize=4)
+def model_shapes(backbone: str, classes: int, channels: int, fusion: str = "attention_avg"
+                 ) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of cmda's CMDAModel of that size (built on the meta device: no memory, no init)."""
+
+    with torch.device("meta"):
+        model = CMDAModel(backbone, num_classes=classes, head_channels=channels, fusion=fusion)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_model(path: Path, m: _Mapped, prefix: str, backbone: str, classes: int, channels: int,
+                 fusion: str = "attention_avg") -> None:
+    """Strict comparison of the renamed keys with cmda's model of that size and fusion."""
+    expected = model_shapes(backbone, classes, channels, fusion)
+    missing = m.missing + [prefix + ours_to_cmda(k) for k in expected if k not in m.state]
+    unexpected = m.unexpected + [prefix + ours_to_cmda(k) for k in m.state if k not in expected]
+    shapes = [f"{prefix}{ours_to_cmda(k)}: file {tuple(v.shape)} vs model {expected[k]}"
+              for k, v in m.state.items() if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) that map nowhere {_listing(unexpected)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) {_listing(missing)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) {_listing(shapes)}")
+        raise InputError(path, f"CMDA checkpoint ({backbone}) does not fit cmda's {backbone} model: "
+                         + "; ".join(parts))
+
+
+def _cyclegan(path: Path, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+
+    state = {k[len(CYCLEGAN):]: v for k, v in sd.items() if k.startswith(CYCLEGAN)}
+    if not state:
+        return None
+    with torch.device("meta"):
+        expected = ResnetGenerator().state_dict()
+    missing = [CYCLEGAN + k for k in expected if k not in state]
+    unexpected = [CYCLEGAN + k for k in state if k not in expected]
+    shapes = [f"{CYCLEGAN}{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise InputError(path, "CMDA checkpoint's CycleGAN generator does not fit the ResNet-9 1->1 generator: "
+                         f"missing {_listing(missing)}, unexpected {_listing(unexpected)}, shapes {_listing(shapes)}")
+    return state
+
+
+def import_cmda(path: str | Path, obj: Any | None = None, *, backbone: str | None = None,
+                teacher_required: bool = False) -> CMDAImport:
+    """Convert CMDA's released checkpoint at ``path`` (already loaded as ``obj`` if given).
+
+    ``backbone``: the MiT size the caller needs (a file of another size is an InputError naming it).
+    ``teacher_required``: a file without ``ema_model.*`` is an InputError (``--teacher``).
+    """
+    path = Path(path)
+    obj = read_checkpoint_object(path) if obj is None else obj
+    if not is_cmda_mmcv(obj):
+        raise not_a_checkpoint_error(path, obj)
+    sd = state_dict_of(obj)
+    assert sd is not None
+    notes: list[str] = []
+    known = (STUDENT, TEACHER, CYCLEGAN, *SKIPPED_TOP)
+    stray = [k for k in sd if not k.startswith(known)]
+    skipped_top = {p: sum(k.startswith(p) for k in sd) for p in SKIPPED_TOP}
+    student = map_model(sd, STUDENT)
+    if student is None:
+        raise InputError(path, "CMDA checkpoint has no student (model.*) weights")
+    if stray:
+        student.unexpected = stray + student.unexpected
+    teacher = map_model(sd, TEACHER)
+    if teacher is None and teacher_required:
+        raise InputError(path, "--teacher: this CMDA checkpoint has no ema_model.* (teacher) weights; use the "
+                         "student (drop --teacher)")
+    found = detect_backbone(path, student.state, STUDENT)
+    if backbone is not None and found != backbone:
+        raise InputError(path, f"CMDA checkpoint is for {found}, this run uses {backbone} (pass --backbone {found})")
+    seg = student.state.get("decode_head.conv_seg.weight")
+    classes, channels = (int(seg.shape[0]), int(seg.shape[1])) if seg is not None and seg.ndim == 4 else (19, 256)
+    fusion = detect_fusion(student.state)
+    for prefix, m in ((STUDENT, student), (TEACHER, teacher)):
+        if m is not None:
+            _check_model(path, m, prefix, found, classes, channels, fusion)
+            if m.differing:
+                notes.append(f"warning: {len(m.differing)} tensor(s) of the events/fusion copies of the shared head "
+                             f"differ from the image group, e.g. {m.differing[0]}; cmda's single head uses the "
+                             f"{prefix}decode_head.*_image weights")
+    skipped = {**student.skipped, **(teacher.skipped if teacher else {})}
+    skipped.update({p: n for p, n in skipped_top.items() if n})
+    if skipped:
+        why = {**{STUDENT + s: w for s, w in SKIPPED_IN_MODEL.items()}, **{TEACHER + s: w for s, w in
+               SKIPPED_IN_MODEL.items()}, **SKIPPED_TOP}
+        notes.append("skipped unused groups: " + "; ".join(f"{p}* ({n} keys, {why[p]})" for p, n in skipped.items()))
+    if teacher is None:
+        notes.append("no ema_model.* in the file: there is no teacher")
+    gan = _cyclegan(path, sd)
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    iteration = meta.get("iter") if isinstance(meta, Mapping) else None
+    return CMDAImport(path=path, backbone=found, num_classes=classes, head_channels=channels,
+                      student=student.state, fusion=fusion, teacher=teacher.state if teacher else None, cyclegan=gan,
+                      iteration=int(iteration) if isinstance(iteration, int) else 0, notes=notes)
+
+
+# ---------------------------------------------------------------------- cmda's checkpoint format
+def as_cmda_checkpoint(imp: CMDAImport) -> dict[str, Any]:
+    """The import in cmda's checkpoint format (train/checkpoint.py): no optimiser and no RNG state, so it can
+    be evaluated, predicted with and trained from (``--init``), but not resumed."""
+
+    cfg = TrainConfig()
+    if imp.fusion == "attention":  # CMDA's one image + ISR config is Cityscapes -> Dark Zurich
+        apply_target(cfg, "darkzurich")
+    cfg.model.backbone = imp.backbone
+    cfg.model.num_classes = imp.num_classes
+    cfg.model.head_channels = imp.head_channels
+    return {
+        "format": FORMAT,
+        "iteration": imp.iteration,
+        "backbone": imp.backbone,
+        "variant": cfg.run.variant,
+        "source_only": False,
+        "student": {k: v.contiguous() for k, v in imp.student.items()},
+        "teacher": {k: v.contiguous() for k, v in imp.teacher.items()} if imp.teacher is not None else None,
+        "optimizer": None,
+        "rng": None,
+        "config": to_dict(cfg),
+        "cyclegan": imp.cyclegan,
+        "imported_from": {"path": str(imp.path), "layout": "CMDA mmcv checkpoint", "notes": imp.notes},
+    }
+
+
+def load_any_checkpoint(path: str | Path, *, teacher: bool = False, say=None) -> dict[str, Any]:
+    """A cmda checkpoint as :func:`train.checkpoint.load_checkpoint` returns it, from either layout.
+
+    CMDA's released files are converted in memory (``say`` prints the notes, default: stderr). Anything
+    else is an InputError that says what the file looks like and what is missing.
+    """
+    path = Path(path)
+    obj = read_checkpoint_object(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        return dict(obj)
+    if not is_cmda_mmcv(obj):
+        raise not_a_checkpoint_error(path, obj)
+    imp = import_cmda(path, obj, teacher_required=teacher)
+    for note in imp.notes:
+        (say or _stderr)(f"{path}: {note}")
+    return as_cmda_checkpoint(imp)
+
+
+def _stderr(msg: str) -> None:
+    """One line on stderr that does not break progress bars."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def convert(path: str | Path, out: str | Path, say=None) -> CMDAImport:
+    """``cmda convert``: write CMDA's checkpoint at ``path`` in cmda's format at ``out`` (atomically)."""
+    path, out = Path(path), Path(out)
+    obj = read_checkpoint_object(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        raise InputError(path, "already a cmda checkpoint; nothing to convert")
+    imp = import_cmda(path, obj)
+    for note in imp.notes:
+        (say or print)(note)
+    with atomic_path(out) as tmp:
+        torch.save(as_cmda_checkpoint(imp), tmp)
+    return imp
+
+
+def _fusion_mismatch(path: Path, found: str, fusion: str) -> InputError:
+    kind = {"attention_avg": "an image + events model (AttentionAvgFusion)",
+            "attention": "an image + ISR model (AttentionFusion)"}
+    return InputError(path, f"checkpoint is {kind.get(found, found)}, this run trains {kind.get(fusion, fusion)} "
+                      "(model.fusion; --target darkzurich|acdc selects the image + ISR model)")
+
+
+def init_weights(path: str | Path, backbone: str, num_classes: int, head_channels: int,
+                 say=None, fusion: str = "attention_avg") -> dict[str, torch.Tensor]:
+    """Student weights to start training from (``cmda train --init``), from a cmda or a CMDA checkpoint,
+    refused with a one-line reason when their size or fusion module does not fit the run's model."""
+    path = Path(path)
+    obj = read_checkpoint_object(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        if obj.get("backbone") != backbone:
+            raise InputError(path, f"checkpoint is for {obj.get('backbone')}, this run uses {backbone}")
+        found = ((obj.get("config") or {}).get("model") or {}).get("fusion", "attention_avg")
+        if found != fusion:
+            raise _fusion_mismatch(path, found, fusion)
+        weights = obj.get("student")
+        if not isinstance(weights, Mapping):
+            raise InputError(path, "checkpoint holds no student weights")
+        return dict(weights)
+    if not is_cmda_mmcv(obj):
+        raise not_a_checkpoint_error(path, obj)
+    imp = import_cmda(path, obj, backbone=backbone)
+    if imp.fusion != fusion:
+        raise _fusion_mismatch(path, imp.fusion, fusion)
+    if (imp.num_classes, imp.head_channels) != (num_classes, head_channels):
+        raise InputError(path, f"CMDA checkpoint has {imp.num_classes} classes and a head width of "
+                         f"{imp.head_channels}; this run uses {num_classes} and {head_channels} "
+                         "(model.num_classes, model.head_channels)")
+    for note in imp.notes:
+        (say or print)(note)
+    return imp.student

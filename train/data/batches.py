@@ -1,0 +1,94 @@
+"""The batches a run trains and is scored on: both domains paired per iteration, and the night test set.
+
+Randomness is a pure function of (seed, iteration, slot): :class:`PairedBatches` returns the whole
+source + target batch of iteration ``it`` from ``np.random.default_rng([seed, it, ...])``. Any number
+of loader workers, and a resumed run, therefore see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.config import DatasetsConfig
+from pipeline.errors import InputError
+from train.config import DataConfig, RcsConfig, TrainConfig, image_only
+from train.data.image_only import NightTargetEval, NightTargetTrain
+from train.data.loaders import CityscapesTrain, NightFrames, NightTest, SourceFile, augment_source, augment_target
+from train.data.rcs import RareClassSampler
+
+
+def night_eval_set(dcfg: DatasetsConfig, cfg: TrainConfig, limit: int = 0) -> Dataset:
+    """The labelled night frames a run is scored on: DSEC's test frames, or an image-only target's val split."""
+    if image_only(cfg):
+        return NightTargetEval(dcfg, cfg.data, "val", limit=limit)
+    return NightTest(dcfg, cfg.data, limit=limit)
+
+
+class PairedBatches(Dataset):
+    """Item ``it`` = the whole batch of iteration ``it``: source (RCS) and target (uniform) samples.
+
+    Compact tensors (see :func:`network_batch`): ``source_image``/``target_image`` uint8
+    (B, 3, H, W), ``source_label`` int64 (B, H, W), ``source_ic1`` uint8 (B, 1, H, W),
+    ``target_events`` float32 (B, bins, H, W); for an image-only target (``data.target`` darkzurich or
+    acdc) ``target_events`` is the night image's ISR, (B, 1, H, W) (:mod:`train.data.image_only`).
+
+    Use with ``DataLoader(batch_size=None, sampler=range(start, iters))``; randomness depends only
+    on (seed, it), so workers and resumed runs reproduce the same batches.
+    """
+
+    def __init__(self, cfg: DatasetsConfig, data: DataConfig, rcs: RcsConfig, batch: int, seed: int,
+                 with_target: bool = True):
+        self.data, self.rcs, self.batch, self.seed = data, rcs, batch, seed
+        self.source = CityscapesTrain(cfg)
+        self.target: NightFrames | NightTargetTrain | None = None
+        self.augment = augment_target
+        if with_target and data.target == "dsec":
+            self.target = NightFrames(cfg, "train")
+        elif with_target:  # an image-only target: its ISR takes the events' place in the batch
+            self.target = NightTargetTrain(cfg, data)
+            self.augment = self.target.augment
+        self.sampler = (RareClassSampler(self.source.stats_dir, rcs.temperature, rcs.min_pixels, seed=seed)
+                        if rcs.enabled else None)
+
+    def __len__(self) -> int:  # iterations are unbounded; the sampler bounds them
+        return 2**31 - 1
+
+    def _source_file(self, rng: np.random.Generator) -> tuple[SourceFile, int | None]:
+        if self.sampler is None:
+            return self.source.files[int(rng.integers(len(self.source.files)))], None
+        c = int(self.sampler.classes[rng.choice(len(self.sampler.classes), p=self.sampler.probs)])
+        files = self.sampler.samples_with_class[c]
+        label = Path(files[int(rng.integers(len(files)))]).resolve()
+        if label not in self.source.by_label:
+            raise InputError(self.sampler.source, f"RCS entry {label} is not in train.txt")
+        return self.source.by_label[label], c
+
+    def __getitem__(self, it: int) -> dict[str, torch.Tensor]:
+        src_img, src_lbl, src_ic1, tgt_img, tgt_evt = [], [], [], [], []
+        for b in range(self.batch):
+            rng = np.random.default_rng([self.seed, int(it), b, 0])
+            f, c = self._source_file(rng)
+            image, label, ic1 = self.source.load(f, self.data.source_resize, self.data.source_resize_impl)
+            image, label, ic1 = augment_source(image, label, ic1, rng, self.data, c, self.rcs)
+            src_img.append(image.transpose(2, 0, 1))
+            src_lbl.append(label.astype(np.int64))
+            src_ic1.append(ic1[None])
+            if self.target is not None:
+                rng_t = np.random.default_rng([self.seed, int(it), b, 1])
+                image, events, _ = self.target.load(int(rng_t.integers(len(self.target))))
+                image, events = self.augment(image, events, rng_t, self.data)
+                tgt_img.append(image.transpose(2, 0, 1))
+                tgt_evt.append(events)
+        out = {
+            "source_image": torch.from_numpy(np.stack(src_img)),
+            "source_label": torch.from_numpy(np.stack(src_lbl)),
+            "source_ic1": torch.from_numpy(np.stack(src_ic1)),
+        }
+        if self.target is not None:
+            out["target_image"] = torch.from_numpy(np.stack(tgt_img))
+            out["target_events"] = torch.from_numpy(np.stack(tgt_evt))
+        return out

@@ -1,0 +1,116 @@
+"""Evaluation on the night benchmark (DSEC's test frames, or an image-only target's val split):
+per-output confusion matrices, IoU tables, mIoU.
+
+Used by the training loop (every ``eval_every`` iterations, student, fusion output) and by
+``cmda evaluate CHECKPOINT`` (fusion, image and event outputs, tables and confusion-matrix PNGs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.atomic import write_text
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from train.checkpoints.inference import check_target, load_for_inference, predict_logits
+from train.common import CLASSES, NUM_CLASSES
+from train.common.device import resolve_device
+from train.config import image_only
+from train.data.batches import night_eval_set
+from train.data.image_only import DayIsr
+from train.data.loaders import CityscapesVal
+from train.eval.metrics import confusion, summarize
+from train.eval.visualize import confusion_png
+
+EVAL_OUTPUTS = ("fusion", "image", "events")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
+             outputs: tuple[str, ...] = EVAL_OUTPUTS, amp: bool = True, workers: int = 0,
+             progress: bool = True, scale: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Confusion matrix and summary per output over the whole dataset."""
+    was_training = model.training
+    model.eval()
+    conf = {o: torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) for o in outputs}
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers)
+    try:
+        for batch in tqdm(loader, desc="evaluate", unit="frame", disable=not progress, leave=False):
+            image = batch["image"].to(device)
+            events = batch["events"].to(device)
+            label = batch["label"].to(device)
+            logits = predict_logits(model, image, events, outputs, amp, scale)
+            for o in outputs:
+                conf[o] += confusion(logits[o].argmax(1), label)
+    finally:
+        model.train(was_training)
+    return {o: {**summarize(conf[o].numpy()), "confusion": conf[o].numpy().tolist()} for o in outputs}
+
+
+def iou_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: one row per class, one column per output, mIoU rows at the bottom."""
+    outputs = list(results)
+    lines = ["| class | " + " | ".join(outputs) + " |", "|---|" + "---|" * len(outputs)]
+    for c in CLASSES:
+        cells = []
+        for o in outputs:
+            v = results[o]["iou"][c]
+            annotated = c in results[o]["classes"]
+            cells.append("n/a" if v is None or not annotated else f"{100 * v:.2f}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    n = results[outputs[0]]["n_classes"]
+    lines.append(f"| **mIoU ({n} annotated classes)** | "
+                 + " | ".join(f"**{100 * results[o]['mIoU']:.2f}**" for o in outputs) + " |")
+    lines.append("| mIoU (19, mmseg-style) | "
+                 + " | ".join(f"{100 * results[o]['mIoU19']:.2f}" for o in outputs) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: Path | None = None,
+                        teacher: bool = False, device: str = "auto", limit: int = 0,
+                        domain: str = "night", target: str | None = None) -> dict[str, Any]:
+    """``cmda evaluate``: metrics.json, iou.md and one confusion-matrix PNG per output.
+
+    ``domain="night"``: the night benchmark the checkpoint trained for, or ``target``: DSEC's night test
+    frames, or an image-only target's val split (Dark Zurich / ACDC night, labelled, scored at
+    ``data.target_resize``; the "events" column is then the ISR branch). ``domain="day"``: the
+    Cityscapes val frames at the training resolution, IC1 standing in for events: how much of the
+    day skill survives the night is the gap adaptation has to close.
+    """
+
+    dev = resolve_device(device)
+    model, cfg, state = load_for_inference(checkpoint, teacher, dev)
+    check_target(checkpoint, cfg, target)
+    dcfg = load_config(datasets or cfg.data.datasets)
+    if domain == "night":
+        results = evaluate(model, night_eval_set(dcfg, cfg, limit), dev, EVAL_OUTPUTS, cfg.run.amp,
+                           scale=cfg.data.test_scale)
+    elif domain == "day":
+        day = CityscapesVal(dcfg, cfg.data, limit=limit)
+        if image_only(cfg):  # an image + ISR model takes the day ISR, not IC1, as its second input
+
+            day = DayIsr(day)
+        results = evaluate(model, day, dev, EVAL_OUTPUTS, cfg.run.amp)
+    else:
+        raise InputError(None, f"--domain must be night or day, got {domain!r}")
+    out = out or checkpoint.parent.parent / "eval" / (checkpoint.stem + ("" if domain == "night" else "_day"))
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "domain": domain,
+               "target": cfg.data.target,
+               "weights": "teacher" if teacher else "student", "outputs": results}
+    write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    table = iou_table(results)
+    write_text(out / "iou.md", table + "\n")
+    for o, r in results.items():
+        confusion_png(np.asarray(r["confusion"]), CLASSES, out / f"confusion_{o}.png",
+                      title=f"{o} output, mIoU {100 * r['mIoU']:.2f}")
+    summary["table"] = table
+    summary["out"] = str(out)
+    return summary
