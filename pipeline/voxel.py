@@ -171,10 +171,22 @@ BAND_ROWS = 32  # raw sensor rows per band: 15 bands on DSEC's 480 rows
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t0, span, scale, counts, rec_pix, rec_tn):  # pragma: no cover
+def _normalised_times(t, lo, hi, t0, span, scale, out):  # pragma: no cover - numba
+    # A loop of its own so LLVM vectorises the divisions.
+    denom = np.float32(span)
+    if span > 0:
+        for i in range(lo, hi):
+            out[i - lo] = scale * (np.float32(np.int64(t[i]) - t0) / denom)
+    else:
+        out[:hi - lo] = 0
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False)
+def _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t0, span, scale, counts, rec_pix, rec_tn,
+            tn):  # pragma: no cover - numba
     # Events lo..hi-1 into rec_* grouped by band (counting sort, stable), each as (raw pixel * 2 +
     # polarity, normalised time tn); counts[b]..counts[b+1] is band b afterwards.
-    denom = np.float32(span)
+    _normalised_times(t, lo, hi, t0, span, scale, tn)
     counts[:] = 0
     for i in range(lo, hi):
         counts[band_of_row[y[i]] + 2] += 1
@@ -185,7 +197,7 @@ def _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t0, span, scale, counts, 
         j = counts[b]
         counts[b] = j + 1
         rec_pix[j] = np.int32((np.int64(y[i]) * sensor_w + np.int64(x[i])) * 2 + np.int64(p[i]))
-        rec_tn[j] = scale * (np.float32(np.int64(t[i]) - t0) / denom) if span > 0 else np.float32(0.0)
+        rec_tn[j] = tn[i - lo]
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
@@ -208,7 +220,7 @@ def _splat_events(g, base, weight, w, plane, bins, rec_pix, rec_tn, n):  # pragm
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
 def _accumulate_bands(x, y, p, t, base, weight, sensor_w, band_of_row, starts, stops, t_first, t_last, grids,
-                      counts, rec_pix, rec_tn):  # pragma: no cover - numba
+                      counts, rec_pix, rec_tn, tn):  # pragma: no cover - numba
     bins, w = grids.shape[1], grids.shape[3]
     plane = grids.shape[2] * w
     scale = np.float32(bins - 1)
@@ -218,7 +230,7 @@ def _accumulate_bands(x, y, p, t, base, weight, sensor_w, band_of_row, starts, s
         for lo in range(starts[k], stops[k], block):
             hi = min(lo + block, stops[k])
             _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t_first[k], t_last[k] - t_first[k], scale, counts,
-                    rec_pix, rec_tn)
+                    rec_pix, rec_tn, tn)
             _splat_events(g, base, weight, w, plane, bins, rec_pix, rec_tn, hi - lo)
 
 
@@ -255,14 +267,14 @@ class Rectifier:
         """Band of each raw sensor row for the multi-bin kernel (BAND_ROWS rows per band)."""
         return (np.arange(self.map_x.shape[0]) // BAND_ROWS).astype(np.int32)
 
-    def band_scratch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def band_scratch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-thread work arrays of the multi-bin kernel: band offsets and one block of bucketed
         events (overwritten by every call, so they need no clearing)."""
         local = self.__dict__.setdefault("_band_scratch", threading.local())
         if not hasattr(local, "arrays"):
             bands = int(self.band_of_row[-1]) + 1
             local.arrays = (np.zeros(bands + 2, np.int64), np.empty(BLOCK_EVENTS, np.int32),
-                            np.empty(BLOCK_EVENTS, np.float32))
+                            np.empty(BLOCK_EVENTS, np.float32), np.empty(BLOCK_EVENTS, np.float32))
         return local.arrays
 
 
