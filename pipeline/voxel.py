@@ -172,21 +172,27 @@ BAND_ROWS = 32  # raw sensor rows per band: 15 bands on DSEC's 480 rows
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
 def _normalised_times(t, lo, hi, t0, span, scale, out):  # pragma: no cover - numba
-    # A loop of its own so LLVM vectorises the divisions.
+    # A loop of its own so LLVM vectorises the divisions. Returns whether every tn lies in
+    # [0, scale] (always, unless the caller's t_first/t_last do not bracket the events).
     denom = np.float32(span)
-    if span > 0:
-        for i in range(lo, hi):
-            out[i - lo] = scale * (np.float32(np.int64(t[i]) - t0) / denom)
-    else:
+    if span <= 0:
         out[:hi - lo] = 0
+        return True
+    inside = True
+    for i in range(lo, hi):
+        tn = scale * (np.float32(np.int64(t[i]) - t0) / denom)
+        out[i - lo] = tn
+        inside &= (tn >= 0) & (tn <= scale)
+    return inside
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
 def _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t0, span, scale, counts, rec_pix, rec_tn,
             tn):  # pragma: no cover - numba
     # Events lo..hi-1 into rec_* grouped by band (counting sort, stable), each as (raw pixel * 2 +
-    # polarity, normalised time tn); counts[b]..counts[b+1] is band b afterwards.
-    _normalised_times(t, lo, hi, t0, span, scale, tn)
+    # polarity, normalised time tn); counts[b]..counts[b+1] is band b afterwards. Returns whether
+    # every tn lies in [0, bins - 1].
+    inside = _normalised_times(t, lo, hi, t0, span, scale, tn)
     counts[:] = 0
     for i in range(lo, hi):
         counts[band_of_row[y[i]] + 2] += 1
@@ -198,12 +204,34 @@ def _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t0, span, scale, counts, 
         counts[b] = j + 1
         rec_pix[j] = np.int32((np.int64(y[i]) * sensor_w + np.int64(x[i])) * 2 + np.int64(p[i]))
         rec_tn[j] = tn[i - lo]
+    return inside
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _splat_inside(g, base, weight, w, plane, bins, rec_pix, rec_tn, n):  # pragma: no cover - numba
+    # _splat_events for tn in [0, bins - 1], bins >= 2: planes ti and ti + 1 with ti = min(trunc(tn),
+    # bins - 2) always exist. ti differs from trunc(tn) only at tn = bins - 1, where the weights
+    # (1 - f, f) = (0, 1) put the event wholly in plane bins - 1, as the general path does; f is
+    # exact and 1 - f correctly rounded, so both paths add the same values.
+    for j in range(n):
+        pp = rec_pix[j]
+        pix = pp >> 1
+        value = np.float32(2 * (pp & 1) - 1)
+        tn = rec_tn[j]
+        ti = min(np.int64(tn), bins - 2)
+        f = tn - np.float32(ti)
+        o = ti * plane + np.int64(base[pix])
+        _splat_pixel(g, o, w, value * (np.float32(1.0) - f), weight, pix)
+        _splat_pixel(g, o + plane, w, value * f, weight, pix)
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _splat_events(g, base, weight, w, plane, bins, rec_pix, rec_tn, n):  # pragma: no cover - numba
+def _splat_events(g, base, weight, w, plane, bins, rec_pix, rec_tn, n, inside):  # pragma: no cover - numba
     # Each bucketed event adds v (1 - |tl - tn|) times its raw pixel's four spatial weights to the
     # 2x2 block of planes tl = trunc(tn) and tl + 1 (planes outside 0..bins-1 are skipped).
+    if inside:  # every tn in [0, bins - 1]: the same adds without the plane checks (~15 % faster)
+        _splat_inside(g, base, weight, w, plane, bins, rec_pix, rec_tn, n)
+        return
     for j in range(n):
         pp = rec_pix[j]
         pix = pp >> 1
@@ -229,9 +257,9 @@ def _accumulate_bands(x, y, p, t, base, weight, sensor_w, band_of_row, starts, s
         g = grids[k].reshape(-1)
         for lo in range(starts[k], stops[k], block):
             hi = min(lo + block, stops[k])
-            _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t_first[k], t_last[k] - t_first[k], scale, counts,
-                    rec_pix, rec_tn, tn)
-            _splat_events(g, base, weight, w, plane, bins, rec_pix, rec_tn, hi - lo)
+            inside = _bucket(x, y, p, t, lo, hi, sensor_w, band_of_row, t_first[k], t_last[k] - t_first[k], scale,
+                             counts, rec_pix, rec_tn, tn)
+            _splat_events(g, base, weight, w, plane, bins, rec_pix, rec_tn, hi - lo, inside)
 
 
 @dataclass(frozen=True, eq=False)
