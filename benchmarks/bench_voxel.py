@@ -4,13 +4,14 @@ Kernel part: cmda's kernel, its pre-issue-24 multi-bin kernel (``baselines.event
 tonic's ``to_voxel_grid_numpy`` and evlib's ``create_voxel_grid`` (the same formula as tonic,
 computed with polars) run on the same events: the CMDA windows (one 50 ms image interval each)
 inside the first --kernel-events events of one synthetic DSEC sequence (or any events.h5 given
-with --events), and, with --real, of the real Prophesee recording in ../shared. Methods are
-interleaved repeat by repeat (this VM's speed drifts over minutes), each timed after one warm-up
-call, one thread everywhere (cmda's kernels are serial Numba; torch and polars are set to one
-thread). Each row gives the median events/s over --repeats, its min-max, the events/s by process
-CPU time (what the method cost even while other programs share the cores), and the median of the
-per-repeat time ratios against cmda's kernel. torch ``put_`` (CMDA's own loader style) is slow
-and runs on the windows in the first --baseline-events events only.
+with --events), and, with --real, of the real Prophesee recording in ../shared. Methods take
+turns repeat by repeat (this VM's speed drifts over minutes), each timed call right after an
+untimed call of the same method (so each runs with its own data in cache), one thread
+everywhere (cmda's kernels are serial Numba; torch and polars are set to one thread). Each row
+gives the median events/s over --repeats, its min-max, the events/s by process CPU time (what
+the method cost even while other programs share the cores), and the median of the per-repeat
+time ratios against cmda's kernel. torch ``put_`` (CMDA's own loader style) is slow and runs on
+the windows in the first --baseline-events events only.
 
 Read part: cmda's ``EventFile.read`` (Blosc chunks read and decoded outside HDF5's lock) against
 plain h5py + hdf5plugin on one thread, 1 M-event reads of the whole file, interleaved, wall and
@@ -90,19 +91,18 @@ class Recording:
         return inside or [(0, min(limit, len(self.t)))]
 
 
-def cmda_kernel(rec: Recording, rect, windows, bins: int) -> None:
-    """Every window through cmda's kernel as `cmda preprocess` runs it: one reused grid, zeroed
-    before each window (the zeroing is part of the cost)."""
-    buf = np.zeros((1, bins, H, W), np.float32)
+def cmda_kernel(rec: Recording, rect, windows, buf: np.ndarray) -> None:
+    """Every window through cmda's kernel as `cmda preprocess` runs it: into one grid ``buf`` (1, B,
+    H, W) allocated outside the timing and zeroed before each window (the zeroing is timed; a
+    freshly allocated 6-18 MB grid would add its page faults, ~3 ms, to every call)."""
     for a, b in windows:
         buf.fill(0)
         accumulate_voxels(rec.x, rec.y, rec.p, rec.t, rect, np.array([a]), np.array([b]),
                           np.array([int(rec.t[a])]), np.array([int(rec.t[b - 1])]), buf)
 
 
-def old_kernel(rec: Recording, rect, windows, bins: int) -> None:
+def old_kernel(rec: Recording, rect, windows, buf: np.ndarray) -> None:
     """The same through the pre-issue-24 kernel (and the same argument check cmda's runs)."""
-    buf = np.zeros((1, bins, H, W), np.float32)
     sensor_h, sensor_w = rect.map_x.shape
     for a, b in windows:
         buf.fill(0)
@@ -165,14 +165,20 @@ def make_sequence(root: Path, frames: int, rate: float) -> Path:
     return cfg_path
 
 
-def interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+def interleaved(methods: dict[str, Callable[[], object]], repeats: int,
+                rewarm: bool = False) -> dict[str, tuple[list[float], list[float]]]:
     """Wall and CPU seconds of ``repeats`` calls of each method, the methods taking turns within
-    each repeat, after one untimed warm-up call of each."""
+    each repeat (against the VM's drift), after one untimed warm-up call of each. ``rewarm``: one
+    more untimed call right before each timed one, so a method is timed with its own tables and
+    buffers in cache rather than after another method's (tonic's 37 MB float64 grids flush them:
+    cmda's kernel measured 10-30 % slower right after tonic, its old kernel 2-7 %)."""
     for fn in methods.values():
         fn()
     out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
+            if rewarm:
+                fn()
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             out[name][0].append(time.perf_counter() - t0)
@@ -214,17 +220,18 @@ def kernel_table(rec: Recording, bins_list, kernel_events: int, baseline_events:
     print(f"\n{rec.name}: {n:,} events in {len(windows)} window(s) of ~{n / len(windows) / 1e3:.0f} k events")
     print(f"{'method':<46}{'bins':>5}{'M events/s (min-max)':>22}{'by CPU':>9}{'x cmda':>10}")
     for bins in bins_list:
-        methods = {"cmda kernel (rectified, CMDA formula)": functools.partial(cmda_kernel, rec, rect, windows, bins)}
+        buf = np.zeros((1, bins, H, W), np.float32)
+        methods = {"cmda kernel (rectified, CMDA formula)": functools.partial(cmda_kernel, rec, rect, windows, buf)}
         if bins > 1:
             methods["cmda kernel before issue 24 (event by event)"] = functools.partial(
-                old_kernel, rec, rect, windows, bins)
+                old_kernel, rec, rect, windows, buf)
         if tonic_functional is not None:
             methods["tonic to_voxel_grid_numpy (other formula)"] = functools.partial(
                 tonic_kernel, tonic_functional, rec, windows, bins)
         if evlib_libs is not None:
             methods["evlib create_voxel_grid (tonic's formula)"] = functools.partial(
                 evlib_kernel, evlib_libs, rec, windows, bins)
-        res = interleaved(methods, repeats)
+        res = interleaved(methods, repeats, rewarm=True)
         ref = res["cmda kernel (rectified, CMDA formula)"][0]
         for name, (wall, cpu) in res.items():
             print(rate_row(name, bins, n, wall, cpu, None if wall is ref else ref))
