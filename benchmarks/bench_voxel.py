@@ -436,8 +436,9 @@ def main() -> None:
     rec = Recording.load(f"{args.events}", args.events, args.rectify_map)
     n = len(rec.t)
     print(f"settings: {machine()}; events {args.events} ({n:,} events, {len(rec.starts)} windows), bins "
-          f"{args.bins}, {args.repeats} interleaved repeats after one warm-up each, kernels/tonic/evlib on the "
-          f"windows in the first {args.kernel_events or n:,} events, torch on the first {args.baseline_events:,}, "
+          f"{args.bins}, {args.repeats} interleaved repeats (kernels: each after an untimed call of its own), "
+          f"kernels/tonic/evlib on the windows in the first {args.kernel_events or n:,} events, torch on the first "
+          f"{args.baseline_events:,}, "
           f"one thread (serial Numba, torch threads 1, POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS')}), "
           f"tonic {'present' if libs[0] else 'absent'}, evlib {'present' if libs[1] else 'absent'}")
     read_table(args.events, n, args.repeats)
