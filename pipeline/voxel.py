@@ -267,8 +267,9 @@ def _accumulate_bands(x, y, p, t, base, weight, sensor_w, band_of_row, starts, s
 
 @dataclass(frozen=True, eq=False)
 class Rectifier:
-    """A rectify map prepared for the kernels: contiguous x/y planes and the per-pixel splat table
-    (computed on first use, once per map and grid size; ~6 MB for DSEC)."""
+    """A rectify map prepared for the kernels: contiguous x/y planes and the per-pixel splat tables
+    of the 1-bin and the multi-bin kernel (each computed on first use, once per map and grid size;
+    ~6 MB each for DSEC)."""
 
     map_x: np.ndarray
     map_y: np.ndarray
@@ -426,6 +427,8 @@ def accumulate_voxels(
         if bad is not None:
             bad = dataclasses.replace(bad, index=bad.index + lo)
             raise ValueError(bad.describe())
+    if grids.shape[1] == 0:
+        return grids  # no time bins: nothing to add to
     if grids.shape[1] == 1:
         base, weight = rect.splat
         _accumulate_1bin(x, y, p, base, weight, rect.map_x.shape[1], starts, stops, grids, *rect.scratch())
@@ -452,7 +455,7 @@ def accumulate_window_in_pieces(
     ``grid`` (float32, (1, B, H, W)): bounded memory for windows of any length.
 
     The result is bit-identical to one :func:`accumulate_voxels` call on the whole window: with
-    several bins the pieces are regrouped into the kernel's blocks of ``BLOCK_EVENTS`` events
+    several bins the pieces are regrouped into the kernel's blocks (``BLOCK_EVENTS`` events)
     counted from the window's first event, the blocks one call uses; with one bin the per-pixel
     polarity sums are carried across pieces and splatted once at the end, in the order the
     one-call kernel would use (raster order for a dense window, first-touch order otherwise).
@@ -463,7 +466,8 @@ def accumulate_window_in_pieces(
     t1 = np.array([t_last], np.int64)
     fed = 0
     if grid.shape[1] != 1:
-        for x, y, p, t in _regroup(pieces, BLOCK_EVENTS):
+        block = rect.band_scratch()[1].size  # the kernel's block (BLOCK_EVENTS when the scratch was made)
+        for x, y, p, t in _regroup(pieces, block):
             accumulate_voxels(x, y, p, t, rect, np.zeros(1, np.int64), np.array([len(x)], np.int64), t0, t1,
                               grid, checked=checked)
             fed += len(x)

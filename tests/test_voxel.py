@@ -441,3 +441,11 @@ def test_one_bin_grid_bytes_are_the_kernels_own(n):
     x, y, p, t = _synthetic(n, seed=31)
     rmap = _distorted_map()
     assert voxel_grid(x, y, p, t, rmap, 1).tobytes() == _one_bin_replica(x, y, p, rmap).tobytes()
+
+
+def test_grids_without_bins_are_left_alone():
+    x, y, p, _ = _synthetic(1_000, seed=2)
+    grids = np.zeros((1, 0, H, W), np.float32)
+    out = accumulate_voxels(x, y, p, np.full(1_000, 5, np.uint32), rectifier(_distorted_map()), np.array([0]),
+                            np.array([1_000]), np.array([5]), np.array([5]), grids)
+    assert out is grids and out.shape == (1, 0, H, W)
