@@ -1,28 +1,36 @@
-"""Voxelisation throughput: our Numba kernel vs CMDA-style torch put_, tonic, and plain HDF5 reading.
+"""Voxelisation and reading throughput, every figure a ratio measured in the same process.
 
-All methods run in one process on the same events (one synthetic DSEC sequence from the sample
-generator, or any events.h5 given with --events), windowed exactly as CMDA windows them (one image
-interval each), and the table prints events/s and ratios against the baselines, so machine noise
-cancels. It also times cmda's own reader (EventFile.read: Blosc chunks read and decoded outside
-HDF5's lock) on one thread against plain h5py. The second part times `cmda preprocess` end to
-end on the same sequence against reading its events on one thread (plain h5py and EventFile.read)
-and on two threads (EventFile.read), and reports the command's peak memory.
+Kernel part: cmda's kernel, its pre-issue-24 multi-bin kernel (``baselines.event_by_event_voxels``),
+tonic's ``to_voxel_grid_numpy`` and evlib's ``create_voxel_grid`` (the same formula as tonic,
+computed with polars) run on the same events: the CMDA windows (one 50 ms image interval each)
+inside the first --kernel-events events of one synthetic DSEC sequence (or any events.h5 given
+with --events), and, with --real, of the real Prophesee recording in ../shared. Methods take
+turns repeat by repeat (this VM's speed drifts over minutes), each timed call right after an
+untimed call of the same method (so each runs with its own data in cache), one thread
+everywhere (cmda's kernels are serial Numba; torch and polars are set to one thread). Each row
+gives the median events/s over --repeats, its min-max, the events/s by process CPU time (what
+the method cost even while other programs share the cores), and the median of the per-repeat
+time ratios against cmda's kernel. torch ``put_`` (CMDA's own loader style) is slow and runs on
+the windows in the first --baseline-events events only.
 
-Fairness: every method is imported and warmed up (one untimed call) before timing, every method
-is timed the same number of times (--repeats), and each row shows the median and the min-max
-spread. The slow baselines (torch, tonic) run on the windows inside a prefix of
---baseline-events events (README's table uses the default); their events/s are per event of that
-prefix. The settings used are printed first.
+Read part: cmda's ``EventFile.read`` (Blosc chunks read and decoded outside HDF5's lock) against
+plain h5py + hdf5plugin on one thread, 1 M-event reads of the whole file, interleaved, wall and
+CPU time. --read-profile splits ``EventFile.read``'s CPU time into Blosc decoding, pread and the
+rest. The last part times `cmda preprocess` end to end against reading on one and two threads,
+with its peak memory; --stages adds the one-thread wall and CPU time of each preprocess stage.
 
     python benchmarks/bench_voxel.py                      # generates a ~24 M-event sequence first
+    python benchmarks/bench_voxel.py --real --pairs 0     # kernels also on ../shared's real recording
     python benchmarks/bench_voxel.py --events path/to/events.h5 --rectify-map path/to/rectify_map.h5
-    python benchmarks/bench_voxel.py --stages             # also: one-thread time per preprocess stage
-    python benchmarks/bench_voxel.py --frames 6 --rate 2e5 --repeats 1 --baseline-events 20000  # smoke run
+    python benchmarks/bench_voxel.py --stages --read-profile
+    python benchmarks/bench_voxel.py --frames 6 --rate 2e5 --repeats 1 --kernel-events 200000 \
+        --baseline-events 20000                           # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -32,7 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -40,37 +50,104 @@ import hdf5plugin  # noqa: F401
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pipeline, not the venv's copy
+from baselines import H, W, event_by_event_voxels, torch_put_voxels
+
 from pipeline.dsec import EventFile, load_rectify_map
 from pipeline.voxel import accumulate_voxels, first_decrease, invalid_events, rectifier
 
-sys.path.insert(0, str(Path(__file__).parent))
-from baselines import H, W, torch_put_voxels
-
+REPO = Path(__file__).resolve().parents[1]
 READ_STEP = 1_000_000  # events per read, as preprocess's default representation.chunk_events
+REAL = REPO.parent / "shared" / "data" / "real" / "prophesee_gen3_vga"
 
 
-def kernel_all(x, y, p, t, rect, starts, stops, bins: int) -> None:
-    """Every window through the project's kernel as `cmda preprocess` runs it: one reused grid."""
-    buf = np.zeros((1, bins, H, W), np.float32)
-    t_first, t_last = t[starts].astype(np.int64), t[stops - 1].astype(np.int64)
-    for k in range(len(starts)):
-        buf.fill(0)
-        accumulate_voxels(x, y, p, t, rect, starts[k:k + 1], stops[k:k + 1], t_first[k:k + 1], t_last[k:k + 1], buf)
+@dataclass
+class Recording:
+    """One recording's events, rectifier and CMDA windows (one 50 ms image interval each)."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    p: np.ndarray
+    t: np.ndarray
+    rmap: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+
+    @classmethod
+    def load(cls, name: str, events: Path, rectify_map: Path) -> Recording:
+        with EventFile(events) as ef:
+            n = ef.n_events
+            ev = ef.read(0, n)
+            ms = ef.ms_to_idx
+        edges = np.unique(np.append(ms[::50], n - 1).clip(0, n - 1))  # inclusive window ends
+        return cls(name, ev["x"], ev["y"], ev["p"], ev["t"], load_rectify_map(rectify_map), edges[:-1], edges[1:] + 1)
+
+    def windows(self, limit: int) -> list[tuple[int, int]]:
+        """The windows inside the first ``limit`` events (0: all), or one window of them."""
+        limit = limit or len(self.t)
+        inside = [(int(a), int(b)) for a, b in zip(self.starts, self.stops, strict=True) if b <= limit]
+        return inside or [(0, min(limit, len(self.t)))]
 
 
-def baseline_all(fn, x, y, p, t, windows, rmap_t, bins: int) -> None:
+def cmda_kernel(rec: Recording, rect, windows, buf: np.ndarray) -> None:
+    """Every window through cmda's kernel as `cmda preprocess` runs it: into one grid ``buf`` (1, B,
+    H, W) allocated outside the timing and zeroed before each window (the zeroing is timed; a
+    freshly allocated 6-18 MB grid would add its page faults, 0.2-0.6 ms, to every call)."""
     for a, b in windows:
-        if rmap_t is None:
-            fn(x[a:b], y[a:b], p[a:b], t[a:b], bins)
-        else:
-            fn(x[a:b], y[a:b], p[a:b], t[a:b], rmap_t, bins)
+        buf.fill(0)
+        accumulate_voxels(rec.x, rec.y, rec.p, rec.t, rect, np.array([a]), np.array([b]),
+                          np.array([int(rec.t[a])]), np.array([int(rec.t[b - 1])]), buf)
 
 
-def tonic_voxels(tf, x, y, p, t, bins: int):
-    """tonic's voxel grid; ``tf`` is ``tonic.functional``, imported once outside the timing."""
-    ev = np.empty(len(x), dtype=[("x", np.int64), ("y", np.int64), ("t", np.int64), ("p", np.int64)])
-    ev["x"], ev["y"], ev["t"], ev["p"] = x, y, t, p
-    return tf.to_voxel_grid_numpy(ev, (W, H, 2), n_time_bins=bins)
+def old_kernel(rec: Recording, rect, windows, buf: np.ndarray) -> None:
+    """The same through the pre-issue-24 kernel (and the same argument check cmda's runs)."""
+    sensor_h, sensor_w = rect.map_x.shape
+    for a, b in windows:
+        buf.fill(0)
+        if invalid_events(rec.x[a:b], rec.y[a:b], rec.p[a:b], sensor_w, sensor_h) is not None:
+            raise ValueError("invalid events")
+        event_by_event_voxels(rec.x, rec.y, rec.p, rec.t, rect.map_x, rect.map_y, np.array([a]), np.array([b]),
+                              np.array([int(rec.t[a])]), np.array([int(rec.t[b - 1])]), buf)
+
+
+def tonic_kernel(tf, rec: Recording, windows, bins: int) -> None:
+    """tonic's voxel grid per window; ``tf`` is ``tonic.functional``, imported outside the timing."""
+    for a, b in windows:
+        ev = np.empty(b - a, dtype=[("x", np.int64), ("y", np.int64), ("t", np.int64), ("p", np.int64)])
+        ev["x"], ev["y"], ev["t"], ev["p"] = rec.x[a:b], rec.y[a:b], rec.t[a:b], rec.p[a:b]
+        tf.to_voxel_grid_numpy(ev, (W, H, 2), n_time_bins=bins)
+
+
+def evlib_kernel(libs, rec: Recording, windows, bins: int) -> None:
+    """evlib's voxel grid per window (polars, one thread), densified to an array as tonic returns."""
+    pl, rep = libs
+    for a, b in windows:
+        df = pl.DataFrame({"x": rec.x[a:b], "y": rec.y[a:b], "t": rec.t[a:b].astype(np.int64),
+                           "polarity": rec.p[a:b].astype(np.int8)})
+        rep.densify_voxel_grid(rep.create_voxel_grid(df, H, W, n_time_bins=bins, engine="in-memory"), bins, H, W)
+
+
+def torch_kernel(rec: Recording, windows, bins: int) -> None:
+    rmap_t = torch.from_numpy(rec.rmap)
+    for a, b in windows:
+        torch_put_voxels(rec.x[a:b], rec.y[a:b], rec.p[a:b], rec.t[a:b], rmap_t, bins)
+
+
+def optional_libraries() -> tuple[object | None, object | None]:
+    """tonic.functional and (polars, evlib.representations), or None where not installed."""
+    try:
+        import tonic.functional as tonic_functional
+    except ImportError:
+        tonic_functional = None
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")  # read when polars is first imported
+    try:
+        import evlib.representations as evlib_rep
+        import polars as pl
+    except ImportError:
+        return tonic_functional, None
+    return tonic_functional, (pl, evlib_rep)
 
 
 def make_sequence(root: Path, frames: int, rate: float) -> Path:
@@ -86,6 +163,27 @@ def make_sequence(root: Path, frames: int, rate: float) -> Path:
     )
     generate_sample(load_config(cfg_path), root / "sample", frames=frames, event_rate=rate)
     return cfg_path
+
+
+def interleaved(methods: dict[str, Callable[[], object]], repeats: int,
+                rewarm: bool = False) -> dict[str, tuple[list[float], list[float]]]:
+    """Wall and CPU seconds of ``repeats`` calls of each method, the methods taking turns within
+    each repeat (against the VM's drift), after one untimed warm-up call of each. ``rewarm``: one
+    more untimed call right before each timed one, so a method is timed with its own tables and
+    buffers in cache rather than after another method's (tonic's 37 MB float64 grids flush them:
+    cmda's kernel measured 10-30 % slower right after tonic, its old kernel 2-7 %)."""
+    for fn in methods.values():
+        fn()
+    out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            if rewarm:
+                fn()
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            out[name][0].append(time.perf_counter() - t0)
+            out[name][1].append(time.process_time() - c0)
+    return out
 
 
 def timings(fn, repeats: int, setup=None, warm: bool = True) -> list[float]:
@@ -105,11 +203,45 @@ def timings(fn, repeats: int, setup=None, warm: bool = True) -> list[float]:
     return times
 
 
-def rate_cell(n: int, times: list[float]) -> tuple[float, str]:
-    """Median events/s and its min-max spread as text."""
-    rates = [n / t for t in times]
-    med = statistics.median(rates)
-    return med, f"{med / 1e6:>9.1f} ({min(rates) / 1e6:.1f}-{max(rates) / 1e6:.1f})"
+def rate_row(name: str, bins: object, n: int, wall: list[float], cpu: list[float], ref: list[float] | None) -> str:
+    """One table row: median events/s (min-max), events/s by CPU time, time ratio to ``ref``."""
+    rates = [n / t for t in wall]
+    ratio = f"{statistics.median(w / r for w, r in zip(wall, ref, strict=True)):.2f}" if ref else ""
+    return (f"{name:<46}{bins!s:>5}{statistics.median(rates) / 1e6:>9.1f} ({min(rates) / 1e6:.1f}-"
+            f"{max(rates) / 1e6:.1f}){'':<2}{n / statistics.median(cpu) / 1e6:>9.1f}{ratio:>10}")
+
+
+def kernel_table(rec: Recording, bins_list, kernel_events: int, baseline_events: int, repeats: int, libs) -> None:
+    """cmda's kernel against its old kernel, tonic and evlib on the same windows, then torch."""
+    tonic_functional, evlib_libs = libs
+    rect = rectifier(rec.rmap)
+    windows = rec.windows(kernel_events)
+    n = sum(b - a for a, b in windows)
+    print(f"\n{rec.name}: {n:,} events in {len(windows)} window(s) of ~{n / len(windows) / 1e3:.0f} k events")
+    print(f"{'method':<46}{'bins':>5}{'M events/s (min-max)':>22}{'by CPU':>9}{'x cmda':>10}")
+    for bins in bins_list:
+        buf = np.zeros((1, bins, H, W), np.float32)
+        methods = {"cmda kernel (rectified, CMDA formula)": functools.partial(cmda_kernel, rec, rect, windows, buf)}
+        if bins > 1:
+            methods["cmda kernel before issue 24 (event by event)"] = functools.partial(
+                old_kernel, rec, rect, windows, buf)
+        if tonic_functional is not None:
+            methods["tonic to_voxel_grid_numpy (other formula)"] = functools.partial(
+                tonic_kernel, tonic_functional, rec, windows, bins)
+        if evlib_libs is not None:
+            methods["evlib create_voxel_grid (tonic's formula)"] = functools.partial(
+                evlib_kernel, evlib_libs, rec, windows, bins)
+        res = interleaved(methods, repeats, rewarm=True)
+        ref = res["cmda kernel (rectified, CMDA formula)"][0]
+        for name, (wall, cpu) in res.items():
+            print(rate_row(name, bins, n, wall, cpu, None if wall is ref else ref))
+        for missing, hint in (("tonic", tonic_functional), ("evlib", evlib_libs)):
+            if hint is None:
+                print(f"{missing + ' (not installed: pip install ' + missing + ')':<46}{bins:>5}")
+        base = rec.windows(baseline_events)
+        n_base = sum(b - a for a, b in base)
+        (wall, cpu), = interleaved({"t": functools.partial(torch_kernel, rec, base, bins)}, repeats).values()
+        print(rate_row(f"torch put_, CMDA-style (first {n_base / 1e3:.0f} k events)", bins, n_base, wall, cpu, None))
 
 
 def read_plain(path: Path) -> None:
@@ -132,6 +264,96 @@ def read_direct(path: Path, threads: int = 1) -> None:
         ef.read(0, 1)  # build the chunk readers before the threads share them
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda a: ef.read(a, a + READ_STEP), starts))
+
+
+def read_table(path: Path, n: int, repeats: int) -> None:
+    """EventFile.read against plain h5py on one thread, interleaved: events/s and speed ratios."""
+    res = interleaved({"h5py": functools.partial(read_plain, path), "cmda": functools.partial(read_direct, path)},
+                      repeats)
+    (pw, pc), (dw, dc) = res["h5py"], res["cmda"]
+    print(f"\nreading {path.name} ({n:,} events, {READ_STEP:,}-event reads, one thread, {repeats} interleaved repeats)")
+    print(f"{'method':<46}{'M events/s (min-max)':>27}{'by CPU':>9}{'vs h5py':>9}{'by CPU':>8}")
+    for name, wall, cpu in (("h5py + hdf5plugin (HDF5 decompresses)", pw, pc),
+                            ("cmda EventFile.read (chunks outside HDF5)", dw, dc)):
+        rates = [n / t for t in wall]
+        r_wall = statistics.median(a / b for a, b in zip(pw, wall, strict=True))
+        r_cpu = statistics.median(a / b for a, b in zip(pc, cpu, strict=True))
+        print(f"{name:<46}{statistics.median(rates) / 1e6:>14.1f} ({min(rates) / 1e6:.1f}-{max(rates) / 1e6:.1f})"
+              f"{n / statistics.median(cpu) / 1e6:>9.1f}{r_wall:>9.2f}{r_cpu:>8.2f}")
+
+
+def read_profile(path: Path, repeats: int) -> None:
+    """Where EventFile.read's CPU time goes: Blosc decoding and pread are timed inside the reader
+    (wrapped for the duration), the rest is cmda's Python (chunk lookup, buffers, the copy of a
+    window's boundary chunk) and opening the file (HDF5 open, chunk tables)."""
+    import pipeline.h5chunks as h5c
+
+    spent = {"decode": 0.0, "pread": 0.0}
+    decompress, preadv = h5c._DECOMPRESS, os.preadv
+
+    def timed(key, fn):
+        def wrapper(*args):
+            c0 = time.process_time()
+            try:
+                return fn(*args)
+            finally:
+                spent[key] += time.process_time() - c0
+        return wrapper
+
+    read_direct(path)  # warm
+    h5c._DECOMPRESS, os.preadv = timed("decode", decompress), timed("pread", preadv)
+    try:
+        c0 = time.process_time()
+        for _ in range(repeats):
+            read_direct(path)
+        total = time.process_time() - c0
+    finally:
+        h5c._DECOMPRESS, os.preadv = decompress, preadv
+    rest = total - spent["decode"] - spent["pread"]
+    print(f"EventFile.read CPU time over {repeats} whole-file passes: {total * 1e3 / repeats:.0f} ms per pass: "
+          + ", ".join(f"{k} {v / total:.1%}" for k, v in (*spent.items(), ("the rest (cmda's Python, open)", rest))))
+
+
+def stage_breakdown(events: Path, rect, starts, stops, bins: int, clevel: int, cname: str) -> dict[str, tuple]:
+    """One-thread (wall, CPU) seconds per stage of preprocess over the whole sequence: read, check
+    (timestamp order + sensor bounds + polarity), kernel, encode (Blosc), write (atomic chunk files)."""
+    from numcodecs import Blosc
+
+    from pipeline.atomic import write_bytes
+
+    codec = Blosc(cname=cname, clevel=clevel, shuffle=Blosc.NOSHUFFLE)
+    out = Path(tempfile.mkdtemp(prefix="cmda-stages-"))
+    wall = dict.fromkeys(("read", "check", "kernel", "encode", "write"), 0.0)
+    cpu = dict(wall)
+    buf = np.zeros((1, bins, H, W), np.float32)
+    sensor_h, sensor_w = rect.map_x.shape
+    try:
+        with EventFile(events) as ef:
+            warm = ef.read(starts[0], stops[0])  # untimed: load the compiled check and kernel code
+            invalid_events(warm["x"], warm["y"], warm["p"], sensor_w, sensor_h)
+            first_decrease(warm["t"])
+            for k, (a, b) in enumerate(zip(starts, stops, strict=True)):
+                marks = [(time.perf_counter(), time.process_time())]
+                ev = ef.read(a, b)
+                marks.append((time.perf_counter(), time.process_time()))
+                first_decrease(ev["t"])
+                invalid_events(ev["x"], ev["y"], ev["p"], sensor_w, sensor_h)
+                marks.append((time.perf_counter(), time.process_time()))
+                buf.fill(0)
+                t64 = ev["t"].astype(np.int64)
+                accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], rect, np.array([0]), np.array([b - a]),
+                                  t64[:1], t64[-1:], buf, checked=True)
+                marks.append((time.perf_counter(), time.process_time()))
+                data = codec.encode(buf[0])
+                marks.append((time.perf_counter(), time.process_time()))
+                write_bytes(out / f"c.{k}.0.0.0", data)
+                marks.append((time.perf_counter(), time.process_time()))
+                for i, name in enumerate(wall):
+                    wall[name] += marks[i + 1][0] - marks[i][0]
+                    cpu[name] += marks[i + 1][1] - marks[i][1]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {k: (wall[k], cpu[k]) for k in wall}
 
 
 _CHILD = """
@@ -164,44 +386,18 @@ def peak_memory_of_preprocess(cfg_path: Path, workers: int) -> tuple[float, int]
     return elapsed, int(peak)
 
 
-def stage_breakdown(events: Path, rect, starts, stops, bins: int, clevel: int, cname: str) -> dict[str, float]:
-    """One-thread seconds per stage of preprocess over the whole sequence: read, check (timestamp
-    order + sensor bounds + polarity), kernel, encode (Blosc), write (atomic chunk files)."""
-    from numcodecs import Blosc
-
-    from pipeline.atomic import write_bytes
-
-    codec = Blosc(cname=cname, clevel=clevel, shuffle=Blosc.NOSHUFFLE)
-    out = Path(tempfile.mkdtemp(prefix="cmda-stages-"))
-    spent = dict.fromkeys(("read", "check", "kernel", "encode", "write"), 0.0)
-    buf = np.zeros((1, bins, H, W), np.float32)
-    sensor_h, sensor_w = rect.map_x.shape
+def machine() -> str:
+    """CPU model (as lscpu names it), cores and the checkout's commit, for the settings line."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
     try:
-        with EventFile(events) as ef:
-            warm = ef.read(starts[0], stops[0])  # untimed: load the compiled check and kernel code
-            invalid_events(warm["x"], warm["y"], warm["p"], sensor_w, sensor_h)
-            first_decrease(warm["t"])
-            for k, (a, b) in enumerate(zip(starts, stops, strict=True)):
-                t0 = time.perf_counter()
-                ev = ef.read(a, b)
-                t1 = time.perf_counter()
-                first_decrease(ev["t"])
-                invalid_events(ev["x"], ev["y"], ev["p"], sensor_w, sensor_h)
-                t2 = time.perf_counter()
-                buf.fill(0)
-                t64 = ev["t"].astype(np.int64)
-                accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], rect, np.array([0]), np.array([b - a]),
-                                  t64[:1], t64[-1:], buf, checked=True)
-                t3 = time.perf_counter()
-                data = codec.encode(buf[0])
-                t4 = time.perf_counter()
-                write_bytes(out / f"c.{k}.0.0.0", data)
-                t5 = time.perf_counter()
-                for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                    spent[name] += dt
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    return spent
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"{model}, {os.cpu_count()} cores, commit {commit}"
 
 
 def main() -> None:
@@ -211,18 +407,20 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=80, help="images of the generated sequence (20 Hz)")
     ap.add_argument("--rate", type=float, default=6.6e6, help="events/s of the generated sequence")
     ap.add_argument("--bins", type=int, nargs="+", default=[1, 5, 15])
+    ap.add_argument("--kernel-events", type=int, default=3_000_000,
+                    help="the kernels, tonic and evlib run on the windows in this many first events (0: all)")
     ap.add_argument("--baseline-events", type=int, default=500_000,
-                    help="prefix of events the slow baselines (torch, tonic) are timed on")
+                    help="prefix of events torch put_ is timed on")
+    ap.add_argument("--real", action="store_true",
+                    help="also time the kernels on the real Prophesee recording in ../shared (or $CMDA_SHARED)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per method (after one warm-up)")
     ap.add_argument("--pairs", type=int, default=9, help="alternating preprocess/read pairs (0: skip that part)")
     ap.add_argument("--stages", action="store_true", help="also time each preprocess stage on one thread")
+    ap.add_argument("--read-profile", action="store_true", help="split EventFile.read's CPU time by part")
     ap.add_argument("--workdir", type=Path, help="keep generated data here (default: a temp folder)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread for every method: the kernel figure is per thread
-    try:
-        import tonic.functional as tonic_functional  # imported here, never inside a timed call
-    except ImportError:
-        tonic_functional = None
+    libs = optional_libraries()  # imported here, never inside a timed call
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cmda-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -235,54 +433,33 @@ def main() -> None:
         seq = work / "sample" / "DSEC_Night" / "zurich_city_09_a" / "events" / "left"
         args.events, args.rectify_map = seq / "events.h5", seq / "rectify_map.h5"
 
-    with EventFile(args.events) as ef:
-        n = ef.n_events
-        ev = ef.read(0, n)
-        ms = ef.ms_to_idx
-    rmap = load_rectify_map(args.rectify_map)
-    maps = rectifier(rmap)
-    # CMDA windows: one 50 ms image interval each (from ms_to_idx), inclusive ends
-    edges = np.unique(np.append(ms[::50], n - 1).clip(0, n - 1))
-    starts, stops = edges[:-1], edges[1:] + 1
-    base_n = min(args.baseline_events, n)
-    base_windows = [(a, b) for a, b in zip(starts, stops, strict=True) if b <= base_n] or [(0, base_n)]
-    base_total = sum(b - a for a, b in base_windows)
-    print(f"settings: events {args.events} ({n:,} events, {len(starts)} windows of ~"
-          f"{np.mean(stops - starts) / 1e3:.0f} k events), bins {args.bins}, repeats {args.repeats} after one "
-          f"warm-up each, baselines on the {len(base_windows)} window(s) in the first {base_total:,} events, "
-          f"reads of {READ_STEP:,} events, torch threads 1, {os.cpu_count()} CPUs, tonic "
-          f"{'present' if tonic_functional else 'absent'}")
-    print(f"\n{'method':<44}{'bins':>5}{'M events/s (min-max)':>24}{'vs torch':>10}{'vs read':>9}")
-    read_rate, cell = rate_cell(n, timings(functools.partial(read_plain, args.events), args.repeats))
-    print(f"{'h5 read + Blosc/zstd decompress':<44}{'-':>5}{cell:>24}{'':>10}{1.0:>9.2f}")
-    direct_rate, cell = rate_cell(n, timings(functools.partial(read_direct, args.events), args.repeats))
-    print(f"{'cmda EventFile.read (chunks outside HDF5)':<44}{'-':>5}{cell:>24}{'':>10}"
-          f"{direct_rate / read_rate:>9.2f}")
-    x, y, p, t = ev["x"], ev["y"], ev["p"], ev["t"]
-    rmap_t = torch.from_numpy(rmap)
-    for bins in args.bins:
-        rate_k, cell_k = rate_cell(n, timings(functools.partial(kernel_all, x, y, p, t, maps, starts, stops, bins),
-                                              args.repeats))
-        run_torch = functools.partial(baseline_all, torch_put_voxels, x, y, p, t, base_windows, rmap_t, bins)
-        rate_t, cell_t = rate_cell(base_total, timings(run_torch, args.repeats))
-        print(f"{'cmda Numba kernel (rectified, CMDA formula)':<44}{bins:>5}{cell_k:>24}"
-              f"{rate_k / rate_t:>10.1f}{rate_k / read_rate:>9.2f}")
-        print(f"{'torch put_(accumulate=True), CMDA-style':<44}{bins:>5}{cell_t:>24}{1.0:>10.1f}"
-              f"{rate_t / read_rate:>9.2f}")
-        if tonic_functional is not None:
-            run_tonic = functools.partial(baseline_all, functools.partial(tonic_voxels, tonic_functional),
-                                          x, y, p, t, base_windows, None, bins)
-            rate_o, cell_o = rate_cell(base_total, timings(run_tonic, args.repeats))
-            print(f"{'tonic to_voxel_grid_numpy (other formula)':<44}{bins:>5}{cell_o:>24}"
-                  f"{rate_o / rate_t:>10.1f}{rate_o / read_rate:>9.2f}")
+    rec = Recording.load(f"{args.events}", args.events, args.rectify_map)
+    n = len(rec.t)
+    print(f"settings: {machine()}; events {args.events} ({n:,} events, {len(rec.starts)} windows), bins "
+          f"{args.bins}, {args.repeats} interleaved repeats (kernels: each after an untimed call of its own), "
+          f"kernels/tonic/evlib on the windows in the first {args.kernel_events or n:,} events, torch on the first "
+          f"{args.baseline_events:,}, "
+          f"one thread (serial Numba, torch threads 1, POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS')}), "
+          f"tonic {'present' if libs[0] else 'absent'}, evlib {'present' if libs[1] else 'absent'}")
+    read_table(args.events, n, args.repeats)
+    if args.read_profile:
+        read_profile(args.events, args.repeats)
+    kernel_table(rec, args.bins, args.kernel_events, args.baseline_events, args.repeats, libs)
+    if args.real:
+        shared = Path(os.environ.get("CMDA_SHARED", REPO.parent / "shared"))
+        folder = shared / "data" / "real" / "prophesee_gen3_vga"
+        if (folder / "events.h5").exists():
+            real = Recording.load(f"real Prophesee recording {folder}", folder / "events.h5", folder / "rectify_map.h5")
+            kernel_table(real, args.bins, 0, args.baseline_events, args.repeats * 3, libs)
         else:
-            print(f"{'tonic (not installed: pip install tonic)':<44}{bins:>5}")
+            print(f"\n--real: skipped, {folder} is absent (set CMDA_SHARED to the shared folder)")
 
     if args.stages:
-        spent = stage_breakdown(args.events, maps, starts, stops, 1, 3, "lz4")
-        total = sum(spent.values())
-        print("\npreprocess stages on one thread, bins 1, lz4-3, whole sequence: " + ", ".join(
-            f"{k} {v * 1e3:.0f} ms ({v / total:.0%})" for k, v in spent.items()))
+        rect = rectifier(rec.rmap)
+        spent = stage_breakdown(args.events, rect, rec.starts, rec.stops, 1, 3, "lz4")
+        total = sum(w for w, _ in spent.values())
+        print("\npreprocess stages on one thread, bins 1, lz4-3, whole sequence, wall (CPU): " + ", ".join(
+            f"{k} {w * 1e3:.0f} ms ({c * 1e3:.0f}; {w / total:.0%})" for k, (w, c) in spent.items()))
 
     # ---- cmda preprocess end to end vs reading
     if cfg_path is not None and args.pairs > 0:

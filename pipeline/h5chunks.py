@@ -25,7 +25,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from numcodecs import Blosc
 from numcodecs import blosc as numcodecs_blosc
 
 from pipeline.errors import InputError
@@ -33,7 +32,10 @@ from pipeline.errors import InputError
 BLOSC_FILTER_ID = 32001
 MAX_GAP = 64 * 1024  # chunks at most this far apart on disk are fetched with one pread
 
-_CODEC = Blosc()  # decoding needs no settings: every Blosc buffer carries its own header
+# numcodecs.blosc.decompress, not Blosc().decode: decoding needs no settings (every Blosc buffer
+# carries its own header), and the codec method's argument normalisation cost ~2.5 us of a ~120 us
+# chunk decode (py-spy and process-time timing, benchmarks/bench_voxel.py --read-profile).
+_DECOMPRESS = numcodecs_blosc.decompress
 
 if numcodecs_blosc.use_threads is None:
     # numcodecs' default (None) decodes on Blosc's global thread pool whenever it is called from the
@@ -160,7 +162,7 @@ class BloscChunks:
             try:
                 if _decoded_size(raw) != chunk_bytes:
                     raise ValueError(f"holds {_decoded_size(raw)} bytes, a chunk has {chunk_bytes}")
-                _CODEC.decode(raw, out=flat[j * chunk_bytes:(j + 1) * chunk_bytes])
+                _DECOMPRESS(raw, flat[j * chunk_bytes:(j + 1) * chunk_bytes])
             except (ValueError, RuntimeError) as exc:
                 raise InputError(self.path, f"dataset '{self.name}': chunk {c0 + j} is corrupt ({exc})") from None
         if getattr(last, "index", None) != c1 - 1:
