@@ -8,6 +8,8 @@ take raw pixels); separate tests check that a real rectification is applied.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -230,7 +232,8 @@ def test_voxel_dsec_truncates_negative_coordinates_like_torch():
     # 1 + x and cell 1 the NEGATIVE weight -x... (floor would put 1 + x on cell 0 and nothing on 1).
     rmap = np.stack(np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32)), -1)
     rmap[:, 0, 0] = -0.25
-    x, y, p, t = np.zeros(3, np.uint16), np.array([1, 2, 3], np.uint16), np.ones(3, np.uint8), np.arange(3, dtype=np.uint32)
+    x, y = np.zeros(3, np.uint16), np.array([1, 2, 3], np.uint16)
+    p, t = np.ones(3, np.uint8), np.arange(3, dtype=np.uint32)
     got = R.voxel_dsec(x, y, p, t, rectifier(rmap, H, W), 1, normalize=False)
     xf, yf = rmap[y, x, 0], rmap[y, x, 1]
     trunc = ref.dsec_voxel_grid(xf, yf, p, t, 1, H, W, False, corner=np.trunc)
@@ -282,7 +285,7 @@ def test_counting_kinds_move_each_event_to_its_nearest_rectified_pixel(rectify_m
 
 
 # --------------------------------------------------------------------------- windows and pieces
-ALL = COUNTING + [R.VoxelDsecSettings(), R.VoxelDsecSettings(3, False)]
+ALL = [*COUNTING, R.VoxelDsecSettings(), R.VoxelDsecSettings(3, False)]
 
 
 @pytest.mark.parametrize("settings", ALL, ids=R.store_suffix)
@@ -290,7 +293,7 @@ def test_pieces_equal_one_call(settings):
     x, y, p, t = events(5000, seed=4)
     one = R.build(settings, x, y, p, t, identity())
     cuts = [0, 1, 1700, 1701, 4000, 5000]
-    pieces = [(x[a:b], y[a:b], p[a:b], t[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    pieces = [(x[a:b], y[a:b], p[a:b], t[a:b]) for a, b in itertools.pairwise(cuts)]
     np.testing.assert_array_equal(R.build_in_pieces(settings, pieces, 5000, identity(), int(t[0]), int(t[-1])), one)
 
 
@@ -300,7 +303,7 @@ def test_empty_window_and_equal_timestamps(settings):
     empty = R.build(settings, e, e, e.astype(np.uint8), e.astype(np.uint32), identity())
     assert empty.shape == (R.channels(settings), H, W) and empty.dtype == R.frame_dtype(settings)
     assert not empty.any()
-    x, y, p, t = events(50)
+    x, y, p, _t = events(50)
     same = R.build(settings, x, y, p, np.full(50, 7, np.uint32), identity())
     assert np.all(np.isfinite(same.astype(np.float64))) and same.any()
 
