@@ -257,8 +257,11 @@ def pixel_table(rect: Rectifier) -> np.ndarray:
 
 # --------------------------------------------------------------------------- kernels
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _hist_add(x, y, p, t, table, sensor_w, t0, span, bins, counts):  # pragma: no cover - numba
-    # counts: int32 (2, bins, H*W). Time bin as RVT computes it in float32: floor(dt / span * bins).
+def _hist_add(x, y, p, t, table, sensor_w, t0, span, cutoff, wrap, out):  # pragma: no cover - numba
+    # out: uint8 (2, bins, H*W), the counts themselves: saturating at the cutoff, or (wrap) adding
+    # modulo 256 as RVT's uint8 tensor does, clipped at the end. Time bin as RVT computes it in
+    # float32: floor(dt / span * bins), the last event clamped into bin bins-1.
+    bins = out.shape[1]
     fspan = np.float32(max(span, 1))
     fbins = np.float32(bins)
     for i in range(x.shape[0]):
@@ -268,16 +271,19 @@ def _hist_add(x, y, p, t, table, sensor_w, t0, span, bins, counts):  # pragma: n
         k = np.int64(np.floor((np.float32(np.int64(t[i]) - t0) / fspan) * fbins))
         if k > bins - 1:
             k = bins - 1
-        counts[np.int64(p[i]), k, d] += 1
+        c = np.int64(p[i])
+        v = out[c, k, d]
+        if wrap:
+            out[c, k, d] = (v + 1) & 255
+        elif v < cutoff:
+            out[c, k, d] = v + 1
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _hist_finish(counts, cutoff, wrap, out):  # pragma: no cover - numba
-    c = counts.reshape(-1)
+def _hist_clip(out, cutoff):  # pragma: no cover - numba
     o = out.reshape(-1)
-    for i in range(c.shape[0]):
-        v = c[i] & 255 if wrap else c[i]
-        o[i] = min(v, cutoff)
+    for i in range(o.shape[0]):
+        o[i] = min(o[i], cutoff)
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
@@ -442,12 +448,11 @@ class _Builder:
         self.t0, self.span = int(t_first), int(t_last) - int(t_first)
         self.t_last = int(t_last)
         self.hw = rect.height * rect.width
-        self.table = pixel_table(rect) if not isinstance(s, VoxelDsecSettings | VoxelSettings) else None
+        self.table = pixel_table(rect)
         self.sensor_w = rect.map_x.shape[1]
         self.fed = 0
-        self.pieces: list[tuple[np.ndarray, ...]] = []  # voxel_dsec: handed to pipeline.voxel at the end
         if isinstance(s, HistogramSettings):
-            self.state = (np.zeros((2, s.bins, self.hw), np.int32),)
+            self.state = (np.zeros((2, s.bins, self.hw), np.uint8),)
         elif isinstance(s, TimeSurfaceSettings):
             self.state = (np.full((2, self.hw), _NEVER, np.int64), np.zeros((s.slices, 2, self.hw), np.float32),
                           np.zeros(1, np.int64))
@@ -455,50 +460,45 @@ class _Builder:
             self.state = (np.zeros((s.bins, self.hw), np.int32),)
         elif isinstance(s, Ergo12Settings):
             self.state = (np.zeros((12, self.hw), np.float64), np.zeros((4, self.hw), np.float64))
+        else:
+            raise TypeError(f"{s.kind} is built by pipeline.voxel, not by a counting kernel")
 
     def add(self, x: np.ndarray, y: np.ndarray, p: np.ndarray, t: np.ndarray) -> None:
         s, a = self.s, (x, y, p, t, self.table, self.sensor_w)
         if isinstance(s, HistogramSettings):
-            _hist_add(*a, self.t0, self.span, s.bins, self.state[0])
+            _hist_add(*a, self.t0, self.span, s.cutoff, s.rvt_wrap, self.state[0])
         elif isinstance(s, TimeSurfaceSettings):
             mem, out, nxt = self.state
             _ts_add(*a, self.t0, s.dt_us or 0, float(s.tau_us), nxt, mem, out)
         elif isinstance(s, MdesSettings):
             _mdes_add(*a, self.t0, self.span, self.state[0])
-        elif isinstance(s, Ergo12Settings):
-            _ergo_add(*a, self.fed, self.n, self.t0, self.span, *self.state)
         else:
-            self.pieces.append((x, y, p, t))
+            _ergo_add(*a, self.fed, self.n, self.t0, self.span, *self.state)
         self.fed += len(x)
 
     def finish(self) -> np.ndarray:
         s, shape = self.s, (channels(self.s), self.rect.height, self.rect.width)
         if self.fed != self.n:
             raise ValueError(f"the pieces held {self.fed} events, the window has {self.n}")
-        out = np.empty(shape, frame_dtype(s))
         if isinstance(s, HistogramSettings):
-            _hist_finish(self.state[0], s.cutoff, s.rvt_wrap, out)
-        elif isinstance(s, TimeSurfaceSettings):
+            out = self.state[0].reshape(shape)
+            if s.rvt_wrap:
+                _hist_clip(out, s.cutoff)
+            return out
+        if isinstance(s, TimeSurfaceSettings):
             mem, surf, nxt = self.state
             if self.n:
                 if s.dt_us is None:
                     _ts_emit(mem, self.t_last, float(s.tau_us), surf[0])
                 for i in range(int(nxt[0]), s.slices if s.dt_us is not None else 0):
                     _ts_emit(mem, self.t0 + (i + 1) * s.dt_us, float(s.tau_us), surf[i])
-            out[...] = surf.reshape(shape)
-        elif isinstance(s, MdesSettings):
+            return surf.reshape(shape)
+        out = np.empty(shape, frame_dtype(s))
+        if isinstance(s, MdesSettings):
             limit = 127 if s.cutoff is None else s.cutoff
             _mdes_finish(self.state[0], limit, s.rvt_wrap, out.reshape(s.bins, -1))
-        elif isinstance(s, Ergo12Settings):
-            _ergo_finish(*self.state, out.reshape(12, -1))
         else:
-            grid = np.zeros((1, *shape), np.float32)
-            if self.n:
-                accumulate_window_in_pieces(iter(self.pieces), self.n, self.rect, self.t0, self.t_last, grid,
-                                            checked=True)
-            out = grid[0]
-            if isinstance(s, VoxelDsecSettings) and s.normalize:
-                _dsec_normalize(out.reshape(-1))
+            _ergo_finish(*self.state, out.reshape(12, -1))
         return out
 
 
@@ -532,10 +532,21 @@ def build_in_pieces(
     normalisation). Events off the rectify map's sensor or with p outside {0, 1} raise ValueError
     unless ``checked`` says the caller has validated them (``cmda preprocess`` does).
     """
+    def validated():
+        for piece in pieces:
+            if not checked:
+                _check(rect, *piece)
+            yield piece
+
+    if isinstance(s, VoxelDsecSettings | VoxelSettings):
+        # The voxel kernel itself (same weights, same float32 time, same piece rule as `voxel`).
+        grid = np.zeros((1, s.bins, rect.height, rect.width), np.float32)
+        accumulate_window_in_pieces(validated(), n_events, rect, t_first, t_last, grid, checked=True)
+        if isinstance(s, VoxelDsecSettings) and s.normalize:
+            _dsec_normalize(grid.reshape(-1))
+        return grid[0]
     b = _Builder(s, rect, n_events, t_first, t_last)
-    for x, y, p, t in pieces:
-        if not checked:
-            _check(rect, x, y, p, t)
+    for x, y, p, t in validated():
         if len(x):
             b.add(x, y, p, t)
     return b.finish()
