@@ -153,11 +153,14 @@ _CLASSES: dict[str, type] = {c.kind: c for c in (VoxelSettings, HistogramSetting
 
 
 def parse_kind(entry: Any, where: str = "representation.kinds") -> Settings:
-    """One ``representation.kinds`` entry: a kind name, or a mapping ``{kind: NAME, param: value}``.
+    """One ``representation.kinds`` entry: a kind name, or a mapping ``{kind: NAME, param: value}``
+    (a settings object is returned as it is).
 
     Unknown kinds or parameters and bad values raise :class:`InputError` naming the setting
     (``where`` prefixes it; callers re-raise with the config file's path).
     """
+    if isinstance(entry, tuple(_CLASSES.values())):
+        return entry
     if isinstance(entry, str):
         entry = {"kind": entry}
     if not isinstance(entry, Mapping) or "kind" not in entry:
