@@ -344,3 +344,127 @@ def test_store_suffixes_are_distinct_and_canonical():
 def test_bad_settings_name_the_setting(entry, match):
     with pytest.raises(InputError, match=match):
         R.parse_kind(entry)
+
+
+# --------------------------------------------------------------------------- stores (cmda preprocess)
+SEQ = "zurich_city_09_a"
+KINDS_YAML = ("[voxel, {kind: histogram, bins: 3, cutoff: 4}, {kind: time_surface, tau_us: 8000, dt_us: 2000, "
+              "slices: 3}, {kind: mdes, bins: 6}, ergo12, {kind: voxel_dsec, bins: 3}]")
+
+
+def _digest_tree(path):
+    import hashlib
+
+    return {str(q.relative_to(path)): hashlib.sha256(q.read_bytes()).hexdigest()
+            for q in sorted(path.rglob("*")) if q.is_file()}
+
+
+def _config(tmp_path, kinds=KINDS_YAML, **rep):
+    from tests.dsec_fixtures import sequence_config
+
+    return sequence_config(None, tmp_path, kinds=kinds, **rep)
+
+
+def test_preprocess_builds_every_listed_kind_beside_an_unchanged_voxel_store(tmp_path):
+    import dataclasses
+
+    import pipeline.preprocess as pre
+    from pipeline.dsec import EventFile, load_rectify_map
+    from pipeline.store import RepresentationStore
+
+    cfg = _config(tmp_path)
+    summary = pre.preprocess_sequence(cfg, SEQ, workers=2)
+    kinds = pre.extra_kinds(cfg)
+    assert [k.kind for k in kinds] == ["histogram", "time_surface", "mdes", "ergo12", "voxel_dsec"]
+    assert sorted(summary["representations"]) == sorted(R.store_suffix(k) for k in kinds)
+    # the voxel store is byte-identical to the one built without other kinds
+    alone = dataclasses.replace(cfg, dsec=dataclasses.replace(cfg.dsec, out=tmp_path / "alone"),
+                                representation=dataclasses.replace(cfg.representation, kinds=("voxel",)))
+    pre.preprocess_sequence(alone, SEQ, workers=1)
+    assert _digest_tree(pre.store_path(cfg, SEQ)) == _digest_tree(pre.store_path(alone, SEQ))
+    assert list(pre.representations_dir(alone, SEQ).iterdir()) == []  # created empty, for dvc
+    root = cfg.dsec.root / SEQ / "events" / "left"
+    with EventFile(root / "events.h5") as ef:
+        ev = ef.read(0, ef.n_events)
+    rect = rectifier(load_rectify_map(root / "rectify_map.h5"))
+    for k in kinds:
+        path = pre.representation_store_path(cfg, SEQ, k)
+        assert path.name == f"{R.store_suffix(k)}.zarr" and path.parent == pre.representations_dir(cfg, SEQ)
+        store = RepresentationStore.open(path, expect=R.describe(k))
+        rep = store.representation
+        assert rep["channels"] == R.channels(k) and rep["dtype"] == R.frame_dtype(k).name
+        valid, a, b = store.index("valid"), store.index("window_start"), store.index("window_stop")
+        for i in range(store.frames):
+            got = store.frame(i)
+            assert got.shape == (R.channels(k), 480, 640) and got.dtype == R.frame_dtype(k)
+            if not valid[i]:
+                assert not got.any()
+                continue
+            sl = slice(a[i], b[i] + 1)
+            np.testing.assert_array_equal(got, R.build(k, ev["x"][sl], ev["y"][sl], ev["p"][sl], ev["t"][sl], rect))
+    with pytest.raises(InputError, match="expected"):
+        RepresentationStore.open(pre.representation_store_path(cfg, SEQ, kinds[0]), expect=R.describe(kinds[2]))
+
+
+def test_kind_stores_resume_byte_identical_and_streamed_windows_match(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pipeline.preprocess as pre
+
+    cfg = _config(tmp_path, chunk_events=30_000)
+    clean = dataclasses.replace(cfg, dsec=dataclasses.replace(cfg.dsec, out=tmp_path / "clean"))
+    pre.preprocess_sequence(clean, SEQ, workers=1)
+    orig, seen = pre._run_kind_batch, []
+
+    def flaky(batch, **kw):
+        if len(seen) == 7:
+            raise KeyboardInterrupt
+        seen.append(batch.frames)
+        return orig(batch, **kw)
+
+    monkeypatch.setattr(pre, "_run_kind_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pre.preprocess_sequence(cfg, SEQ, workers=1)
+    monkeypatch.setattr(pre, "_run_kind_batch", orig)
+    summary = pre.preprocess_sequence(cfg, SEQ, workers=1)
+    assert summary["status"] == "built" and summary["frames_written"] == 0  # the voxel store was complete
+    again = pre.preprocess_sequence(cfg, SEQ, workers=1)
+    assert again["status"] == "already complete"
+    assert _digest_tree(cfg.dsec.out) == _digest_tree(clean.dsec.out)
+    # windows longer than a streaming chunk are fed in pieces: the same bytes
+    small = dataclasses.replace(cfg, dsec=dataclasses.replace(cfg.dsec, out=tmp_path / "small"),
+                                representation=dataclasses.replace(cfg.representation, chunk_events=1_500))
+    pre.preprocess_sequence(small, SEQ, workers=1)
+    assert _digest_tree(small.dsec.out) == _digest_tree(clean.dsec.out)
+
+
+def test_another_setting_gets_another_store(tmp_path):
+    import dataclasses
+
+    import pipeline.preprocess as pre
+
+    cfg = _config(tmp_path, kinds="[voxel, histogram]")
+    pre.preprocess_sequence(cfg, SEQ, workers=1)
+    first = pre.representation_store_path(cfg, SEQ, R.HistogramSettings())
+    before = _digest_tree(first)
+    other = dataclasses.replace(cfg, representation=dataclasses.replace(
+        cfg.representation, kinds=(R.VoxelSettings(), R.HistogramSettings(10, 3))))
+    pre.preprocess_sequence(other, SEQ, workers=1)
+    assert _digest_tree(first) == before
+    assert pre.representation_store_path(other, SEQ, R.HistogramSettings(10, 3)).name == "histogram_b10_c3.zarr"
+
+
+@pytest.mark.parametrize("kinds,match", [
+    ("[histogram]", "must list voxel"),
+    ("[voxel, histogram, {kind: histogram, bins: 10, cutoff: 10}]", "twice: histogram_b10_c10"),
+    ("[voxel, {kind: histogram, bins: 0}]", r"representation.kinds\[1\]: histogram.bins must be"),
+    ("voxel", "representation.kinds must be a list"),
+])
+def test_bad_kinds_in_datasets_yaml_are_one_line_errors(tmp_path, kinds, match):
+    from pipeline.config import load_config
+    from tests.dsec_fixtures import write_config
+
+    path = write_config(tmp_path, tmp_path / "DSEC", {SEQ: (0, 5)}, kinds=kinds)
+    with pytest.raises(InputError, match=match) as err:
+        load_config(path)
+    assert err.value.path == path
