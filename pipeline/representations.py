@@ -46,6 +46,7 @@ from pipeline.voxel import Rectifier, accumulate_window_in_pieces, invalid_event
 
 KINDS = ("voxel", "histogram", "time_surface", "mdes", "ergo12", "voxel_dsec")
 _NEVER = np.iinfo(np.int64).min  # time-surface memory of a pixel that never fired
+_MAX_TABLE = 1 << 21  # time surfaces look exp() up in a table of at most this many ages (8 MB)
 
 
 # --------------------------------------------------------------------------- settings
@@ -290,28 +291,37 @@ def _hist_clip(out, cutoff):  # pragma: no cover - numba
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _ts_emit(mem, at, tau, out):  # pragma: no cover - numba
-    # out (2, H*W) float32: exp(-(at - last) / tau), 0 where the pixel never fired.
-    for c in range(mem.shape[0]):
-        for j in range(mem.shape[1]):
-            m = mem[c, j]
-            out[c, j] = 0.0 if m == _NEVER else np.float32(np.exp(-np.float64(at - m) / tau))
+def _ts_emit(mem, touched, n_touched, at, tau, table, out):  # pragma: no cover - numba
+    # out: one surface, flat (2 * H * W) float32 and zero on entry: exp(-(at - last) / tau) on the
+    # n_touched cells that have fired (the others stay 0). Ages inside the table (every age a window
+    # can have, when it fits) are looked up instead of exponentiated.
+    size = table.shape[0]
+    for k in range(n_touched):
+        j = touched[k]
+        d = at - mem[j]
+        out[j] = table[d] if d < size else np.float32(np.exp(-np.float64(d) / tau))
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _ts_add(x, y, p, t, table, sensor_w, t_first, dt, tau, nxt, mem, out):  # pragma: no cover - numba
-    # With dt > 0, surface i is sampled at t_first + (i+1) dt from the events strictly before it
-    # (tonic's half-open slices); nxt[0] is the next surface to emit.
+def _ts_add(x, y, p, t, table, sensor_w, t_first, dt, tau, ages, state, mem, touched, out):  # pragma: no cover
+    # mem: flat (2 * H * W) latest event time per cell (_NEVER: none yet); touched lists the cells
+    # that have fired, state = [next surface to emit, len(touched)]. With dt > 0, surface i is
+    # sampled at t_first + (i+1) dt from the events strictly before it (tonic's half-open slices).
     slices = out.shape[0]
+    hw = mem.shape[0] // 2
     for i in range(x.shape[0]):
         ti = np.int64(t[i])
         if dt > 0:
-            while nxt[0] < slices and ti >= t_first + (nxt[0] + 1) * dt:
-                _ts_emit(mem, t_first + (nxt[0] + 1) * dt, tau, out[nxt[0]])
-                nxt[0] += 1
+            while state[0] < slices and ti >= t_first + (state[0] + 1) * dt:
+                _ts_emit(mem, touched, state[1], t_first + (state[0] + 1) * dt, tau, ages, out[state[0]])
+                state[0] += 1
         d = table[np.int64(y[i]) * sensor_w + np.int64(x[i])]
         if d >= 0:
-            mem[np.int64(p[i]), d] = ti
+            j = np.int64(p[i]) * hw + d
+            if mem[j] == _NEVER:
+                touched[state[1]] = j
+                state[1] += 1
+            mem[j] = ti
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
@@ -421,25 +431,50 @@ def _ergo_finish(out, aux, res):  # pragma: no cover - numba
 @nb.njit(nogil=True, cache=True, boundscheck=False)
 def _dsec_normalize(g):  # pragma: no cover - numba
     # DSEC's VoxelGrid normalisation, in place: over the non-zero cells, (v - mean) / std with the
-    # unbiased std (mean only when std is 0 or undefined); mean and std rounded to float32 as torch's are.
+    # unbiased std (mean only when std is 0 or undefined); mean and std rounded to float32 as
+    # torch's are. Zero cells add nothing to the sums, so the statistics pass needs no branch: four
+    # interleaved partial sums (a fixed order, so the result does not depend on the machine) keep
+    # it from waiting on one add chain.
+    m = g.shape[0]
+    s = np.zeros(4)
+    q = np.zeros(4)
     n = 0
-    total = 0.0
-    for i in range(g.shape[0]):
-        if g[i] != 0:
-            n += 1
-            total += g[i]
+    for i in range(0, m - m % 4, 4):
+        for k in range(4):
+            v = np.float64(g[i + k])
+            s[k] += v
+            q[k] += v * v
+            n += v != 0
+    for i in range(m - m % 4, m):
+        v = np.float64(g[i])
+        s[0] += v
+        q[0] += v * v
+        n += v != 0
     if n == 0:
         return
+    total = (s[0] + s[1]) + (s[2] + s[3])
     mean = total / n
-    sq = 0.0
-    for i in range(g.shape[0]):
-        if g[i] != 0:
-            sq += (g[i] - mean) ** 2
-    std = np.float32(np.sqrt(sq / (n - 1))) if n > 1 else np.float32(0.0)
+    var = ((q[0] + q[1]) + (q[2] + q[3]) - total * mean) / (n - 1) if n > 1 else 0.0
+    std = np.float32(np.sqrt(max(var, 0.0)))
     m32 = np.float32(mean)
-    for i in range(g.shape[0]):
-        if g[i] != 0:
-            g[i] = (g[i] - m32) / std if std > 0 else g[i] - m32
+    zero = np.float32(0.0)
+    if std > 0:
+        for i in range(m):
+            v = g[i]
+            g[i] = (v - m32) / std if v != zero else zero
+    else:
+        for i in range(m):
+            v = g[i]
+            g[i] = v - m32 if v != zero else zero
+
+
+@nb.njit(nogil=True, cache=True, boundscheck=False)
+def _exp_table(size, tau):  # pragma: no cover - numba
+    # exp(-d / tau) for every whole-microsecond age d < size, as _ts_value computes it.
+    out = np.empty(size, np.float32)
+    for d in range(size):
+        out[d] = np.float32(np.exp(-np.float64(d) / tau))
+    return out
 
 
 # --------------------------------------------------------------------------- accumulators
@@ -457,8 +492,12 @@ class _Builder:
         if isinstance(s, HistogramSettings):
             self.state = (np.zeros((2, s.bins, self.hw), np.uint8),)
         elif isinstance(s, TimeSurfaceSettings):
-            self.state = (np.full((2, self.hw), _NEVER, np.int64), np.zeros((s.slices, 2, self.hw), np.float32),
-                          np.zeros(1, np.int64))
+            self.state = (np.zeros(2, np.int64), np.full(2 * self.hw, _NEVER, np.int64),
+                          np.empty(2 * self.hw, np.int32), np.zeros((s.slices, 2 * self.hw), np.float32))
+            # every age (sample time - event time) the window can have, when that is a small table
+            last = self.t0 + s.slices * s.dt_us if s.dt_us is not None else self.t_last
+            ages = last - self.t0 + 1
+            self.ages = _exp_table(ages if ages <= _MAX_TABLE else 0, float(s.tau_us))
         elif isinstance(s, MdesSettings):
             self.state = (np.zeros((s.bins, self.hw), np.int32),)
         elif isinstance(s, Ergo12Settings):
@@ -471,8 +510,7 @@ class _Builder:
         if isinstance(s, HistogramSettings):
             _hist_add(*a, self.t0, self.span, s.cutoff, s.rvt_wrap, self.state[0])
         elif isinstance(s, TimeSurfaceSettings):
-            mem, out, nxt = self.state
-            _ts_add(*a, self.t0, s.dt_us or 0, float(s.tau_us), nxt, mem, out)
+            _ts_add(*a, self.t0, s.dt_us or 0, float(s.tau_us), self.ages, *self.state)
         elif isinstance(s, MdesSettings):
             _mdes_add(*a, self.t0, self.span, self.state[0])
         else:
@@ -489,12 +527,13 @@ class _Builder:
                 _hist_clip(out, s.cutoff)
             return out
         if isinstance(s, TimeSurfaceSettings):
-            mem, surf, nxt = self.state
-            if self.n:
-                if s.dt_us is None:
-                    _ts_emit(mem, self.t_last, float(s.tau_us), surf[0])
-                for i in range(int(nxt[0]), s.slices if s.dt_us is not None else 0):
-                    _ts_emit(mem, self.t0 + (i + 1) * s.dt_us, float(s.tau_us), surf[i])
+            state, mem, touched, surf = self.state
+            tau = float(s.tau_us)
+            if s.dt_us is None:
+                _ts_emit(mem, touched, state[1], self.t_last, tau, self.ages, surf[0])
+            else:
+                for i in range(int(state[0]), s.slices):
+                    _ts_emit(mem, touched, state[1], self.t0 + (i + 1) * s.dt_us, tau, self.ages, surf[i])
             return surf.reshape(shape)
         out = np.empty(shape, frame_dtype(s))
         if isinstance(s, MdesSettings):
