@@ -63,6 +63,10 @@ class Representation:
     # ~2.7 ms for a 15% smaller store), so preprocessing stays bound by reading events.h5.
     compressor: str = "lz4"
     clevel: int = 3
+    # Representations `cmda preprocess` builds (pipeline.representations): "voxel" is CMDA's grid
+    # above, in events.zarr; every other entry ({kind: NAME, parameters...}) gets its own store
+    # under representations/ named by its settings. load_config turns the entries into settings objects.
+    kinds: tuple[Any, ...] = ("voxel",)
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,10 @@ def _convert(tp: Any, value: Any, where: str, source: Path) -> Any:
         if not isinstance(value, dict):
             raise InputError(source, f"{where} must be a mapping")
         return {str(k): _convert(vt, v if v is not None else {}, f"{where}.{k}", source) for k, v in value.items()}
+    if origin is tuple and typing.get_args(tp)[-1:] == (Ellipsis,):
+        if not isinstance(value, list | tuple):
+            raise InputError(source, f"{where} must be a list, got {value!r}")
+        return tuple(_convert(typing.get_args(tp)[0], v, f"{where}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise InputError(source, f"{where} must be a list, got {value!r}")
@@ -250,6 +258,28 @@ def _check_ranges(cfg: DatasetsConfig, path: Path) -> None:
             raise InputError(path, f"{key} must be {want}, got {value!r}")
 
 
+def _parse_kinds(rep: Representation, path: Path) -> tuple[Any, ...]:
+    """``representation.kinds`` as settings objects; voxel must be listed (its store carries the
+    event index the splits and the trainer read) and no two entries may share a store."""
+    from pipeline.representations import VoxelSettings, parse_kind, store_suffix
+
+    kinds = []
+    for i, entry in enumerate(rep.kinds):
+        try:
+            s = parse_kind(entry, f"representation.kinds[{i}]")
+        except InputError as exc:
+            raise InputError(path, exc.problem) from None
+        kinds.append(VoxelSettings(rep.bins) if s.kind == "voxel" else s)
+    names = [store_suffix(s) for s in kinds]
+    if "voxel" not in [s.kind for s in kinds]:
+        raise InputError(path, "representation.kinds must list voxel (CMDA's grid in events.zarr, which the "
+                         "splits and the trainer read)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(path, f"representation.kinds lists the same setting twice: {', '.join(dup)}")
+    return tuple(kinds)
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's multi-line message as one line: 'line L, column C: problem'."""
     mark = getattr(exc, "problem_mark", None)
@@ -285,6 +315,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
     if rep.compressor not in ("lz4", "lz4hc", "zstd", "zlib", "blosclz"):
         raise InputError(path, f"representation.compressor must be a Blosc codec name, got {rep.compressor!r}")
     _check_ranges(cfg, path)
+    cfg = dataclasses.replace(cfg, representation=dataclasses.replace(rep, kinds=_parse_kinds(rep, path)))
     for key in ("darkzurich", "acdc"):
         t = getattr(cfg, key)
         if min(t.resize) < 1 or t.crop < 1 or t.pseudo_ignore_top < 0 or t.pseudo_ignore_bottom < 0:

@@ -1,4 +1,5 @@
-"""``cmda preprocess``: one DSEC sequence -> its Zarr store of rectified voxel grids.
+"""``cmda preprocess``: one DSEC sequence -> its Zarr store of rectified voxel grids, and one store
+per other representation listed under ``representation.kinds`` (``representations/<name>.zarr``).
 
 Plan: compute each image's event index from the timestamps (``ms_to_idx`` + binary search), turn
 indices into CMDA windows (events ``idx[i-1] .. idx[i]``), then cut the frames into batches whose
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import lock
+from pipeline import representations as reps
 from pipeline import store as zstore
 from pipeline.atomic import write_text
 from pipeline.config import DatasetsConfig
@@ -53,6 +55,24 @@ class Batch:
 
 def store_path(cfg: DatasetsConfig, seq: str) -> Path:
     return cfg.dsec.out / seq / "events.zarr"
+
+
+def representations_dir(cfg: DatasetsConfig, seq: str) -> Path:
+    """The folder of the sequence's representation stores (always created, so dvc can track it)."""
+    return cfg.dsec.out / seq / "representations"
+
+
+def representation_store_path(cfg: DatasetsConfig, seq: str, settings: reps.Settings) -> Path:
+    """Store of one representation setting, named by its settings (``histogram_b10_c10.zarr``);
+    the ``voxel`` kind is the voxel store :func:`store_path`."""
+    if settings.kind == "voxel":
+        return store_path(cfg, seq)
+    return representations_dir(cfg, seq) / f"{reps.store_suffix(settings)}.zarr"
+
+
+def extra_kinds(cfg: DatasetsConfig) -> list[reps.Settings]:
+    """The representations listed in ``representation.kinds`` other than CMDA's voxel grid."""
+    return [k for k in map(reps.parse_kind, cfg.representation.kinds) if k.kind != "voxel"]
 
 
 def event_index_path(cfg: DatasetsConfig, seq: str) -> Path:
@@ -158,6 +178,33 @@ def _close_event_files() -> None:
             _OPENED.pop().close()
 
 
+def _read_checked(ef: EventFile, events_path: Path, rect: Rectifier, first: int, stop: int) -> dict[str, np.ndarray]:
+    """Events ``first..stop-1``, checked (ordered, on the sensor, p in {0, 1}) before any kernel sees them."""
+    ev = ef.read(first, stop)
+    if len(ev["t"]) != stop - first:
+        raise InputError(events_path, f"events {first}..{stop - 1} lie past the end "
+                         "of the file (was it changed while being preprocessed?)")
+    _check_events(events_path, ev, first, rect)
+    return ev
+
+
+def _window_pieces(ef: EventFile, events_path: Path, rect: Rectifier, first: int, stop: int, chunk_events: int):
+    """Events ``first..stop-1`` as checked consecutive ``(x, y, p, t)`` pieces of ``chunk_events``
+    (one window longer than a streaming chunk, in bounded memory)."""
+    prev_t = None
+    for pos in range(first, stop, chunk_events):
+        end = min(pos + chunk_events, stop)
+        ev = ef.read(pos, end)
+        if len(ev["t"]) != end - pos:
+            raise InputError(events_path, f"events {pos}..{end - 1} lie past the end of the file "
+                             "(was it changed while being preprocessed?)")
+        if prev_t is not None and ev["t"][0] < prev_t:
+            _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
+        _check_events(events_path, ev, pos, rect)
+        prev_t = ev["t"][-1]
+        yield ev["x"], ev["y"], ev["p"], ev["t"]
+
+
 def _run_batch(
     batch: Batch,
     *,
@@ -190,11 +237,7 @@ def _run_batch(
     if chunk_events < 1:
         raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
     if span <= chunk_events:
-        ev = ef.read(batch.first_event, batch.stop_event)
-        if len(ev["t"]) != span:
-            raise InputError(events_path, f"events {batch.first_event}..{batch.stop_event - 1} lie past the end "
-                             "of the file (was it changed while being preprocessed?)")
-        _check_events(events_path, ev, batch.first_event, rect)
+        ev = _read_checked(ef, events_path, rect, batch.first_event, batch.stop_event)
         t = ev["t"]
         lo, hi = w_start - batch.first_event, w_stop - batch.first_event
         t_first, t_last = t[lo].astype(np.int64), t[hi - 1].astype(np.int64)
@@ -209,22 +252,8 @@ def _run_batch(
         # pieces, normalising time with the window's own first and last event times.
         t_first = int(ef.read_t(batch.first_event, batch.first_event + 1)[0])
         t_last = int(ef.read_t(batch.stop_event - 1, batch.stop_event)[0])
-
-        def pieces():
-            prev_t = None
-            for pos in range(batch.first_event, batch.stop_event, chunk_events):
-                end = min(pos + chunk_events, batch.stop_event)
-                ev = ef.read(pos, end)
-                if len(ev["t"]) != end - pos:
-                    raise InputError(events_path, f"events {pos}..{end - 1} lie past the end of the file "
-                                     "(was it changed while being preprocessed?)")
-                if prev_t is not None and ev["t"][0] < prev_t:
-                    _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
-                _check_events(events_path, ev, pos, rect)
-                prev_t = ev["t"][-1]
-                yield ev["x"], ev["y"], ev["p"], ev["t"]
-
-        accumulate_window_in_pieces(pieces(), span, rect, t_first, t_last, buf, checked=True)
+        pieces = _window_pieces(ef, events_path, rect, batch.first_event, batch.stop_event, chunk_events)
+        accumulate_window_in_pieces(pieces, span, rect, t_first, t_last, buf, checked=True)
         fed += span
         writer.write(int(frames[0]), buf[0])
     zstore.mark_done(store, int(frames[0]), int(frames[-1]), events=fed)
@@ -265,6 +294,9 @@ def _check_image_count(paths: SequencePaths, n_timestamps: int) -> None:
         warn(paths.timestamps, f"{n_timestamps} timestamps but only {n_images} images in {paths.images_dir}")
 
 
+RECTIFY_NEAREST = "nearest rectified pixel: floor(rectify_map[y, x] + 0.5); events off the grid dropped"
+
+
 def preprocess_sequence(
     cfg: DatasetsConfig,
     seq: str,
@@ -272,10 +304,13 @@ def preprocess_sequence(
     scheduler: str | None = None,
     workers: int = 0,
 ) -> dict[str, Any]:
-    """Build (or resume) the voxel store of sequence ``seq``. Returns the store's summary, with
-    ``status`` "already complete" or "built" and ``frames_written`` (frames computed by this run).
+    """Build (or resume) the voxel store of sequence ``seq``, then the store of every other kind
+    listed in ``representation.kinds``. Returns the voxel store's summary, with ``status``
+    "already complete" (nothing was written by this run) or "built", ``frames_written`` (voxel
+    frames computed by this run) and ``representations``: per store name, its path, status and
+    frames written.
 
-    Holds the store's lock for the whole run: a second run on the same sequence fails at once
+    Holds the voxel store's lock for the whole run: a second run on the same sequence fails at once
     with one line, and temporary files of a killed earlier run are removed before writing.
     """
     out = store_path(cfg, seq)
@@ -283,11 +318,29 @@ def preprocess_sequence(
         return _preprocess_locked(cfg, seq, out, scheduler=scheduler, workers=workers)
 
 
-def _preprocess_locked(cfg: DatasetsConfig, seq: str, out: Path, *, scheduler: str | None,
-                       workers: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Source:
+    """What every store of a sequence is built from: its event file, windows and identity."""
+
+    paths: SequencePaths
+    timestamps: np.ndarray
+    index: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    valid: np.ndarray
+    count: np.ndarray
+    fingerprint: dict[str, Any]
+    identity: dict[str, Any]  # the events, rectify map and timestamps the stores were built from
+
+    def index_arrays(self) -> dict[str, np.ndarray]:
+        return {"timestamps": self.timestamps, "event_index": self.index, "window_start": self.start,
+                "window_stop": self.stop, "event_count": self.count, "valid": self.valid}
+
+
+def _read_source(cfg: DatasetsConfig, seq: str, workers: int) -> tuple[_Source, dict[str, Any]]:
+    """Check the sequence's inputs and compute its windows. Returns the source and the summary."""
     paths = SequencePaths(cfg.dsec.root, seq)
     rep = cfg.representation
-
     timestamps = load_timestamps(paths.timestamps)
     _check_image_count(paths, len(timestamps))
     rmap = load_rectify_map(paths.rectify_map, rep.height, rep.width)
@@ -308,68 +361,140 @@ def _preprocess_locked(cfg: DatasetsConfig, seq: str, out: Path, *, scheduler: s
         listed = ", ".join(f"{i:06d}" for i in outside[:8]) + (" ..." if outside.size > 8 else "")
         warn(paths.timestamps, f"{outside.size} image(s) lie outside the event stream (index -1), skipped: {listed}")
     count = np.where(valid, stop - start + 1, 0)
-
-    settings = {"bins": rep.bins, "height": rep.height, "width": rep.width, "window": WINDOW_RULE,
-                "compressor": f"blosc {rep.compressor} clevel {rep.clevel} noshuffle",
-                "time": "tau = (t - t_first) / (t_last - t_first) in float32, tn = (bins-1) tau",
-                "corner": "trunc toward zero"}
-    identity = {
-        "settings": settings,
-        "source": {
-            "events": fingerprint,
-            "rectify_map": _digest(rmap.tobytes()),
-            "timestamps": _digest(timestamps.tobytes()),
-        },
-    }
-    frames = len(timestamps)
-    group, done, complete = zstore.open_for_writing(
-        out, identity, frames=frames, bins=rep.bins, height=rep.height, width=rep.width,
-        cname=rep.compressor, clevel=rep.clevel,
-    )
+    identity = {"events": fingerprint, "rectify_map": _digest(rmap.tobytes()),
+                "timestamps": _digest(timestamps.tobytes())}
     summary = {
         "sequence": seq,
-        "frames": frames,
+        "frames": len(timestamps),
         "frames_with_window": int(valid.sum()),
         "frames_outside_stream": int(outside.size),
         "events_in_file": n_events,
         "events_in_windows": int(count.sum()),
     }
-    write_text(event_index_path(cfg, seq), "".join(f"{int(v)}\n" for v in index))
+    return _Source(paths, timestamps, index, start, stop, valid, count, fingerprint, identity), summary
+
+
+def _preprocess_locked(cfg: DatasetsConfig, seq: str, out: Path, *, scheduler: str | None,
+                       workers: int) -> dict[str, Any]:
+    rep = cfg.representation
+    src, summary = _read_source(cfg, seq, workers)
+    settings = {"bins": rep.bins, "height": rep.height, "width": rep.width, "window": WINDOW_RULE,
+                "compressor": f"blosc {rep.compressor} clevel {rep.clevel} noshuffle",
+                "time": "tau = (t - t_first) / (t_last - t_first) in float32, tn = (bins-1) tau",
+                "corner": "trunc toward zero"}
+    write_text(event_index_path(cfg, seq), "".join(f"{int(v)}\n" for v in src.index))
+    written = _build_store(cfg, src, out, {"settings": settings, "source": src.identity}, summary,
+                           functools.partial(_run_batch, bins=rep.bins), dict(bins=rep.bins),
+                           f"preprocess {seq}", scheduler, workers)
+    built = {}
+    representations_dir(cfg, seq).mkdir(parents=True, exist_ok=True)
+    for kind in extra_kinds(cfg):
+        path = representation_store_path(cfg, seq, kind)
+        n = _build_kind(cfg, src, path, kind, summary, scheduler, workers)
+        built[reps.store_suffix(kind)] = {"path": str(path), "status": "built" if n is not None else
+                                          "already complete", "frames_written": n or 0}
+    nothing = written is None and all(b["status"] == "already complete" for b in built.values())
+    return {**summary, "status": "already complete" if nothing else "built", "frames_written": written or 0,
+            "representations": built}
+
+
+def _build_kind(cfg: DatasetsConfig, src: _Source, path: Path, kind: reps.Settings, summary: dict[str, Any],
+                scheduler: str | None, workers: int) -> int | None:
+    """Build one representation store like the voxel store (resumable, fingerprinted)."""
+    rep = cfg.representation
+    params = reps.describe(kind)
+    settings = {**params, "height": rep.height, "width": rep.width, "window": WINDOW_RULE,
+                "compressor": f"blosc {rep.compressor} clevel {rep.clevel} noshuffle",
+                "rectification": ("bilinear splat of rectify_map[y, x], corner by trunc toward zero"
+                                  if kind.kind == "voxel_dsec" else RECTIFY_NEAREST)}
+    dtype = reps.frame_dtype(kind)
+    attrs = {"representation": {**params, "suffix": reps.store_suffix(kind), "channels": reps.channels(kind),
+                                "dtype": dtype.name}}
+    return _build_store(cfg, src, path, {"settings": settings, "source": src.identity}, summary,
+                        functools.partial(_run_kind_batch, settings=kind),
+                        dict(bins=reps.channels(kind), array=zstore.REPRESENTATION_ARRAY, dtype=dtype.name,
+                             extra_attrs=attrs),
+                        f"{reps.store_suffix(kind)} {summary['sequence']}", scheduler, workers)
+
+
+def _build_store(cfg: DatasetsConfig, src: _Source, out: Path, identity: dict[str, Any], summary: dict[str, Any],
+                 run: Any, layout: dict[str, Any], desc: str, scheduler: str | None, workers: int) -> int | None:
+    """Create or resume the store at ``out`` and run ``run`` (a batch task) for every frame still
+    to do. Returns the frames written, or None when the store was already complete."""
+    rep = cfg.representation
+    array = layout.get("array", "voxels")
+    group, done, complete = zstore.open_for_writing(
+        out, identity, frames=len(src.timestamps), height=rep.height, width=rep.width,
+        cname=rep.compressor, clevel=rep.clevel, **layout,
+    )
     if complete:
-        return {**summary, "status": "already complete", "frames_written": 0}
-    for folder in (out, out / "voxels", zstore.progress_dir(out)):
+        return None
+    for folder in (out, out / array, zstore.progress_dir(out)):
         lock.remove_stale_temp_files(folder)  # we hold the lock: these are a killed run's leftovers
     # The small index arrays are deterministic (a resumed run rewrites them); Zarr takes ~20 ms to
-    # create them, so that happens on a side thread while the voxel tasks run.
+    # create them, so that happens on a side thread while the frame tasks run.
     side = ThreadPoolExecutor(1)
-    index_written = side.submit(zstore.write_index_arrays, group, {
-        "timestamps": timestamps, "event_index": index, "window_start": start,
-        "window_stop": stop, "event_count": count, "valid": valid,
-    })
+    index_written = side.submit(zstore.write_index_arrays, group, src.index_arrays())
     side.shutdown(wait=False)  # its thread ends after this one job
 
-    todo = valid & ~done
-    batches = plan_batches(start, stop, todo, rep.chunk_events, MAX_FRAMES_PER_TASK)
+    batches = plan_batches(src.start, src.stop, src.valid & ~done, rep.chunk_events, MAX_FRAMES_PER_TASK)
     task = functools.partial(
-        _run_batch, events_path=paths.events, events_token=_file_token(paths.events, fingerprint),
-        store=out, writer=zstore.FrameChunks(out),
-        rectify_map=paths.rectify_map, rectify_digest=identity["source"]["rectify_map"],
-        start=start, stop=stop, bins=rep.bins, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
+        run, events_path=src.paths.events, events_token=_file_token(src.paths.events, src.fingerprint),
+        store=out, writer=zstore.FrameChunks(out, array),
+        rectify_map=src.paths.rectify_map, rectify_digest=src.identity["rectify_map"],
+        start=src.start, stop=src.stop, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
     )
     try:
-        run_tasks(
-            [functools.partial(task, b) for b in batches],
-            desc=f"preprocess {seq}",
-            unit="frame",
-            weights=[len(b.frames) for b in batches],
-            scheduler=scheduler,
-            workers=workers,
-        )
+        run_tasks([functools.partial(task, b) for b in batches], desc=desc, unit="frame",
+                  weights=[len(b.frames) for b in batches], scheduler=scheduler, workers=workers)
     finally:
         index_written.result()  # waits, and re-raises the side thread's error if it had one
     # Every task has finished (after an error some may still run on the pool's threads, so the
     # handles are then left to the next run, which closes them the same way).
     _close_event_files()
-    zstore.check_written(out, valid, int(count.sum()))
+    zstore.check_written(out, src.valid, int(src.count.sum()))
     zstore.mark_complete(group, out, summary)
-    return {**summary, "status": "built", "frames_written": int(sum(len(b.frames) for b in batches))}
+    return int(sum(len(b.frames) for b in batches))
+
+
+def _run_kind_batch(
+    batch: Batch,
+    *,
+    settings: reps.Settings,
+    events_path: Path,
+    events_token: str,
+    store: Path,
+    writer: zstore.FrameChunks,
+    rectify_map: Path,
+    rectify_digest: str,
+    start: np.ndarray,
+    stop: np.ndarray,
+    height: int,
+    width: int,
+    chunk_events: int,
+) -> int:
+    """Build one batch's frames of a representation store (the twin of :func:`_run_batch`)."""
+    rect = _rectifier(rectify_map, rectify_digest, height, width)
+    ef = _event_file(events_path, events_token)
+    span = batch.stop_event - batch.first_event
+    fed = 0
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+    if span <= chunk_events:
+        ev = _read_checked(ef, events_path, rect, batch.first_event, batch.stop_event)
+        for frame in batch.frames:
+            lo, hi = int(start[frame]) - batch.first_event, int(stop[frame]) + 1 - batch.first_event
+            piece = tuple(ev[k][lo:hi] for k in ("x", "y", "p", "t"))
+            frame_array = reps.build_in_pieces(settings, [piece], hi - lo, rect, int(piece[3][0]),
+                                               int(piece[3][-1]), checked=True)
+            writer.write(int(frame), frame_array)
+            fed += hi - lo
+    else:  # one window longer than a streaming chunk (plan_batches isolates those)
+        t_first = int(ef.read_t(batch.first_event, batch.first_event + 1)[0])
+        t_last = int(ef.read_t(batch.stop_event - 1, batch.stop_event)[0])
+        pieces = _window_pieces(ef, events_path, rect, batch.first_event, batch.stop_event, chunk_events)
+        writer.write(int(batch.frames[0]), reps.build_in_pieces(settings, pieces, span, rect, t_first, t_last,
+                                                                checked=True))
+        fed += span
+    zstore.mark_done(store, int(batch.frames[0]), int(batch.frames[-1]), events=fed)
+    return span

@@ -92,10 +92,16 @@ def open_for_writing(
     width: int,
     cname: str,
     clevel: int,
+    array: str = "voxels",
+    dtype: str = "float32",
+    extra_attrs: dict[str, Any] | None = None,
 ) -> tuple[zarr.Group, np.ndarray, bool]:
     """Open (resume) or create the store. Returns (group, done mask, already_complete).
 
     ``identity`` (settings + source fingerprint) decides whether existing content may be reused.
+    ``array``/``dtype`` name the per-frame array (``bins`` is its channel count); ``extra_attrs``
+    are group attributes written with a fresh store (the representation stores describe their
+    kind there). The defaults are the voxel store's.
     """
     attrs = _read_attrs(store_path) if store_path.exists() else None
     marks = progress_dir(store_path)
@@ -112,12 +118,13 @@ def open_for_writing(
         shutil.rmtree(store_path)
     if marks.exists():
         shutil.rmtree(marks)
-    group = zarr.open_group(store_path, mode="w", attributes={"format": STORE_FORMAT, "identity": identity})
+    group = zarr.open_group(store_path, mode="w",
+                            attributes={"format": STORE_FORMAT, "identity": identity, **(extra_attrs or {})})
     group.create_array(
-        "voxels",
+        array,
         shape=(frames, bins, height, width),
         chunks=(1, bins, height, width),
-        dtype="float32",
+        dtype=dtype,
         fill_value=0.0,
         # Flat chunk files (c.<frame>.0.0.0) rather than Zarr's default nested c/<frame>/0/0/0:
         # creating three directories per frame cost ~1 ms of a ~7 ms frame on ext4 (measured).
@@ -130,7 +137,7 @@ def open_for_writing(
 
 
 class FrameChunks:
-    """Direct access to the per-frame chunk files of the ``voxels`` array.
+    """Direct access to the per-frame chunk files of the ``voxels`` array (or of ``array``).
 
     Going through ``zarr.Array`` costs ~2-4 ms of bookkeeping per 1.2 MB frame, more than
     (de)compressing it; with one frame per chunk the chunk file is exactly the Blosc encoding of
@@ -139,8 +146,8 @@ class FrameChunks:
     chunks itself too. Instances are small and picklable (codec and shape, no open handles).
     """
 
-    def __init__(self, store_path: Path):
-        self.root = Path(store_path) / "voxels"
+    def __init__(self, store_path: Path, array: str = "voxels"):
+        self.root = Path(store_path) / array
         meta = zarr.open_array(self.root, mode="r").metadata.to_dict()
         blosc = [c["configuration"] for c in meta["codecs"] if c["name"] == "blosc"]
         shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
@@ -150,6 +157,7 @@ class FrameChunks:
             raise ValueError(f"{self.root}: unexpected array layout for direct chunk access: {meta}")
         cfg = blosc[0]
         self.shape = tuple(shape[1:])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.separator = encoding["configuration"]["separator"]
         shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
         self.codec = Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=shuffle[cfg["shuffle"]],
@@ -163,12 +171,12 @@ class FrameChunks:
         try:
             data = self.chunk(frame).read_bytes()
         except FileNotFoundError:
-            return np.zeros(self.shape, dtype=np.float32)
-        return np.frombuffer(self.codec.decode(data), dtype="<f4").reshape(self.shape)
+            return np.zeros(self.shape, dtype=self.dtype)
+        return np.frombuffer(self.codec.decode(data), dtype=self.dtype).reshape(self.shape)
 
     def write(self, frame: int, grid: np.ndarray) -> None:
         """Encode and write one frame's grid atomically (an all-zero grid writes nothing)."""
-        grid = np.ascontiguousarray(grid, dtype="<f4")
+        grid = np.ascontiguousarray(grid, dtype=self.dtype)
         if grid.shape != self.shape:
             raise ValueError(f"frame grid has shape {grid.shape}, store expects {self.shape}")
         if not grid.any():
@@ -252,6 +260,66 @@ class VoxelStore:
 
     def voxels(self, frame: int) -> np.ndarray:
         """Voxel grid (bins, H, W) float32 of one frame (read-only view)."""
+        if not 0 <= frame < self.frames:
+            raise IndexError(f"{self.path}: frame {frame} out of range")
+        return self._chunks.read(frame)
+
+
+REPRESENTATION_ARRAY = "frames"
+
+
+@dataclass
+class RepresentationStore:
+    """Read side of a store of another event representation than CMDA's voxel grid.
+
+    Same layout as the voxel store (index arrays, one frame per chunk, resumable build) with the
+    per-frame array ``frames`` of shape (frames, channels, H, W) in the kind's dtype, and the
+    attribute ``representation`` = {kind, its parameters, suffix, channels, dtype}.
+    """
+
+    path: Path
+    group: zarr.Group
+
+    @classmethod
+    def open(cls, path: str | Path, *, expect: dict[str, Any] | None = None) -> RepresentationStore:
+        """Open a complete store; with ``expect`` (a kind and its parameters, as
+        ``pipeline.representations.describe`` gives them) insist it holds exactly that setting."""
+        path = Path(path)
+        if not path.exists():
+            raise InputError(path, "representation store not found (run `cmda preprocess` or `dvc repro`)")
+        try:
+            group = zarr.open_group(path, mode="r")
+        except Exception as exc:
+            raise InputError(path, f"not a readable Zarr store ({exc})") from None
+        attrs = dict(group.attrs)
+        rep = attrs.get("representation")
+        if not isinstance(rep, dict) or REPRESENTATION_ARRAY not in group:
+            raise InputError(path, "not a representation store (no 'representation' attribute)")
+        if not attrs.get("complete"):
+            raise InputError(path, "representation store is incomplete (an interrupted `cmda preprocess`: "
+                             "rerun it to resume)")
+        if expect is not None and any(rep.get(k) != v for k, v in expect.items()):
+            got = {k: rep.get(k) for k in expect}
+            raise InputError(path, f"store holds {got}, expected {expect}: rerun `cmda preprocess`")
+        return cls(path, group)
+
+    @property
+    def representation(self) -> dict[str, Any]:
+        return dict(self.group.attrs["representation"])
+
+    def index(self, name: str) -> np.ndarray:
+        return np.asarray(self.group[name][...])
+
+    @functools.cached_property
+    def frames(self) -> int:
+        return int(self.group[REPRESENTATION_ARRAY].shape[0])
+
+    @functools.cached_property
+    def _chunks(self) -> FrameChunks:
+        return FrameChunks(self.path, REPRESENTATION_ARRAY)
+
+    def frame(self, frame: int) -> np.ndarray:
+        """One frame (channels, H, W) in the kind's dtype (read-only view; all zeros without a window)."""
         if not 0 <= frame < self.frames:
             raise IndexError(f"{self.path}: frame {frame} out of range")
         return self._chunks.read(frame)
