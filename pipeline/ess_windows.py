@@ -43,7 +43,7 @@ import numpy as np
 
 from pipeline import lock
 from pipeline import store as zstore
-from pipeline.atomic import write_text
+from pipeline.atomic import write_json, write_text
 from pipeline.config import DatasetsConfig, SemanticWindow
 from pipeline.dsec import SENSOR_HEIGHT, SENSOR_WIDTH, EventFile, load_rectify_map
 from pipeline.dsec_semantic import LABEL_HEIGHT, LABEL_WIDTH, SemanticSequence, load_labels, sequence_paths
@@ -185,6 +185,12 @@ def store_path(cfg: DatasetsConfig, seq: str) -> Path:
     return cfg.dsec_semantic.out / seq / "windows.zarr"
 
 
+def summary_path(cfg: DatasetsConfig, seq: str) -> Path:
+    """The store's summary and settings, rewritten by every run: what the index stage of dvc.yaml depends on
+    (the index lives beside the stores, so it cannot depend on their folder)."""
+    return cfg.dsec_semantic.out / "summaries" / f"{seq}.json"
+
+
 def window_settings(window: SemanticWindow, compressor: str, clevel: int) -> dict[str, Any]:
     """What the store's content depends on besides its sources (its identity, with the fingerprints)."""
     rule = ("last `events` events with t + t_offset < label time, `chunks` runs of n // chunks from the oldest"
@@ -261,6 +267,7 @@ def _preprocess_locked(cfg: DatasetsConfig, paths: SemanticSequence, out: Path, 
     summary = {"sequence": seq, "split": paths.split, "layout": paths.layout, "labels": n,
                "labels_with_window": int(win.valid.sum()), "events_in_windows": int(arrays["event_count"].sum())}
     if complete:
+        write_json(summary_path(cfg, seq), {**summary, "settings": settings})
         return {**summary, "status": "already complete", "labels_written": 0}
     for folder in (out, out / "voxels", zstore.progress_dir(out)):
         lock.remove_stale_temp_files(folder)
@@ -276,6 +283,7 @@ def _preprocess_locked(cfg: DatasetsConfig, paths: SemanticSequence, out: Path, 
               scheduler=scheduler, workers=workers)
     zstore.check_written(out, win.valid, summary["events_in_windows"])
     zstore.mark_complete(group, out, summary)
+    write_json(summary_path(cfg, seq), {**summary, "settings": settings})
     return {**summary, "status": "built", "labels_written": int(todo.size)}
 
 

@@ -267,6 +267,7 @@ def test_index_lists_sampled_labels(tmp_path, sampling):
     cfg = small_tree(tmp_path, sampling=sampling)
     for name in (TRAIN, TEST):
         ew.preprocess_semantic_sequence(cfg, name, workers=1)
+    assert ew.summary_path(cfg, TRAIN).is_file()  # what dvc.yaml's index stage depends on
     counts = ew.write_semantic_index(cfg)
     rows = ew.read_semantic_index(ew.index_path(cfg))
     want = list(range(8)) if sampling == "all" else [6]
