@@ -25,7 +25,8 @@ when settings or sources change): ``voxels`` float32 (labels, S*B, 440, 640), on
 label, e.g. one without events, has no chunk file and reads as zeros); the per-label arrays of
 :data:`pipeline.store.INDEX_ARRAYS` (``timestamps`` = label times; ``event_index`` = last event strictly before
 the label; ``window_start``/``window_stop`` = first and last event used, inclusive; ``event_count``; ``valid``);
-and ``chunk_start``/``chunk_stop`` int64 (labels, S), each chunk's events ``[start, stop)``.
+``chunk_start``/``chunk_stop`` int64 (labels, S), each chunk's events ``[start, stop)``; and ``stored`` bool
+(labels,), the labels computed: those ``dsec_semantic.sampling`` selects (all by default) that have a window.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from pipeline.voxel import Rectifier, accumulate_voxels, first_decrease, invalid
 ESS_SKIP_FIRST = 6  # ESS: (remove_time_window 250 // 100 + 1) * 2 labels dropped at each sequence start
 ESS_EVERY = 2  # then every second label (ESS's __getitem__ reads label index * 2)
 INDEX = "index.csv"
-CHUNK_ARRAYS = ("chunk_start", "chunk_stop")
+CHUNK_ARRAYS = ("chunk_start", "chunk_stop", "stored")
 
 
 # ---------------------------------------------------------------------------------------------- pure rules
@@ -191,8 +192,11 @@ def summary_path(cfg: DatasetsConfig, seq: str) -> Path:
     return cfg.dsec_semantic.out / "summaries" / f"{seq}.json"
 
 
-def window_settings(window: SemanticWindow, compressor: str, clevel: int) -> dict[str, Any]:
-    """What the store's content depends on besides its sources (its identity, with the fingerprints)."""
+def window_settings(window: SemanticWindow, compressor: str, clevel: int, sampling: str) -> dict[str, Any]:
+    """What the store's content depends on besides its sources (its identity, with the fingerprints).
+
+    ``sampling`` is part of it: the store holds only the labels the index will list (ESS's sampling
+    halves the store, ~33 MB per label at ESS's setting), so changing it rebuilds the store."""
     rule = ("last `events` events with t + t_offset < label time, `chunks` runs of n // chunks from the oldest"
             if window.mode == "events" else
             "`chunks` spans of duration_us / chunks ending at the label time, start <= t + t_offset < end")
@@ -200,8 +204,9 @@ def window_settings(window: SemanticWindow, compressor: str, clevel: int) -> dic
             "duration_us": window.duration_us if window.mode == "duration" else None,
             "chunks": window.chunks, "bins_per_chunk": window.bins, "bins": window.chunks * window.bins,
             "height": LABEL_HEIGHT, "width": LABEL_WIDTH, "rows": "0-439 of the 640x480 rectified event frame",
-            "window": rule, "voxel": "DSEC VoxelGrid: trunc corners, tn = (bins-1)(t-t0)/(t1-t0) float32, "
-            "no normalisation", "compressor": f"blosc {compressor} clevel {clevel} noshuffle"}
+            "sampling": sampling, "window": rule,
+            "voxel": "DSEC VoxelGrid: trunc corners, tn = (bins-1)(t-t0)/(t1-t0) float32, no normalisation",
+            "compressor": f"blosc {compressor} clevel {clevel} noshuffle"}
 
 
 def _digest(data: bytes) -> str:
@@ -256,7 +261,7 @@ def _preprocess_locked(cfg: DatasetsConfig, paths: SemanticSequence, out: Path, 
         warn(paths.timestamps, f"{skipped.size} label(s) lie outside the event stream (stored as zeros): "
                                + ", ".join(labels.files[i].name for i in skipped[:6]) + (" ..." if skipped.size > 6
                                                                                          else ""))
-    settings = window_settings(sem.window, sem.compressor, sem.clevel)
+    settings = window_settings(sem.window, sem.compressor, sem.clevel, sem.sampling)
     identity = {"settings": settings, "source": {"events": fingerprint, "rectify_map": _digest(rmap.tobytes()),
                                                  "timestamps": _digest(labels.timestamps.tobytes())}}
     n = len(labels.files)
@@ -264,8 +269,13 @@ def _preprocess_locked(cfg: DatasetsConfig, paths: SemanticSequence, out: Path, 
         out, identity, frames=n, bins=settings["bins"], height=LABEL_HEIGHT, width=LABEL_WIDTH,
         cname=sem.compressor, clevel=sem.clevel)
     arrays = win.arrays(labels.timestamps)
+    stored = np.zeros(n, bool)
+    stored[sampled_labels(n, sem.sampling)] = True
+    stored &= win.valid
+    arrays["stored"] = stored
     summary = {"sequence": seq, "split": paths.split, "layout": paths.layout, "labels": n,
-               "labels_with_window": int(win.valid.sum()), "events_in_windows": int(arrays["event_count"].sum())}
+               "labels_with_window": int(win.valid.sum()), "labels_stored": int(stored.sum()),
+               "events_in_windows": int(arrays["event_count"][stored].sum())}
     if complete:
         write_json(summary_path(cfg, seq), {**summary, "settings": settings})
         return {**summary, "status": "already complete", "labels_written": 0}
@@ -273,15 +283,16 @@ def _preprocess_locked(cfg: DatasetsConfig, paths: SemanticSequence, out: Path, 
         lock.remove_stale_temp_files(folder)
     zstore.write_index_arrays(group, arrays)
     for name in CHUNK_ARRAYS:
-        group.create_array(name, shape=arrays[name].shape, dtype="int64", chunks=arrays[name].shape, fill_value=0,
-                           overwrite=True)[...] = arrays[name]
-    todo = np.flatnonzero(win.valid & ~done)
+        values = arrays[name]
+        group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape, fill_value=0,
+                           overwrite=True)[...] = values
+    todo = np.flatnonzero(stored & ~done)
     task = functools.partial(_run_label, events=paths.events, rectify=paths.rectify_map,
                              rect_digest=identity["source"]["rectify_map"], out=out, writer=zstore.FrameChunks(out),
                              start=arrays["chunk_start"], stop=arrays["chunk_stop"], bins=sem.window.bins)
     run_tasks([functools.partial(task, int(k)) for k in todo], desc=f"windows {seq}", unit="label",
               scheduler=scheduler, workers=workers)
-    zstore.check_written(out, win.valid, summary["events_in_windows"])
+    zstore.check_written(out, stored, summary["events_in_windows"])
     zstore.mark_complete(group, out, summary)
     write_json(summary_path(cfg, seq), {**summary, "settings": settings})
     return {**summary, "status": "built", "labels_written": int(todo.size)}
@@ -313,7 +324,7 @@ def open_store(cfg: DatasetsConfig, seq: str) -> zstore.VoxelStore:
     sem = cfg.dsec_semantic
     path = store_path(cfg, seq)
     st = zstore.VoxelStore.open(path, bins=sem.window.chunks * sem.window.bins)
-    want = window_settings(sem.window, sem.compressor, sem.clevel)
+    want = window_settings(sem.window, sem.compressor, sem.clevel, sem.sampling)
     if st.settings != want:
         changed = sorted(k for k in want if st.settings.get(k) != want[k])
         raise InputError(path, f"store was built with other window settings ({', '.join(changed)}): rerun "

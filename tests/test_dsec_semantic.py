@@ -281,6 +281,12 @@ def test_index_lists_sampled_labels(tmp_path, sampling):
     st = ew.open_store(cfg, TEST)
     assert (base / r.store).resolve() == st.path.resolve()
     assert r.event_count == st.index("event_count")[r.label] == WINDOW["events"]
+    stored = st.index("stored")
+    assert np.flatnonzero(stored).tolist() == want  # the store holds only the labels the index lists
+    if sampling == "ess":
+        assert not st.voxels(5).any() and st.voxels(6).any()
+        with pytest.raises(InputError, match="sampling"):
+            ew.open_store(load_config(write_yaml(tmp_path)), TEST)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic tree
