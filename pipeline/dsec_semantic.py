@@ -220,19 +220,26 @@ def load_labels(seq: SemanticSequence) -> LabelList:
 # ---------------------------------------------------------------------------------------------- check
 @dataclass(frozen=True)
 class Finding:
-    """One line of a check report: what was checked, where, ``ok`` or not, and a detail."""
+    """One line of a check report: what was checked, where, ``ok`` or not, and a detail; ``missing``
+    when the problem is a file or folder that is not there (``cmda check``'s MISSING, else INVALID)."""
 
     what: str
     path: Path | None
     ok: bool
     detail: str = ""
+    missing: bool = False
+
+
+def _failed(what: str, exc: InputError, path: Path | None = None) -> Finding:
+    where = exc.path or path
+    return Finding(what, where, False, exc.problem, missing=where is not None and not where.exists())
 
 
 def _probe(what: str, path: Path, fn) -> Finding:
     try:
         return Finding(what, path, True, fn())
     except InputError as exc:
-        return Finding(what, exc.path or path, False, exc.problem)
+        return _failed(what, exc, path)
 
 
 def check_sequence(cfg: DatasetsConfig, name: str, read_all_labels: bool = False) -> list[Finding]:
@@ -245,7 +252,7 @@ def check_sequence(cfg: DatasetsConfig, name: str, read_all_labels: bool = False
     try:
         seq = sequence_paths(cfg, name)
     except InputError as exc:
-        return [Finding("sequence folder", exc.path, False, exc.problem)]
+        return [_failed("sequence folder", exc)]
     out = [Finding("layout", seq.dir, True, seq.layout)]
 
     def events() -> str:
@@ -270,6 +277,7 @@ def check_dsec_semantic(cfg: DatasetsConfig, read_all_labels: bool = False) -> d
     """The whole DSEC-Semantic tree of datasets.yaml: section title -> findings (``cmda check`` prints them)."""
     sem = cfg.dsec_semantic
     if not sem.root.is_dir():
-        return {f"DSEC-Semantic ({sem.root})": [Finding("dsec_semantic.root", sem.root, False, "folder not found")]}
+        return {f"DSEC-Semantic ({sem.root})": [Finding("dsec_semantic.root", sem.root, False, "folder not found",
+                                                        missing=True)]}
     return {f"DSEC-Semantic {split} sequence {name}": check_sequence(cfg, name, read_all_labels)
             for name, split in sem.sequences.items()}

@@ -352,7 +352,14 @@ def test_hostile_label_count(tmp_path):
         ew.preprocess_semantic_sequence(cfg, TRAIN, workers=1)
     findings = check_dsec_semantic(cfg)[f"DSEC-Semantic train sequence {TRAIN}"]
     bad = [f for f in findings if not f.ok]
-    assert len(bad) == 1 and bad[0].path == seq.timestamps
+    assert len(bad) == 1 and bad[0].path == seq.timestamps and not bad[0].missing
+    seq.rectify_map.unlink()
+    findings = check_dsec_semantic(cfg)[f"DSEC-Semantic train sequence {TRAIN}"]
+    assert [(f.what, f.missing) for f in findings if not f.ok] == [("rectify map", True), ("labels and timestamps",
+                                                                                          False)]
+    shutil.rmtree(cfg.dsec_semantic.root)
+    (only,) = check_dsec_semantic(cfg).values()
+    assert [(f.what, f.ok, f.missing) for f in only] == [("dsec_semantic.root", False, True)]
 
 
 @pytest.mark.parametrize("case, match", [
