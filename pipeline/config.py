@@ -92,6 +92,16 @@ class TargetSampleConfig:
 
 
 @dataclass(frozen=True)
+class SemanticSampleConfig:
+    """Size of the synthetic DSEC-Semantic tree (``cmda sample --target dsec-semantic``): every sequence
+    of ``dsec_semantic.train``/``test`` gets ``labels`` labels at 20 Hz after ``lead_in_us`` of events."""
+
+    labels: int = 10
+    event_rate: float = 400_000.0
+    lead_in_us: int = 150_000
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     """Size of the synthetic tree written by ``cmda sample`` (kept small so CI runs it in seconds)."""
 
@@ -101,6 +111,7 @@ class SampleConfig:
     cityscapes_train: int = 12
     cityscapes_val: int = 4
     targets: TargetSampleConfig = field(default_factory=TargetSampleConfig)
+    semantic: SemanticSampleConfig = field(default_factory=SemanticSampleConfig)
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,52 @@ class AcdcConfig(NightTargetConfig):
     out: Path = Path("data/processed/acdc")
 
 
+# DSEC-Semantic's split as ESS (DSEC/dataset/provider.py) and HMNet (data/dsec/scripts/prepair.sh) use it.
+SEMANTIC_TRAIN = ("zurich_city_00_a", "zurich_city_01_a", "zurich_city_02_a", "zurich_city_04_a",
+                  "zurich_city_05_a", "zurich_city_06_a", "zurich_city_07_a", "zurich_city_08_a")
+SEMANTIC_TEST = ("zurich_city_13_a", "zurich_city_14_c", "zurich_city_15_a")
+
+
+@dataclass(frozen=True)
+class SemanticWindow:
+    """The event input of one DSEC-Semantic label, as ESS builds it (config/settings_DSEC.yaml, DSEC/dataset/
+    sequence.py): ``mode: events`` = the last ``events`` events strictly before the label time, cut into
+    ``chunks`` runs of equal count; ``mode: duration`` = the ``duration_us`` before the label time, cut into
+    ``chunks`` equal spans. Each chunk is a ``bins``-bin DSEC voxel grid with its own time normalisation."""
+
+    mode: str = "events"
+    events: int = 2_000_000  # ESS: nr_events_data 20 x nr_events_window 100,000
+    duration_us: int = 1_000_000  # ESS: 20 x delta_t_per_data 50 ms
+    chunks: int = 20
+    bins: int = 5
+
+
+@dataclass(frozen=True)
+class DsecSemanticConfig:
+    """DSEC-Semantic (11 classes): where the tree is, its layout, the split, the windows and the index sampling.
+
+    ``layout``: ``official`` (``<split>/<seq>/11classes/*.png``, ``<seq>_semantic_timestamps.txt``), ``ess``
+    (``<split>/<seq>/semantic/11classes/data/*.png``, ``semantic/timestamps.txt``) or ``auto`` (per sequence,
+    from the folders). ``sampling``: ``all`` labels, or ``ess`` (first 6 of each sequence dropped, then every
+    2nd, as ESS trains and tests).
+    """
+
+    root: Path = Path("data/sample_semantic")
+    out: Path = Path("data/processed/dsec_semantic")
+    layout: str = "auto"
+    train: tuple[str, ...] = SEMANTIC_TRAIN
+    test: tuple[str, ...] = SEMANTIC_TEST
+    window: SemanticWindow = field(default_factory=SemanticWindow)
+    sampling: str = "all"
+    compressor: str = "lz4"
+    clevel: int = 3
+
+    @property
+    def sequences(self) -> dict[str, str]:
+        """Sequence -> split, train first."""
+        return {**{s: "train" for s in self.train}, **{s: "test" for s in self.test}}
+
+
 @dataclass(frozen=True)
 class DatasetsConfig:
     dsec: DsecConfig = field(default_factory=DsecConfig)
@@ -138,6 +195,7 @@ class DatasetsConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     darkzurich: NightTargetConfig = field(default_factory=NightTargetConfig)
     acdc: AcdcConfig = field(default_factory=AcdcConfig)
+    dsec_semantic: DsecSemanticConfig = field(default_factory=DsecSemanticConfig)
     source: Path = DEFAULT_CONFIG
 
     # ------------------------------------------------------------------ sequences
@@ -187,6 +245,8 @@ def _convert(tp: Any, value: Any, where: str, source: Path) -> Any:
         if not isinstance(value, list | tuple):
             raise InputError(source, f"{where} must be a list, got {value!r}")
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            return tuple(_convert(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value))
         if len(args) != len(value):
             raise InputError(source, f"{where} must have {len(args)} items, got {len(value)}")
         return tuple(_convert(a, v, where, source) for a, v in zip(args, value, strict=True))
@@ -224,6 +284,8 @@ def _resolve(cfg: DatasetsConfig, base: Path) -> DatasetsConfig:
         cityscapes=dataclasses.replace(cfg.cityscapes, root=rel(cfg.cityscapes.root), out=rel(cfg.cityscapes.out)),
         darkzurich=dataclasses.replace(cfg.darkzurich, root=rel(cfg.darkzurich.root), out=rel(cfg.darkzurich.out)),
         acdc=dataclasses.replace(cfg.acdc, root=rel(cfg.acdc.root), out=rel(cfg.acdc.out)),
+        dsec_semantic=dataclasses.replace(cfg.dsec_semantic, root=rel(cfg.dsec_semantic.root),
+                                          out=rel(cfg.dsec_semantic.out)),
     )
 
 
@@ -243,6 +305,11 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "sample.event_rate": (1e-9, None),
     "sample.cityscapes_train": (1, None),
     "sample.cityscapes_val": (0, None),
+    "dsec_semantic.clevel": (0, 9),
+}
+
+SEMANTIC_RANGES: dict[str, tuple[int, int | None]] = {
+    "events": (1, None), "duration_us": (1, None), "chunks": (1, 1000), "bins": (1, 1000),
 }
 
 
@@ -250,12 +317,41 @@ def _check_ranges(cfg: DatasetsConfig, path: Path) -> None:
     for key, (lo, hi) in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # NaN too
-            want = (f"between {lo} and {hi}" if lo is not None and hi is not None
-                    else f">= {lo}" if lo is not None else f"<= {hi}")
-            if key == "sample.event_rate":
-                want = "> 0"
-            raise InputError(path, f"{key} must be {want}, got {value!r}")
+        _check_range(path, key, value, lo, hi)
+
+
+def _check_range(path: Path, key: str, value: float, lo: float | None, hi: float | None) -> None:
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # NaN too
+        want = (f"between {lo} and {hi}" if lo is not None and hi is not None
+                else f">= {lo}" if lo is not None else f"<= {hi}")
+        if key == "sample.event_rate":
+            want = "> 0"
+        raise InputError(path, f"{key} must be {want}, got {value!r}")
+
+
+def _check_semantic(cfg: DatasetsConfig, path: Path) -> None:
+    """The dsec_semantic section: known modes, positive window sizes, no sequence listed twice."""
+    sem = cfg.dsec_semantic
+    choices = {"layout": ("auto", "official", "ess"), "sampling": ("all", "ess"),
+               "window.mode": ("events", "duration")}
+    for key, allowed in choices.items():
+        value = sem.window.mode if key == "window.mode" else getattr(sem, key)
+        if value not in allowed:
+            raise InputError(path, f"dsec_semantic.{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if sem.compressor not in ("lz4", "lz4hc", "zstd", "zlib", "blosclz"):
+        raise InputError(path, f"dsec_semantic.compressor must be a Blosc codec name, got {sem.compressor!r}")
+    for name, (lo, hi) in SEMANTIC_RANGES.items():
+        _check_range(path, f"dsec_semantic.window.{name}", getattr(sem.window, name), lo, hi)
+    both = sorted(set(sem.train) & set(sem.test))
+    if both:
+        raise InputError(path, f"dsec_semantic: {', '.join(both)} listed under both train and test")
+    for split, names in (("train", sem.train), ("test", sem.test)):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InputError(path, f"dsec_semantic.{split} lists {', '.join(twice)} more than once")
+    s = cfg.sample.semantic
+    if s.labels < 1 or not s.event_rate > 0 or s.lead_in_us < 0:
+        raise InputError(path, "sample.semantic: labels must be >= 1, event_rate > 0 and lead_in_us >= 0")
 
 
 def _parse_kinds(rep: Representation, path: Path) -> tuple[Any, ...]:
@@ -316,6 +412,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
         raise InputError(path, f"representation.compressor must be a Blosc codec name, got {rep.compressor!r}")
     _check_ranges(cfg, path)
     cfg = dataclasses.replace(cfg, representation=dataclasses.replace(rep, kinds=_parse_kinds(rep, path)))
+    _check_semantic(cfg, path)
     for key in ("darkzurich", "acdc"):
         t = getattr(cfg, key)
         if min(t.resize) < 1 or t.crop < 1 or t.pseudo_ignore_top < 0 or t.pseudo_ignore_bottom < 0:

@@ -48,6 +48,7 @@ from pipeline.synthetic.render import (
     DAY,
     NIGHT,
     CompiledScene,
+    Look,
     View,
     develop,
     polygon_objects,
@@ -166,8 +167,9 @@ def write_frames(plan: SequencePlan, root: Path, spec: SampleSpec, frames: list[
 class EventCamera:
     """Renders the scene as log intensity at the raw event pixels (render rectified, then look up)."""
 
-    def __init__(self, plan: SequencePlan):
+    def __init__(self, plan: SequencePlan, look: Look = NIGHT):
         self.cs = plan.cs
+        self.look = look
         rmap = plan.rectify_map
         w, h = plan.calib.rect[0].resolution
         mx = int(np.ceil(max(0.0, -rmap[..., 0].min(), rmap[..., 0].max() - (w - 1)))) + 2
@@ -176,8 +178,8 @@ class EventCamera:
         self.map1, self.map2 = cv2.convertMaps(rmap[..., 0] + mx, rmap[..., 1] + my, cv2.CV_16SC2)
 
     def log_intensity(self, t_us: int) -> np.ndarray:
-        rgb, _, _ = render_radiance(self.cs, t_us * 1e-6, self.view, NIGHT, mono=True)
-        lum = rgb[..., 0] * np.float32(NIGHT.exposure)
+        rgb, _, _ = render_radiance(self.cs, t_us * 1e-6, self.view, self.look, mono=True)
+        lum = rgb[..., 0] * np.float32(self.look.exposure)
         lum = cv2.GaussianBlur(lum, (0, 0), 0.6)  # optics: edges spread over about a pixel
         raw = cv2.remap(lum, self.map1, self.map2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return np.log(raw + np.float32(LOG_EPS)).astype(np.float32)
@@ -210,10 +212,10 @@ def tune_threshold(cam: EventCamera, t_end: int, target: float, dt_us: int, wind
     return c, target
 
 
-def simulate_events(plan: SequencePlan, root: Path, spec: SampleSpec) -> dict:
-    """Simulate and stream one sequence's events.h5; returns its summary."""
+def simulate_events(plan: SequencePlan, root: Path, spec: SampleSpec, look: Look = NIGHT) -> dict:
+    """Simulate and stream one sequence's events.h5 (``root/<name>/events/left``); returns its summary."""
     paths = SequencePaths(root, plan.name)
-    cam = EventCamera(plan)
+    cam = EventCamera(plan, look)
     rng = _rng(spec.seed, plan.index, 5)
     target = spec.event_rate
     c, scene_rate = tune_threshold(cam, plan.t_end, target * (1 - NOISE_FRACTION), spec.dt_us)
