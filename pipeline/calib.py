@@ -191,7 +191,7 @@ def event_to_frame_rotation(calib: Calibration) -> np.ndarray:
 
 
 def event_to_frame_homography(calib: Calibration) -> np.ndarray:
-    """``H = K_rect1 R_rect1 R_10 R_rect0^T K_rect0^-1`` (FACTS section 4): rectified event px -> frame px.
+    """``H = K_rect1 R_rect1 R_10 R_rect0^T K_rect0^-1`` (infinite-depth assumption): rectified event px -> frame px.
 
     Exact for points at infinity; the 4.4 cm baseline between the two left cameras makes nearer points
     shift by ``f * b / Z`` (about 5 px at 10 m in the 1440x1080 frame), which CMDA accepts.

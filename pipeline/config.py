@@ -116,7 +116,7 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class NightTargetConfig:
-    """An image-only night target in its official layout (Dark Zurich or ACDC night; FACTS section 14).
+    """An image-only night target in its official layout (Dark Zurich or ACDC night; as their downloads ship them).
 
     ``root`` holds ``rgb_anon/`` and ``gt/``; ``out`` is where cmda writes what it derives (predictions,
     the test-server zip). The rest are CMDA's settings for this target, read by the trainer: target

@@ -2,7 +2,7 @@
 
 Both are CMDA's stand-ins for events on RGB data: a log-intensity difference that is zeroed below a
 threshold, clipped, and split into a positive part min-max scaled to [0, 1] and a negative part
-min-max scaled to [-1, 0] (FACTS section 6). This module holds
+min-max scaled to [-1, 0] (the Image Motion-Extractor of CMDA, Xia et al., ICCV 2023). This module holds
 
 * the plain NumPy *reference* of both formulas (:func:`ic_reference`, :func:`isr_reference`,
   :func:`ic1_reference`): literal, step by step, one image at a time, the yardstick for the tests and

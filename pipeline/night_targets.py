@@ -1,4 +1,4 @@
-"""Image-only night targets in their official layouts: Dark Zurich and ACDC night (FACTS section 14).
+"""Image-only night targets in their official layouts: Dark Zurich and ACDC night.
 
 Readers: :func:`discover` lists a root's train / val / test images with their label files (or None),
 recognising the layout from the folders; :func:`read_label` returns 19-class trainIds (255 = ignore)

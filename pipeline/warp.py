@@ -2,7 +2,7 @@
 
 CMDA trains on 640x480 RGB frames aligned with the rectified left event camera. Under the
 infinite-depth assumption a rectified event pixel ``u`` sees what the rectified frame camera sees
-at ``H u`` (FACTS section 4, :func:`pipeline.calib.event_to_frame_homography`), so each warped image
+at ``H u`` (the infinite-depth homography, :func:`pipeline.calib.event_to_frame_homography`), so each warped image
 is a single ``cv2.remap`` of the 1440x1080 image at ``H u`` for every pixel of the 640x480 grid.
 
 :func:`warp_sequence` does that for every image of a sequence, in parallel, writing each PNG

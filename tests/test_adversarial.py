@@ -13,7 +13,7 @@ from train.uda.components.adversarial import AdvConfig, Adversary, LightDiscrimi
 
 def test_parameter_counts_match_the_stated_ones():
     light, standard = n_params(LightDiscriminator(19)), n_params(StandardDiscriminator(19))
-    assert abs(light - 189_000) / 189_000 < 0.10      # "189 k" (FACTS §13)
+    assert abs(light - 189_000) / 189_000 < 0.10      # "189 k" (the real-time DA project's light discriminator)
     assert abs(standard - 2_780_000) / 2_780_000 < 0.10  # "2.78 M"
     assert light == 189_424 and standard / light > 14
 

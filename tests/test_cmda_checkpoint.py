@@ -90,7 +90,7 @@ def _logits(model: CMDAModel, seed: int = 0, size: int = 64) -> dict[str, torch.
 def test_fixture_is_cmda_b5_layout():
     layout = read_tsv(FIXTURE)
     assert layout == cmda_layout("mit_b5")  # the TSV is what the derivation writes
-    assert len(layout) == 5100  # FACTS 11.3: about 5,100 keys, 4,900 without the ISR fusion
+    assert len(layout) == 5100  # CMDA's module definitions: about 5,100 keys, 4,900 without the ISR fusion
     assert sum("fusion_isr_module" in k for k in layout) == 200
     assert layout["model.backbone_image.block3.39.mlp.fc2.weight"] == ((320, 1280), "float32")
     assert layout["model.decode_head.fuse_layer_fusion.bottleneck.conv.weight"] == ((256, 1024, 3, 3), "float32")

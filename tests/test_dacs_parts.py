@@ -66,7 +66,7 @@ def test_weighted_ce_averages_over_all_pixels():
 
 
 def test_segmentation_terms_weigh_each_output_as_cmda():
-    """fusion 0.5, image 0.5, ISR 0.25, events 0.25 (FACTS §7), each CE at the label's size; a zero
+    """fusion 0.5, image 0.5, ISR 0.25, events 0.25 (CMDA's DSEC config), each CE at the label's size; a zero
     weight or an absent output adds no term; the per-pixel weight scales every term."""
     # one 1x1 logit map per output, upsampled to the 1x2 label: every pixel sees the same logits
     label = torch.tensor([[[0, 255]]])

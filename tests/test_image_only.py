@@ -1,4 +1,4 @@
-"""Image-only night targets in the trainer (Dark Zurich / ACDC, CMDA's image + ISR model, FACTS section 14).
+"""Image-only night targets in the trainer (Dark Zurich / ACDC, CMDA's image + ISR model of its cs2dz config).
 
 What the second encoder receives is checked against the NumPy ISR reference (pipeline/image_change.py)
 applied the way CMDA's Dark Zurich loader applies it: on the whole resized night image, then cropped and

@@ -1,4 +1,5 @@
-"""The voxel kernel and events_norm against slow, obviously-correct NumPy references of FACTS §3."""
+"""The voxel kernel and events_norm against slow, obviously-correct NumPy references of CMDA's formulas
+(XiaRho/CMDA at 9d25129, mmseg/datasets/dsec.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ H, W = 480, 640
 
 
 def reference_voxels(x, y, p, t, rmap, bins, height=H, width=W, *, t_first=None, t_last=None, magnitude=False):
-    """FACTS §3 literally, with np.add.at, float64 weights. ``t_first``/``t_last`` default to the
+    """CMDA's voxel grid literally, with np.add.at, float64 weights. ``t_first``/``t_last`` default to the
     first and last event times; ``magnitude=True`` also returns each cell's magnitude, the sum of
     the absolute values of the weights added to it."""
     xf = rmap[y.astype(np.int64), x.astype(np.int64), 0].astype(np.float64)
@@ -51,7 +52,7 @@ def assert_within_magnitude(got, ref, mag, rel=1e-5):
 
 
 def reference_norm(grid, n):
-    """FACTS §3.4 literally, float64, including CMDA's min-max with 1e-8."""
+    """CMDA's events_norm literally, float64, including CMDA's min-max with 1e-8."""
     g = grid.astype(np.float64)
     clip = n / 500000 * 1.5
     nz = g != 0

@@ -3,7 +3,7 @@
 Image-only night targets need no events: each tree is a few procedural streets
 (:func:`pipeline.synthetic.scene.street_scene`) seen by a windscreen camera, rendered with the night look
 (and, for Dark Zurich's day training folder, the day look), in the official folder layouts and file names
-(FACTS section 14):
+(as the Dark Zurich and ACDC downloads ship them):
 
 * Dark Zurich: ``rgb_anon/{train,val,test}/{night,day}/GOPRxxxx/<name>_rgb_anon.png``; labels only for
   val night, ``gt/val/night/GOPR0356/<name>_gt_labelTrainIds.png`` and ``_gt_labelIds.png``.
