@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import InputError
+from pipeline.representations import VoxelSettings, parse_kind, store_suffix
 
 DEFAULT_CONFIG = Path("datasets.yaml")
 
@@ -357,7 +358,6 @@ def _check_semantic(cfg: DatasetsConfig, path: Path) -> None:
 def _parse_kinds(rep: Representation, path: Path) -> tuple[Any, ...]:
     """``representation.kinds`` as settings objects; voxel must be listed (its store carries the
     event index the splits and the trainer read) and no two entries may share a store."""
-    from pipeline.representations import VoxelSettings, parse_kind, store_suffix
 
     kinds = []
     for i, entry in enumerate(rep.kinds):

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import DatasetsConfig
+from pipeline.dsec import EventFile, load_rectify_map
 from pipeline.errors import InputError
 
 LAYOUTS = ("official", "ess")
@@ -247,7 +248,6 @@ def check_sequence(cfg: DatasetsConfig, name: str, read_all_labels: bool = False
 
     Labels: the first and last are always decoded (size and values); ``read_all_labels`` decodes all.
     """
-    from pipeline.dsec import EventFile, load_rectify_map
 
     try:
         seq = sequence_paths(cfg, name)

@@ -261,7 +261,7 @@ def pixel_table(rect: Rectifier) -> np.ndarray:
 
 # --------------------------------------------------------------------------- kernels
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _hist_add(x, y, p, t, table, sensor_w, t0, span, cutoff, wrap, out):  # pragma: no cover - numba
+def _hist_add(x, y, p, t, table, sensor_w, t0, span, cutoff, wrap, out):  # noqa: PLR0913  # pragma: no cover - numba
     # out: uint8 (2, bins, H*W), the counts themselves: saturating at the cutoff, or (wrap) adding
     # modulo 256 as RVT's uint8 tensor does, clipped at the end. Time bin as RVT computes it in
     # float32: floor(dt / span * bins), the last event clamped into bin bins-1.
@@ -303,7 +303,7 @@ def _ts_emit(mem, touched, n_touched, at, tau, table, out):  # pragma: no cover 
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _ts_add(x, y, p, t, table, sensor_w, t_first, dt, tau, ages, state, mem, touched, out):  # pragma: no cover
+def _ts_add(x, y, p, t, table, sensor_w, t_first, dt, tau, ages, state, mem, touched, out):  # noqa: PLR0913  # pragma: no cover
     # mem: flat (2 * H * W) latest event time per cell (_NEVER: none yet); touched lists the cells
     # that have fired, state = [next surface to emit, len(touched)]. With dt > 0, surface i is
     # sampled at t_first + (i+1) dt from the events strictly before it (tonic's half-open slices).
@@ -332,7 +332,7 @@ def _floor_log2(u):  # pragma: no cover - numba
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _mdes_add(x, y, p, t, table, sensor_w, t0, span, acc):  # pragma: no cover - numba
+def _mdes_add(x, y, p, t, table, sensor_w, t0, span, acc):  # noqa: PLR0913  # pragma: no cover - numba
     # acc int32 (bins, H*W): polarity sums per log2 time bin, bin = max(0, bins + floor(log2 u)),
     # u = dt / span in float32 clamped to [1e-6, 1 - 1e-6] as RVT does.
     bins = acc.shape[0]
@@ -362,7 +362,7 @@ def _mdes_finish(acc, limit, wrap, out):  # pragma: no cover - numba
 
 
 @nb.njit(nogil=True, cache=True, boundscheck=False)
-def _ergo_add(x, y, p, t, table, sensor_w, offset, n, t0, span, out, aux):  # pragma: no cover - numba
+def _ergo_add(x, y, p, t, table, sensor_w, offset, n, t0, span, out, aux):  # noqa: C901, PLR0913  # pragma: no cover - numba
     # out float64 (12, H*W); aux float64 (4, H*W): w0 count, w3 sum of t^2 and count of negative
     # events, w2 count of positive events. Windows by event index g in the window of n events:
     # w1..w3 = thirds (n // 3 each), w4..w6 start at n//2, n//2 + n//4, n//2 + n//4 + n//8.
