@@ -3,7 +3,7 @@
 Three measurements, each a ratio taken in this process:
 
 * **model**, per backbone (default MiT-B0 and B2, random weights, DAFormer head 256): PyTorch eager
-  fp32 (``train.inference.predict_logits``, what ``cmda predict`` runs) against the ``cmda export``
+  fp32 (``train.checkpoints.inference.predict_logits``, what ``cmda predict`` runs) against the ``cmda export``
   graph on onnxruntime's CPU provider, both on one 440x640 frame (image + 1-bin events);
 * **event side**: read + voxelise + normalise one 50 ms window of a DSEC-rate recording (~330 k events,
   6.6 M/s), from a Blosc-compressed ``events.h5`` through the stream's own code, against the 50 ms

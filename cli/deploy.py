@@ -21,7 +21,8 @@ from train.deploy.stream import stream as run_stream
 @app.command()
 @reports_input_errors
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt), or CMDA's released "
+                                               "mmcv checkpoint (.pth, its student weights).")],
     out: Annotated[Path | None, typer.Option(help="The .onnx file to write, or a folder to write "
                                              "<checkpoint name>.onnx in (default: beside the checkpoint).")] = None,
     config: ConfigOpt = Path("datasets.yaml"),

@@ -61,7 +61,8 @@ def predict(
     ] = None,
     config: RunDatasetsOpt = None,
     split: Annotated[
-        str, typer.Option(help="test (labelled, top 440 rows) or train (unlabelled, whole frame).")
+        str, typer.Option(help="DSEC: test (labelled, top 440 rows) or train (unlabelled, whole frame); "
+                           "an image-only target: val (colour PNGs, mIoU) or test.")
     ] = "test",
     limit: Annotated[int, typer.Option(help="Only the first N frames (0 = all).")] = 0,
     output: Annotated[str, typer.Option(help="Which head output to show: fusion, image or events.")] = "fusion",

@@ -33,7 +33,8 @@ def train(
     preset: Annotated[str | None, typer.Option(help="Settings for another machine: cpu-sample (a few minutes "
                                                "on the bundled sample, MiT-B0), or the GPU memory presets 24gb, "
                                                "16gb, 11gb (MiT-B5 at batch 2+2 through --accum and activation "
-                                               "checkpointing; estimates until measured, see README).")] = None,
+                                               "checkpointing; estimates until measured, see docs/training.md).")
+                      ] = None,
     backbone: Annotated[str | None, typer.Option(help="mit_b0 .. mit_b5 (default mit_b5).")] = None,
     iters: Annotated[int | None, typer.Option(help="Iterations (default 40000).")] = None,
     batch: Annotated[int | None, typer.Option(help="Samples per domain per iteration (default 2).")] = None,
@@ -69,7 +70,7 @@ def train(
                                               "with one optimiser step (same recipe, less memory; N divides "
                                               "--batch).", show_default=False)] = None,
     mic: Annotated[bool, typer.Option("--mic", help="Masked image consistency over images and events "
-                                      "(= --set mic.enabled=true; see README).")] = False,
+                                      "(= --set mic.enabled=true; see docs/methods.md).")] = False,
     device: Annotated[str | None, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), "
                                                "cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
@@ -78,16 +79,19 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and exit.")] = False,
     target: Annotated[str | None, typer.Option(help="Night target: dsec (images + events, default), or an "
                                                "image-only target darkzurich / acdc (CMDA's image + ISR model, "
-                                               "its cs2dz settings; see README).", show_default=False)] = None,
+                                               "its cs2dz settings; see docs/training.md).", show_default=False)
+                      ] = None,
 ) -> None:
     """Train CMDA with DACS self-training (Cityscapes day -> DSEC night, images + events).
 
     --target darkzurich|acdc trains CMDA's image + ISR model for an image-only night target instead.
 
     Defaults reproduce CMDA's published run (MiT-B5, 40k iterations, batch 2+2, crop 512). Settings
-    apply in order: defaults, --variant, --preset, --settings, --set, then the dedicated flags.
+    apply in order: defaults, --variant, --preset, --target, --settings, --set, then the dedicated flags.
+    Without --out the run goes to runs/<YYYYmmdd-HHMMSS>-<variant>.
     --resume RUN starts from the run's saved settings instead of the defaults; any setting given here
-    that differs from them (device, workers and --out aside) is an error unless --resume-override.
+    that differs from them (--device, data.workers, --out and run.keep_ckpts aside) is an error unless
+    --resume-override.
     Multi-GPU: torchrun --nproc_per_node N $(which cmda) train ...
     """
     import json

@@ -6,7 +6,7 @@ min-max scaled to [-1, 0] (the Image Motion-Extractor of CMDA, Xia et al., ICCV 
 
 * the plain NumPy *reference* of both formulas (:func:`ic_reference`, :func:`isr_reference`,
   :func:`ic1_reference`): literal, step by step, one image at a time, the yardstick for the tests and
-  for the batched torch ISR in ``train/isr.py``;
+  for the batched torch ISR in ``train/data/isr.py``;
 * the fast IC1 path the pipeline uses (:func:`ic1`, :func:`ic1_to_uint8`): integer grey conversion
   and a 256-entry log table instead of per-pixel ``log``, bit-identical to the reference.
 

@@ -19,7 +19,7 @@ from pipeline.errors import InputError
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no locking (documented in README)
+except ImportError:  # pragma: no cover - not POSIX: no locking (said in docs/data.md)
     fcntl = None  # type: ignore[assignment]
 
 

@@ -620,7 +620,7 @@ def events_norm(grid: np.ndarray, n_events: int, *, cmda_empty_part: bool = Fals
     [0, 1] and the negative part (clipped to [-clip, 0]) to [-1, 0] by min-max, and add them;
     ``clip = n_events / 500000 * 1.5`` grows with the event count, so busy windows keep contrast.
 
-    Departure from CMDA (documented in README): CMDA's min-max maps a part with no cells of its
+    Departure from CMDA (listed in docs/fidelity.md): CMDA's min-max maps a part with no cells of its
     sign to -1 everywhere (an empty window becomes a grid of -1). Here such a part contributes 0,
     so an empty window stays a zero grid. ``cmda_empty_part=True`` restores CMDA's behaviour.
     """

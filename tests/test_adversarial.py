@@ -1,4 +1,4 @@
-"""Light output-space discriminator (train/adversarial.py): size, gradient routing, checkpoint."""
+"""Light output-space discriminator (train/uda/components/adversarial.py): size, gradient routing, checkpoint."""
 
 from __future__ import annotations
 

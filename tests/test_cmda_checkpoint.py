@@ -300,3 +300,17 @@ def _converted(src: Path, folder: Path) -> Path:
     out = folder / "converted.pt"
     cc.convert(src, out, say=lambda _msg: None)
     return out
+
+
+def test_cmda_export_takes_cmdas_released_layout(b0_file, tmp_path):
+    """``cmda export`` reads CMDA's mmcv file through the same loader as evaluate (student weights, ISR fusion
+    skipped) and writes a graph that agrees with PyTorch on that model."""
+    pytest.importorskip("onnxruntime", reason="deploy extra not installed (pip install -e '.[test]')")
+    out = tmp_path / "cmda.onnx"
+    res = CliRunner().invoke(app, ["export", str(b0_file), "--out", str(out), "--height", "64", "--width", "64"])
+    assert res.exit_code == 0, res.output
+    onnx = pytest.importorskip("onnx")
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["cmda.backbone"] == "mit_b0" and meta["cmda.checkpoint"] == "cmda_b0.pth"
+    assert meta["cmda.height"] == "64" and meta["cmda.second_input"] == "events"
+    assert "argmax agreement 100.000 %" in res.output

@@ -1,4 +1,5 @@
-"""DIDA's instance bank (train/dida.py): balance, boundary filling, EMA rule, calibrated soft target, loss."""
+"""DIDA's instance bank (train/uda/components/dida.py): balance, boundary filling, EMA rule, calibrated soft
+target, loss."""
 
 from __future__ import annotations
 

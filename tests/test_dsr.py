@@ -1,4 +1,4 @@
-"""DSRNSS pieces (train/dsr.py): grouped ClassMix, tail-class bank, prototype alignment."""
+"""DSRNSS pieces (train/uda/components/dsr.py): grouped ClassMix, tail-class bank, prototype alignment."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def test_torchrun_ddp_on_cpu(training_tree, tmp_path):
 
 def test_torchrun_ddp_with_the_peer_components(training_tree, tmp_path):
     """DSRNSS, DIDA and the discriminator under two gloo processes: after the first iteration both ranks
-    hold the same student and the same component state (train/collective.py), and a run resumed under
+    hold the same student and the same component state (train/common/collective.py), and a run resumed under
     torchrun from rank 0's checkpoint continues exactly (its last iteration logs what the full run's did)."""
     import json
     import os

@@ -124,7 +124,7 @@ def test_uint8_storage_rounding_and_loader():
     d = np.array([-1, 0, 1, 1 / 255, 3 / 255 - 1e-7], np.float32)
     # (d+1)/2*255: 0, 127.5 -> 128 (half to even), 255, 128.0, ~128.999
     np.testing.assert_array_equal(ic1_to_uint8(d), [0, 128, 255, 128, 129])
-    # the trainer's decode of a stored IC1 (train.data.network_batch): 0 -> -1, 255 -> 1, 3 channels
+    # the trainer's decode of a stored IC1 (train.data.loaders.network_batch): 0 -> -1, 255 -> 1, 3 channels
     import torch
 
     from train.data.loaders import network_batch

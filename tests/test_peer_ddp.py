@@ -1,4 +1,4 @@
-"""The peer components under DDP (train/collective.py): two gloo processes on the CPU whose batches and
+"""The peer components under DDP (train/common/collective.py): two gloo processes on the CPU whose batches and
 random generators differ must end an iteration with the same tail bank, instance bank and
 discriminator, and each rank pastes its own share of the global tail bank."""
 

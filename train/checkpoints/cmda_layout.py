@@ -82,7 +82,7 @@ def read_checkpoint_object(path: str | Path) -> Any:
     """``torch.load`` a checkpoint on the CPU, memory-mapped where the file allows.
 
     Tries the safe ``weights_only`` unpickler first (CMDA's mmcv files and plain weight files pass it); cmda's
-    own checkpoints hold NumPy RNG state and need the full unpickler, as :func:`train.checkpoint.load_checkpoint`
+    own checkpoints hold NumPy RNG state and need the full unpickler, as :func:`train.checkpoints.files.load_checkpoint`
     uses: only open checkpoints you trust.
     """
     path = Path(path)
@@ -360,7 +360,7 @@ def import_cmda(path: str | Path, obj: Any | None = None, *, backbone: str | Non
 
 # ---------------------------------------------------------------------- cmda's checkpoint format
 def as_cmda_checkpoint(imp: CMDAImport) -> dict[str, Any]:
-    """The import in cmda's checkpoint format (train/checkpoint.py): no optimiser and no RNG state, so it can
+    """The import in cmda's checkpoint format (train/checkpoints/files.py): no optimiser and no RNG state, so it can
     be evaluated, predicted with and trained from (``--init``), but not resumed."""
 
     cfg = TrainConfig()
@@ -386,7 +386,7 @@ def as_cmda_checkpoint(imp: CMDAImport) -> dict[str, Any]:
 
 
 def load_any_checkpoint(path: str | Path, *, teacher: bool = False, say=None) -> dict[str, Any]:
-    """A cmda checkpoint as :func:`train.checkpoint.load_checkpoint` returns it, from either layout.
+    """A cmda checkpoint as :func:`train.checkpoints.files.load_checkpoint` returns it, from either layout.
 
     CMDA's released files are converted in memory (``say`` prints the notes, default: stderr). Anything
     else is an InputError that says what the file looks like and what is missing.

@@ -1,7 +1,7 @@
 """The few collectives the peer components need under torchrun (DDP); each is the identity in one process.
 
 DDP keeps the student's replicas equal by averaging gradients. The peer components keep state of
-their own (train/peers.py): a tail-class bank, an instance bank, a discriminator and its optimiser.
+their own (train/uda/components/): a tail-class bank, an instance bank, a discriminator and its optimiser.
 To give every rank the same state, and so a checkpoint written by rank 0 that resumes every rank,
 they see the global batch (:func:`gather`), take rank 0's result where a step draws random numbers
 (:func:`broadcast_`, the ranks' generators differ), and average the discriminator's gradients

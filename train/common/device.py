@@ -20,7 +20,7 @@ def parse_device(spec: str) -> tuple[str, int | None]:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> (kind, index or None); anything else is an InputError.
 
     Pure syntax (no torch, no CUDA query), so options are checked where they are parsed; whether
-    CUDA is present is :func:`train.inference.resolve_device`'s question.
+    CUDA is present is :func:`train.common.device.resolve_device`'s question.
     """
     m = _DEVICE.fullmatch(str(spec).strip())
     if m is None or (m.group(2) is not None and m.group(1) != "cuda"):

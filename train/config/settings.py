@@ -35,7 +35,7 @@ class ModelConfig:
 class DataConfig:
     datasets: Path = Path("datasets.yaml")
     # Night target: "dsec" (images + events, the default) or an image-only target, "darkzurich" or
-    # "acdc" (the second encoder gets the night image's ISR; train/night_data.py). `--target` also applies
+    # "acdc" (the second encoder gets the night image's ISR; train/data/image_only.py). `--target` also applies
     # CMDA's cs2dz settings (TARGET_SETTINGS); `--set data.target=...` changes only this field.
     target: str = "dsec"
     # Image-only targets: each image resized to (w, h) first (CMDA: 1920x1080 -> 960x540), then a random
@@ -149,7 +149,7 @@ class DsrConfig:
     bank, prototype alignment. Everything is off unless ``enabled``; each piece then has its own switch."""
 
     enabled: bool = False
-    grouped_mix: bool = True          # ClassMix picks bring their companions (train.dsr.COMPANIONS)
+    grouped_mix: bool = True          # ClassMix picks bring their companions (train.uda.components.dsr.COMPANIONS)
     bank: bool = True                 # tail-class bank pasted onto the mixed sample
     bank_classes: tuple[int, ...] = TAIL_CLASSES
     bank_capacity: int = 3            # source batches kept (oldest out); DSRNSS keeps ~3
@@ -203,7 +203,7 @@ class EntropyConfig:
     """Entropy minimisation on the mixed pass's target pixels (ADVENT; train/uda/components/entropy.py).
     Off unless ``enabled``; the worked example of docs/adding-a-component.md."""
 
-    enabled: bool = False
+    enabled: bool = False      # add `ent/target`, the mixed output's entropy on its night pixels (off: CMDA)
     weight: float = 0.01       # ADVENT's lambda_ent is 1e-3 at full resolution; a weight on the normalised entropy
 
 

@@ -4,7 +4,7 @@ CMDA's Cityscapes -> Dark Zurich model (``cs2dz_image+raw-isr``) has no events: 
 the night image's ISR. How CMDA's loader builds that input (mmseg/datasets/dark_zurich_ic.py) is what
 this module reproduces, because the order matters:
 
-1. the image is resized to 960x540 (PIL bilinear: :func:`train.data.resize_pil_bilinear`);
+1. the image is resized to 960x540 (PIL bilinear: :func:`train.data.loaders.resize_pil_bilinear`);
 2. the ISR is computed on the WHOLE resized image (val_range [1, 100], threshold 0.01, clip 0.1,
    3-pixel shift, direction ``rightdown``: :data:`ISR_TARGET`), so its per-image min-max runs over the
    whole frame, not over the crop;

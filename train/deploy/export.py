@@ -3,7 +3,7 @@
 The deployment graph is what ``cmda predict`` computes for the fusion output of the student, and
 nothing else: the image encoder, the event encoder, the fusion blocks and one head pass. The ISR
 branch, the CycleGAN and the image/event auxiliary outputs are training-time machinery and are left
-out. Inside the graph, as :func:`train.inference.predict_logits` does it:
+out. Inside the graph, as :func:`train.checkpoints.inference.predict_logits` does it:
 
 * inputs: the ImageNet-normalised image ``[1, 3, H, W]`` and the normalised event grid ``[1, C, H, W]``;
 * ``data.test_scale != 1``: both resized bilinearly to the training scale, logits resized back;
@@ -378,7 +378,7 @@ def open_onnx(path: str | Path, threads: int = 0) -> OnnxModel:
     inputs = {i.name: i for i in session.get_inputs()}
     if set(inputs) == {"image", "isr"}:
         raise InputError(path, "an image + ISR model (inputs image and isr): `cmda stream` replays events, which "
-                         "it never saw; feed it the image's ISR (train.night_data.night_isr) yourself")
+                         "it never saw; feed it the image's ISR (train.data.image_only.night_isr) yourself")
     if set(inputs) != {"image", "events"}:
         raise InputError(path, f"not a cmda export: inputs are {sorted(inputs)}, expected image and events")
     shape_i, shape_e = inputs["image"].shape, inputs["events"].shape

@@ -11,7 +11,7 @@ For each image, in timestamp order, and using nothing computed ahead of time:
    (:func:`pipeline.warp.warp_image`, the homography of ``cmda warp``);
 4. **normalise**: :func:`pipeline.voxel.events_norm` and the ImageNet normalisation, top rows cropped
    to the model's geometry (the 440 rows evaluation scores);
-5. **model**: the checkpoint through :func:`train.inference.predict_logits` (exactly ``cmda predict``'s
+5. **model**: the checkpoint through :func:`train.checkpoints.inference.predict_logits` (exactly ``cmda predict``'s
    path) or an exported ``.onnx`` model on onnxruntime.
 
 So its windows equal the preprocessed store's and its test-frame predictions equal ``cmda predict``'s

@@ -10,7 +10,7 @@ computes on the device, and lays out per sample::
     target image | target events        | night ISR
     ClassMix: pasted source classes | mixed image
 
-Signed inputs (IC1, events, ISR, all in [-1, 1]) use :func:`train.visualize.events_to_rgb`: red
+Signed inputs (IC1, events, ISR, all in [-1, 1]) use :func:`train.eval.visualize.events_to_rgb`: red
 positive, blue negative, white zero. Not shown: the CycleGAN "source events" (they need the
 generator weights), the mixed label and events (they need the teacher's pseudo-labels and those source
 events) and DSRNSS's tail-bank paste (it needs the bank the previous iterations filled). The ClassMix row

@@ -99,7 +99,7 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
     with. Returns counts and, for the test split, the confusion matrix and metrics over the frames written.
 
     ``target`` (default: the checkpoint's night target): an image-only target (darkzurich / acdc) hands
-    over to :func:`train.predict_night.predict_loaded` (val: colour PNGs and mIoU; test: the server's format).
+    over to :func:`train.eval.predict_image_only.predict_loaded` (val: colour PNGs and mIoU; test: the server's format).
     """
     checkpoint = Path(checkpoint)
     if target is not None and target not in TARGETS:

@@ -39,7 +39,7 @@ class ModelOutput:
     ``features[name][-1]`` is the deepest stage, ``[B, 512, H/32, W/32]`` for b1..b5.
     ``fused_with`` says which event-encoder branch fed the fusion (None when no fusion ran).
     ``embeddings[name]``: the head's ``[B, 256, H/4, W/4]`` map before its classifier, only for the outputs
-    named in ``forward(embeddings=...)`` (DIDA's instance bank, train/dida.py).
+    named in ``forward(embeddings=...)`` (DIDA's instance bank, train/uda/components/dida.py).
     """
 
     logits: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -16,25 +16,14 @@ at the cost of one more forward/backward). The discriminator sees the head's 1/4
 (``adv.upsample = 1``; 32 px of logits, i.e. crops >= 128, are needed by its five stride-2 blocks); the
 project feeds full-resolution outputs, ``adv.upsample = 4``, at 16x the discriminator's FLOPs.
 
-Loop-integration contract (wired by train/peers.py, the discriminator step once per iteration on the
-whole batch after the last mixed pass; ``adv = Adversary(cfg.adv, num_classes, device)`` created once
-per run after the model; ``adv.state_dict()`` saved with the checkpoint under ``"adversary"`` and
-``adv.load_state_dict(state["adversary"])`` on resume)::
-
-    # 1. source pass: keep `src_pred = out.logits["fusion"].detach()`
-    # 2. mixed pass (adv.input == "mixed"), with the other mix terms before their backward:
-    if cfg.adv.enabled:
-        tgt_logits, tgt_w = m_out.logits["fusion"], 1 - mask[:, 0]      # or the extra target pass, None
-        mix_terms.update(adv.generator_terms(tgt_logits, tgt_w))      # -> "adv/generator"
-    # 3. after the mixed backward (the segmentation net's gradients are complete), before/after opt.step():
-    if cfg.adv.enabled:
-        adv.set_lr(it, cfg.run.iters)
-        extra.update(adv.discriminator_step(src_pred, tgt_logits.detach(), tgt_w))  # "adv/d_source", ...
-
-The generator term sends gradient to the segmentation network only (the discriminator's parameters do
-not require grad while it is built); the discriminator step takes detached inputs and steps only the
-discriminator's optimiser, zeroing its gradients after the step. Under DDP, train/peers.py passes
-``reduce_grads=train.collective.average_gradients`` so the ranks' D stay equal.
+In the step, :class:`OutputDiscriminator` (below) implements the component hooks
+(:mod:`train.uda.components.base`): ``adv/generator`` on the mixed pass's target pixels (``input=mixed``) or
+on a student pass of its own on the target image (``extra_pass``, ``input=target``), and one discriminator
+step per iteration in ``finish``, on the whole batch, after the segmentation network's gradients are
+complete. The generator term sends gradient to the segmentation network only; the discriminator step takes
+detached inputs and steps only its own optimiser. Its state (weights, optimiser) is saved under
+``"adversary"``; under DDP the ranks average the discriminator's gradients
+(:func:`train.common.collective.average_gradients`) as DDP does the student's.
 """
 
 from __future__ import annotations

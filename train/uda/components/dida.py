@@ -28,24 +28,11 @@ How cmda computes it (and where it departs from the reference code):
 - ``target_only`` (default True): the loss covers the mixed image's *target* pixels only (the teacher
   embedding comes from the target image, which pasted source pixels do not show); False = DIDA (all).
 
-Loop-integration contract (train/peers.py wires it with one change: the bank update runs once per
-iteration after the mixed passes, on the whole batch's source embeddings, so ``run.accum`` stays exact;
-train/dacs.py ``_step``; ``bank = InstanceBank(cfg.dida)`` created once in
-``train()`` on the device, saved/restored with the checkpoint under ``"dida_bank"``)::
-
-    # 1. source pass: request the embedding, update the bank from it (no gradient):
-    out = fwd(image=src_img, events=src_evt, isr=src_isr, embeddings=("fusion",) if cfg.dida.enabled else ())
-    if cfg.dida.enabled:
-        bank.update(out.embeddings["fusion"], src_lbl, it)
-    # 2. teacher pass: same `embeddings=("fusion",)`; keep `t_emb = t_out.embeddings["fusion"]`
-    # 3. mixed pass: `m_out = fwd(..., embeddings=("fusion",))`, then with the other mix terms:
-    if cfg.dida.enabled:
-        mix_terms.update(dida_terms(cfg.dida, bank, t_emb, m_out.embeddings["fusion"],
-                                    m_out.logits["fusion"], 1 - mask[:, 0]))   # -> "dida/instance"
-
-(``mask`` is the ClassMix mask, 1 on source pixels; any [B, H, W] weight map works.) Log
-``bank.n_filled`` as ``dida/bank_filled``. Under DDP each rank updates its bank from its own batch
-(as DIDA on one GPU would); all-reduce ``bank.feats`` after ``update`` to keep the ranks identical.
+In the step, :class:`Dida` (below) implements the component hooks (:mod:`train.uda.components.base`): the
+teacher's embedding from ``after_pseudo_labels``, ``dida/instance`` on each mixed micro-batch, and the bank
+update in ``finish`` on the whole batch's source embeddings, after the loss (one change from DIDA's order, so
+``run.accum`` stays exact). The bank is saved under ``"dida_bank"``; under DDP it is updated from the global
+batch and takes rank 0's random picks (:mod:`train.common.collective`).
 """
 
 from __future__ import annotations

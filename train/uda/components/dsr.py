@@ -10,38 +10,15 @@ DSRNSS (Pan et al. 2023, Rorisis/DSRNSS_codes) adds three things to DACS self-tr
 3. **prototype alignment** at the deepest encoder stage — per-class masked-mean prototypes of one domain
    classify the other domain's pixel features by cosine similarity (x 10) and vice versa.
 
-Nothing here touches the loop; the loop calls these functions (all off unless ``dsr.enabled``).
+All three are off unless ``dsr.enabled``.
 
-Loop-integration contract, as train/peers.py wires it (the loop runs the teacher first, on the whole
-batch, then pushes the source batch into the bank before ClassMix; ``cfg.dsr`` is a :class:`DsrConfig`,
-``bank`` a :class:`TailBank` created once per run and saved/restored with the checkpoint under
-``"dsr_bank"``)::
-
-    # 1. source pass, right after `out = fwd(image=src_img, events=src_evt, isr=src_isr)`:
-    if cfg.dsr.enabled and cfg.dsr.bank:
-        bank.push(src_img, src_evt, src_lbl)                      # detached copies of tail pixels only
-    # 2. teacher pass: move it BEFORE `sum(terms.values()).backward()` of the source pass when the prototype
-    #    term is on (it is no_grad and draws no random numbers in between, so the random stream is unchanged):
-    if cfg.dsr.enabled and cfg.dsr.proto_weight and it >= cfg.dsr.proto_start:
-        f = cfg.dsr.proto_features                                 # "fusion" (default) or "image"
-        terms.update(prototype_terms(cfg.dsr, source=(out.features[f][-1], src_lbl),
-                                     target=(t_out.features[f][-1], pseudo)))     # -> "dsr/proto"
-        keep_proto = out.features[f][-1].detach()                  # for the mixed-pass term
-    # 3. ClassMix: `mask = grouped_class_masks(src_lbl)` instead of `class_masks(src_lbl)` when
-    #    cfg.dsr.enabled and cfg.dsr.grouped_mix (same random draws as class_masks);
-    #    after mix + jitter + blur of the image and the event mix, BEFORE the event block mask and the
-    #    ISR recomputation:
-    if cfg.dsr.enabled and cfg.dsr.bank and bank.should_paste(it, cfg.dsr.paste_every):
-        mixed_img, mixed_evt, mixed_lbl, mixed_w, pasted = bank.paste(mixed_img, mixed_evt, mixed_lbl, mixed_w)
-    # 4. mixed pass, with the other mix terms:
-    if <proto on as in 2>:
-        mix_terms.update(prototype_terms(cfg.dsr, source=(keep_proto, src_lbl), target=None,
-                                         mixed=(m_out.features[f][-1], mixed_lbl)))  # -> "dsr/proto_mix"
-
-``iteration`` gating (``proto_start``) is the caller's: :func:`prototype_terms` does not know the iteration.
-Extra metrics worth logging: ``bank.n_entries`` as ``dsr/bank_entries``.
-Under DDP each rank keeps its own bank from its own source batches; saving rank 0's bank only means
-other ranks resume with rank 0's entries (save one per rank for an exact multi-GPU resume).
+In the step, :class:`Dsrnss` (below) implements the component hooks (:mod:`train.uda.components.base`):
+``after_pseudo_labels`` keeps the teacher's deepest features and pushes the source batch's tail pixels into
+the bank (before the paste, as DSRNSS); ``after_mix`` pastes the bank every ``paste_every`` iterations;
+``source_terms`` / ``mixed_terms`` add ``dsr/proto`` and ``dsr/proto_mix`` from ``proto_start`` on. The
+grouped ClassMix is the run's ClassMix function (:func:`train.uda.method.build_method`). The bank is saved
+under ``"dsr_bank"``; under DDP it receives every rank's batch (:func:`train.common.collective.gather`), so
+the ranks' banks stay equal.
 
 Costs: grouped ClassMix and the bank are a few masked copies per iteration; the bank holds ``capacity``
 batches of image + events (fp32) + label + mask (uint8, bool): 26 bytes per pixel per sample. The prototype loss works
@@ -94,7 +71,7 @@ def with_companions(chosen: torch.Tensor, present: torch.Tensor,
 
 def grouped_class_masks(labels: torch.Tensor, companions: Mapping[int, Sequence[int]] = COMPANIONS,
                         per_sample: bool = True) -> torch.Tensor:
-    """ClassMix masks [B, 1, H, W] as :func:`train.mixing.class_masks` (the same draws, so the same
+    """ClassMix masks [B, 1, H, W] as :func:`train.uda.mixing.class_masks` (the same draws, so the same
     random stream), each sample's set then grown by the companions present in that sample."""
     masks = []
     for lbl, chosen in zip(labels, classmix_draws(labels, per_sample), strict=True):
