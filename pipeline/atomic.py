@@ -50,8 +50,9 @@ def _errors_name(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         name = Path(exc.filename).name if isinstance(exc.filename, str | Path) else ""
-        if name.startswith(f".{path.name}.") and name.endswith(".tmp"):
-            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        if not name or (name.startswith(f".{path.name}.") and name.endswith(".tmp")):
+            # a write error (full disk) carries no file name at all: name the file being written
+            raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 

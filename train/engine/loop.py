@@ -20,7 +20,7 @@ from train.checkpoints.files import find_checkpoint, load_checkpoint
 from train.config import TrainConfig, validate
 from train.engine.build import Run, build, restore, wrap
 from train.engine.context import Context, any_rank, backend_flags, setup_context
-from train.engine.loader import batch_loader, checked
+from train.engine.loader import batch_loader, checked, shut_down
 from train.engine.resume import ResumePoint, check_resume
 from train.engine.run_folder import RunFolder, best_eval, default_out
 from train.engine.signals import StopFlag, signals_blocked
@@ -92,6 +92,7 @@ class Loop:
                         disable=not ctx.main)
         with StopFlag() as stop:
             stop.consistent(self.start)
+            batches = None
             try:
                 with signals_blocked():
                     batches = iter(loader)
@@ -106,6 +107,7 @@ class Loop:
                 self.result["stopped"] = stop.at if stop.at is not None else self.saved_at
             finally:
                 self.bar.close()
+                shut_down(batches)  # an error must end the process, never leave it waiting for its workers
         self.result["checkpoint"] = str(self.last_ckpt) if self.last_ckpt else None
         return self.result
 

@@ -88,12 +88,18 @@ class RunFolder:
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self._append(record)
+        except OSError as exc:  # a write error carries no file name: say which file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.log_path)) from exc
         if self.writer is not None:
             for k, v in record.items():
                 if k != "iter" and isinstance(v, int | float):
                     self.writer.add_scalar(k, v, record["iter"])
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def checkpoint(self, it: int, nets: Networks, method: Method, cfg: TrainConfig) -> Path | None:
         if not self.main:
