@@ -12,9 +12,10 @@ from cli.app import (
     app,
     reports_input_errors,
 )
+from pipeline.errors import STOPPED_EXIT
 from train.tools.check import check_all
+from train.tools.compare import CompareStopped, parse_entry, parse_seeds
 from train.tools.compare import compare as run_compare
-from train.tools.compare import parse_entry, parse_seeds
 
 
 @app.command()
@@ -69,7 +70,11 @@ def compare(
     """
     import shlex
 
-    res = run_compare([parse_entry(r) for r in run], parse_seeds(seeds), out, tuple(shlex.split(common)),
-                      parallel=parallel, progress=typer.echo)
+    try:
+        res = run_compare([parse_entry(r) for r in run], parse_seeds(seeds), out, tuple(shlex.split(common)),
+                          parallel=parallel, progress=typer.echo)
+    except CompareStopped as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(STOPPED_EXIT) from None
     typer.echo(res["table"])
     typer.echo(f"-> {out}/compare.md, compare.json, compare.png")

@@ -75,6 +75,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
     datasets: Annotated[Path | None, typer.Option("--datasets", "--config", help="datasets.yaml: where the DATA "
                                                   "is (default ./datasets.yaml; on --resume the run's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out if there is one "
+                                            "(its config, log, checkpoints and evaluations are deleted); "
+                                            "without it an existing run folder is refused.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and exit.")] = False,
     target: Annotated[str | None, typer.Option(help="Night target: dsec (images + events, default), or an "
                                                "image-only target darkzurich / acdc (CMDA's image + ISR model, "
@@ -108,7 +111,7 @@ def train(
     if dry_run:
         typer.echo(json.dumps(to_dict(cfg), indent=2))
         return
-    result = run_training(cfg, resume=checkpoint, override=resume_override)
+    result = run_training(cfg, resume=checkpoint, override=resume_override, overwrite=overwrite)
     if result.get("stopped") is not None:  # a signal stopped it: not a finished run, for whoever called us
         if int(os.environ.get("RANK", "0")) != 0:
             # Under torchrun only rank 0 says so: torchrun terminates every other process as soon as one

@@ -84,3 +84,141 @@ def test_a_full_disk_while_logging_names_metrics_jsonl(training_tree, tmp_path, 
     res = cli(*tiny_train_args(training_tree, tmp_path, tmp_path / "run"))
     assert res.exit_code == 1, res.output
     assert "metrics.jsonl: No space left on device" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------- 2: one writer per run folder
+
+
+def fake_run_folder(path: Path, last: int = 4) -> Path:
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "metrics.jsonl").write_text('{"iter": 1, "loss/total": 1.0}\n')
+    (path / "checkpoints" / f"iter_{last:06d}.pt").write_bytes(b"old run")
+    return path
+
+
+def test_an_existing_run_folder_is_refused_without_resume(training_tree, tmp_path):
+    """2: `train --out R` over a run used to empty its log and rewrite config.json, keeping its later
+    checkpoints for a later --resume to pick up under the new settings."""
+    run = fake_run_folder(tmp_path / "run")
+    res = cli(*tiny_train_args(training_tree, tmp_path, run))
+    assert_one_line_error(res, str(run), "existing run folder", "--resume", "--overwrite")
+    assert (run / "metrics.jsonl").read_text() == '{"iter": 1, "loss/total": 1.0}\n'
+    assert (run / "config.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_the_old_run_and_keeps_other_files(training_tree, tmp_path):
+    """2: --overwrite asks for the replacement: the old run's files go, anything else in the folder stays."""
+    run = fake_run_folder(tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    res = cli(*tiny_train_args(training_tree, tmp_path, run, iters=1), "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert not (run / "checkpoints" / "iter_000004.pt").exists()
+    assert [json.loads(x)["iter"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss/total" in x] == [1]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_folder_held_by_another_process_is_refused(training_tree, tmp_path):
+    """2: two writers on one run folder (two `--resume R` at once both ran and doubled metrics.jsonl)."""
+    from pipeline.lock import exclusive
+
+    run = tmp_path / "run"
+    with exclusive(run, "test holder"):  # another open file description: flock conflicts in-process too
+        res = cli(*tiny_train_args(training_tree, tmp_path, run))
+        assert_one_line_error(res, str(run), f"pid {os.getpid()}")
+        assert not (run / "config.json").exists()
+
+
+def test_evaluation_into_a_locked_run_folder_is_refused(tmp_path):
+    """2: `cmda evaluate` writing into a run folder takes the same lock as training."""
+    from pipeline.lock import exclusive
+
+    run = fake_run_folder(tmp_path / "run")
+    with exclusive(run, "test holder"):
+        res = cli("evaluate", run / "checkpoints" / "iter_000004.pt", "--device", "cpu")
+        assert_one_line_error(res, str(run), "another cmda process", "--out")
+    assert not (run / "eval").exists()
+
+
+# ---------------------------------------------------------------------- 4: compare labels are folder names
+
+
+@pytest.mark.parametrize("label", ["..", ".", "../x", "a/../../b", ".hidden", "/abs"])
+def test_compare_labels_never_leave_out(label, tmp_path):
+    """4: `--run '..=--variant baseline'` wrote to the parent of --out, '.' into --out itself."""
+    from train.tools.compare import parse_entry
+
+    slug = parse_entry(f"{label}=--variant baseline").slug
+    run_dir = (tmp_path / "out" / slug).resolve()
+    assert run_dir.parent == (tmp_path / "out").resolve() and not slug.startswith(".") and "/" not in slug
+
+
+# ---------------------------------------------------------------------- 5: values validation accepted
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seed", "-1"], "run.seed"),
+    (["--mic", "--set", "mic.block=1000000"], "mic.block"),
+    (["--set", "loss.mask_block=1000000"], "loss.mask_block"),
+])
+def test_out_of_range_training_values_are_one_line(args, needle, tmp_path, monkeypatch):
+    """5: a negative seed was numpy's traceback (exit 1); mic.block had no upper bound (a 4 TB allocation)."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cli("train", "--dry-run", "--device", "cpu", *args), needle)
+
+
+def test_negative_compare_seeds_are_one_line(tmp_path):
+    """5: `cmda compare --seeds=-1` only said "training failed" after starting a run."""
+    res = cli("compare", "--run", "baseline", "--seeds=-1", "--out", tmp_path / "cmp")
+    assert_one_line_error(res, "--seeds")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_negative_stream_threads_are_one_line(tmp_path):
+    """5: `stream --threads -2` was accepted."""
+    res = cli("stream", "--seq", "x", "--model", tmp_path / "m.onnx", "--threads", "-2")
+    assert_one_line_error(res, "--threads")
+
+
+# ---------------------------------------------------------------------- 3: a stopped compare stops its runs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_sigterm_to_compare_stops_its_trainer_and_waits_for_it(training_tree, tmp_path):
+    """3: SIGTERM to `cmda compare` (the compare process only) left its trainer running under pid 1; a
+    re-run then started a second trainer on the same folder."""
+    import signal
+    import time
+
+    out = tmp_path / "cmp"
+    run_dir = out / "base" / "seed0"
+    common = f"--settings {tiny_settings(tmp_path, 200)} --datasets {training_tree} --set run.ckpt_every=1000"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "compare", "--run", "base=--variant baseline",
+                             "--seeds", "0", "--common", common, "--out", str(out)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    log = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and '"loss/total"' in log.read_text():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    trainer = int((run_dir.parent / ".seed0.lock").read_text())  # the run-folder lock names its holder
+    assert trainer != proc.pid and _alive(trainer)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert not _alive(trainer), "the trainer outlived its compare"
+    assert list((run_dir / "checkpoints").glob("iter_*.pt")), "the trainer stopped without its checkpoint"
+    assert "stopped at iteration" in (run_dir / "compare.log").read_text()
+    assert not (run_dir / "result.json").exists()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 

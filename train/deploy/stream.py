@@ -275,6 +275,8 @@ def stream(seq: str, model: str | Path, *, config: str | Path = "datasets.yaml",
     model = Path(model)
     if limit < 0 or first < 0:
         raise InputError(None, "--first and --limit must be >= 0")
+    if threads < 0:
+        raise InputError(None, f"--threads must be >= 0 (0 = onnxruntime's default), got {threads}")
     if not model.exists():
         raise InputError(model, "model file not found")
     cfg = load_config(config)
