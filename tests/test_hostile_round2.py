@@ -222,3 +222,68 @@ def test_sigterm_to_compare_stops_its_trainer_and_waits_for_it(training_tree, tm
     assert list((run_dir / "checkpoints").glob("iter_*.pt")), "the trainer stopped without its checkpoint"
     assert "stopped at iteration" in (run_dir / "compare.log").read_text()
     assert not (run_dir / "result.json").exists()
+
+
+# ---------------------------------------------------------------------- 9: messages
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
+def test_a_plain_pickle_is_one_line_without_torch_warnings(command, tmp_path):
+    """9: a plain pickle printed torch's weights_only UserWarning (two lines) before the error line."""
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    assert_one_line_error(cli(command, path), str(path))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
+def test_a_folder_given_as_checkpoint_is_called_a_folder(command, tmp_path):
+    """9: a directory passed as a checkpoint was "checkpoint not found"."""
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert_one_line_error(cli(command, folder), str(folder), "is a folder")
+
+
+def test_resizing_a_read_only_image_does_not_warn():
+    """9: np.asarray of a PIL image is read-only; torch.from_numpy warned 'array is not writable'."""
+    import warnings
+
+    import numpy as np
+
+    from train.data.loaders import resize_pil_bilinear
+
+    a = np.zeros((8, 8, 3), np.uint8)
+    a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resize_pil_bilinear(a, (4, 4)).shape == (4, 4, 3)
+
+
+def test_compare_gives_each_parallel_run_its_share_of_the_cores(monkeypatch):
+    """11: K parallel runs each used every core's threads (2K threads on 2 cores)."""
+    from train.tools import compare as cmp
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cmp.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cmp.threads_per_run(2) == 4 and cmp.threads_per_run(3) == 2 and cmp.threads_per_run(16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cmp.threads_per_run(2) is None  # the user's setting is kept
+
+
+def test_compare_passes_the_thread_share_to_its_runs(tmp_path, monkeypatch):
+    """11: the child `cmda train` gets OMP_NUM_THREADS = cores // K."""
+    from train.tools import compare as cmp
+
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, args, env, **kw):
+            seen.update(env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(cmp.subprocess, "Popen", FakePopen)
+    assert cmp.Children(threads=3).run(["train"], tmp_path / "log") == 0
+    assert seen["OMP_NUM_THREADS"] == "3" and seen["MKL_NUM_THREADS"] == "3"

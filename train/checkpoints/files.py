@@ -160,6 +160,8 @@ def find_checkpoint(path: Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a checkpoint file (give its checkpoints/iter_*.pt)")
     if not path.exists():
         raise InputError(path, "checkpoint not found")
     try:
