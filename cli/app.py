@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.errors import InputError
+from pipeline.errors import STOPPED_EXIT, InputError
 
 app = typer.Typer(
     add_completion=False,
@@ -62,6 +62,9 @@ def reports_input_errors(fn: F) -> F:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM (train.common.stopping): partial files already removed
+            typer.echo("stopped by a signal before the end: what was finished is kept, nothing partial", err=True)
+            raise typer.Exit(STOPPED_EXIT) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -287,3 +287,139 @@ def test_compare_passes_the_thread_share_to_its_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(cmp.subprocess, "Popen", FakePopen)
     assert cmp.Children(threads=3).run(["train"], tmp_path / "log") == 0
     assert seen["OMP_NUM_THREADS"] == "3" and seen["MKL_NUM_THREADS"] == "3"
+
+
+# ---------------------------------------------------------------------- 7: partial files on a full disk
+
+
+def test_a_full_disk_leaves_no_partial_submission_zip(tmp_path):
+    """7: `predict --split test --target darkzurich` on a full disk left `.darkzurich_test.zip.partial`:
+    closing the zip (its central directory) failed before the partial file was removed."""
+    import errno
+
+    from pipeline.night_targets import DarkZurichSubmission, TargetImage
+
+    item = TargetImage(tmp_path / "GOPR0356_frame_000001_rgb_anon.png", "GOPR0356_frame_000001", "GOPR0356")
+    sub = DarkZurichSubmission(tmp_path / "darkzurich_test.zip", [item])
+
+    real, calls = sub.zip.close, []
+
+    def full():
+        calls.append(1)
+        real()
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    sub.zip.close = full
+    sub.abort()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_closing_the_zip_names_it_and_removes_the_partial(tmp_path):
+    import errno
+
+    from pipeline.night_targets import DarkZurichSubmission, TargetImage
+
+    item = TargetImage(tmp_path / "x_rgb_anon.png", "x", "GOPR0356")
+    sub = DarkZurichSubmission(tmp_path / "darkzurich_test.zip", [item])
+    real, calls = sub.zip.close, []
+
+    def full():
+        calls.append(1)
+        real()
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    sub.zip.close = full
+    with pytest.raises(OSError, match="No space left") as exc:
+        sub.close()
+    assert exc.value.filename == str(tmp_path / "darkzurich_test.zip")
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------- 8: SIGTERM / SIGINT for stream, predict, export
+
+SIGNAL_AT_FIRST_WRITE = """\
+import os, signal
+import {module} as M
+_real, _sent = M.{name}, []
+def _write(*a, **k):
+    if not _sent:
+        _sent.append(1)
+        os.kill(os.getpid(), signal.{sig})
+    return _real(*a, **k)
+M.{name} = _write
+"""
+
+
+def _deploy_fixtures():
+    from tests import test_deploy
+
+    return test_deploy
+
+
+@pytest.fixture(scope="module")
+def deploy_tree(tmp_path_factory) -> Path:
+    from tests.raw_tree import raw_tree
+
+    return raw_tree(tmp_path_factory.mktemp("deploy_tree"))
+
+
+@pytest.fixture(scope="module")
+def deploy_ckpt(tmp_path_factory) -> Path:
+    return _deploy_fixtures()._checkpoint(tmp_path_factory.mktemp("deploy_run") / "checkpoints" / "iter_7.pt")
+
+
+@pytest.mark.parametrize("sig, ignore_sigint", [("SIGTERM", False), ("SIGINT", True)])
+def test_a_signal_stops_the_stream_after_the_frame(deploy_tree, deploy_ckpt, tmp_path, sig, ignore_sigint):
+    """8: SIGTERM killed `stream` (exit 143, a hidden .partial video left); started in the background of
+    a non-interactive shell (SIGINT ignored) it ignored Ctrl-C and ran to the end."""
+    from tests.raw_tree import SEQ
+
+    patch = SIGNAL_AT_FIRST_WRITE.format(module="train.deploy.stream", name="write_png", sig=sig)
+    if ignore_sigint:
+        patch = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + patch
+    out = tmp_path / "stream"
+    res = run_patched(tmp_path, patch, "stream", "--seq", SEQ, "--model", deploy_ckpt, "--config", deploy_tree,
+                      "--out", out, "--device", "cpu", "--video", "--limit", "4")
+    assert res.returncode == 130, (res.returncode, res.stderr[-2000:])
+    assert "interrupted after 1 of 4 frame(s)" in res.stderr
+    assert len(list(out.glob("*_pred.png"))) == 1 and not list(out.glob(".*")) and not list(out.glob("*.mp4"))
+
+
+def test_sigterm_stops_predict_after_the_frame(deploy_tree, deploy_ckpt, tmp_path):
+    """8: SIGTERM killed `predict` (exit 143)."""
+    patch = SIGNAL_AT_FIRST_WRITE.format(module="train.eval.predict", name="write_png", sig="SIGTERM")
+    out = tmp_path / "pred"
+    res = run_patched(tmp_path, patch, "predict", deploy_ckpt, "--config", deploy_tree, "--out", out,
+                      "--device", "cpu", "--limit", "3")
+    assert res.returncode == 130, (res.returncode, res.stderr[-2000:])
+    assert sorted(p.name.split("_")[-1] for p in out.iterdir()) == ["panel.png", "pred.png"]  # one whole frame
+    assert res.stderr.strip().splitlines()[-1].startswith("stopped by a signal")
+
+
+def test_sigterm_stops_export_and_leaves_no_partial_file(deploy_tree, deploy_ckpt, tmp_path):
+    """8: SIGTERM during `export` left its hidden temporary .onnx."""
+    patch = SIGNAL_AT_FIRST_WRITE.format(module="train.deploy.export", name="ort_session", sig="SIGTERM")
+    out = tmp_path / "model" / "m.onnx"
+    out.parent.mkdir()
+    res = run_patched(tmp_path, patch, "export", deploy_ckpt, "--config", deploy_tree, "--out", out)
+    assert res.returncode == 130, (res.returncode, res.stderr[-2000:])
+    assert not list(out.parent.iterdir())
+
+
+def test_a_full_disk_during_export_names_the_onnx_file(deploy_tree, deploy_ckpt, tmp_path, monkeypatch):
+    """7: export on a full disk named the checkpoint ('the ONNX exporter failed') instead of the file."""
+    import train.deploy.export as E
+
+    def full(*a, **k):
+        raise RuntimeError("unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(E, "_export_onnx", full)
+    monkeypatch.setattr(E, "disk_free", lambda path: 0, raising=False)
+    monkeypatch.setattr("train.checkpoints.files.disk_free", lambda path: 0)
+    out = tmp_path / "m.onnx"
+    res = cli("export", deploy_ckpt, "--config", deploy_tree, "--out", out)
+    assert res.exit_code == 1, res.output
+    assert res.stderr.strip() == f"error: {out}: No space left on device"
+    assert not list(tmp_path.glob(".*"))
