@@ -423,3 +423,30 @@ def test_a_full_disk_during_export_names_the_onnx_file(deploy_tree, deploy_ckpt,
     assert res.exit_code == 1, res.output
     assert res.stderr.strip() == f"error: {out}: No space left on device"
     assert not list(tmp_path.glob(".*"))
+
+
+def test_a_full_disk_in_an_atomic_write_names_the_file(tmp_path, monkeypatch):
+    """7: preprocess's store writes (pipeline.atomic) said only 'No space left on device'."""
+    import errno
+
+    from pipeline import atomic
+
+    class Full:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fdopen", Full)
+    target = tmp_path / "store" / "000001.bin"
+    with pytest.raises(OSError) as exc:
+        atomic.write_bytes(target, b"x")
+    assert exc.value.filename == str(target) and exc.value.errno == errno.ENOSPC
+    assert not list(target.parent.iterdir())  # no temporary left
