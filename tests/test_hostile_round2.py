@@ -450,3 +450,36 @@ def test_a_full_disk_in_an_atomic_write_names_the_file(tmp_path, monkeypatch):
         atomic.write_bytes(target, b"x")
     assert exc.value.filename == str(target) and exc.value.errno == errno.ENOSPC
     assert not list(target.parent.iterdir())  # no temporary left
+
+
+# ---------------------------------------------------------------------- 6: dvc repro racing a running preprocess
+
+
+def test_dvc_never_removes_the_index_of_a_running_preprocess():
+    """6: DVC removes a stage's non-persist outputs before running it, even when the command is then
+    refused by the lock a running `cmda preprocess` holds: the index that run had written vanished."""
+    import yaml
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["preprocess"]["do"]
+    for out in stage["outs"]:
+        assert isinstance(out, dict) and next(iter(out.values())).get("persist") is True, out
+
+
+def test_preprocess_restores_its_index_removed_while_it_ran(tmp_path, monkeypatch):
+    """6: the writer checks its index at the end and writes it again if it was removed meanwhile."""
+    from pipeline import preprocess as pre
+    from pipeline.config import load_config
+    from tests.raw_tree import SEQ, raw_tree
+
+    cfg = load_config(raw_tree(tmp_path / "tree"))
+    index = pre.event_index_path(cfg, SEQ)
+    expected = index.read_text()
+    real = pre._build_store
+
+    def dvc_removes_outputs(*a, **k):
+        index.unlink()  # what `dvc repro preprocess@SEQ` does while this run holds the lock
+        return real(*a, **k)
+
+    monkeypatch.setattr(pre, "_build_store", dvc_removes_outputs)
+    pre.preprocess_sequence(cfg, SEQ, workers=1)
+    assert index.read_text() == expected
