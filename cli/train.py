@@ -12,7 +12,7 @@ from cli.app import (
     reports_input_errors,
 )
 from pipeline.errors import STOPPED_EXIT
-from train.config import GPU_PRESETS, to_dict
+from train.config import GPU_PRESETS, preset_names, to_dict
 from train.engine.loop import train as run_training
 from train.engine.resume import TrainRequest, configure
 
@@ -33,7 +33,10 @@ def train(
     preset: Annotated[str | None, typer.Option(help="Settings for another machine: cpu-sample (a few minutes "
                                                "on the bundled sample, MiT-B0), or the GPU memory presets 24gb, "
                                                "16gb, 11gb (MiT-B5 at batch 2+2 through --accum and activation "
-                                               "checkpointing; estimates until measured, see README).")] = None,
+                                               "checkpointing; estimates until measured, see README); "
+                                               "cmda-exact (every departure from CMDA's code that a setting "
+                                               "can undo, turned to CMDA's). Combine with commas: "
+                                               "cpu-sample,cmda-exact.")] = None,
     backbone: Annotated[str | None, typer.Option(help="mit_b0 .. mit_b5 (default mit_b5).")] = None,
     iters: Annotated[int | None, typer.Option(help="Iterations (default 40000).")] = None,
     batch: Annotated[int | None, typer.Option(help="Samples per domain per iteration (default 2).")] = None,
@@ -105,7 +108,7 @@ def train(
              "run.source_only": True if source_only else None, "run.compile": True if compile_ else None,
              "run.accum": accum, "mic.enabled": True if mic else None}
     cfg, checkpoint = configure(TrainRequest(variant, preset, target, settings, set_ or [], flags, resume))
-    if preset in GPU_PRESETS and not cfg.run.device.startswith("cuda"):
+    if preset and set(preset_names(preset)) & set(GPU_PRESETS) and not cfg.run.device.startswith("cuda"):
         typer.echo(f"note: --preset {preset} only concerns GPU memory; on {cfg.run.device} it changes nothing "
                    "that matters (run.accum and checkpointing are applied all the same)", err=True)
     if dry_run:

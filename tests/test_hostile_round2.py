@@ -483,3 +483,109 @@ def test_preprocess_restores_its_index_removed_while_it_ran(tmp_path, monkeypatc
     monkeypatch.setattr(pre, "_build_store", dvc_removes_outputs)
     pre.preprocess_sequence(cfg, SEQ, workers=1)
     assert index.read_text() == expected
+
+
+# ---------------------------------------------------------------------- 12: every departure from CMDA switchable
+
+# CMDA's rule, as its code writes it (XiaRho/CMDA 9d25129): a table indexed by two parities.
+CMDA_DIRECTION_TABLE = [["leftdown", "leftup"], ["rightdown", "rightup"]]
+
+
+def cmda_events_norm(grid, finish_minus_start):
+    """CMDA's events_norm literally (float64): both parts min-maxed even when empty (-1 everywhere)."""
+    import numpy as np
+
+    g = grid.astype(np.float64)
+    clip = finish_minus_start / 500000 * 1.5
+    nz = g != 0
+    if nz.sum():
+        mean = g.sum() / nz.sum()
+        std = np.sqrt((g ** 2).sum() / nz.sum() - mean ** 2)
+        g = nz * (g - mean) / (std + 1e-8)
+    pos, neg = np.clip(g, 0, clip), np.clip(g, -clip, 0)
+    return (pos - pos.min()) / (pos.max() - pos.min() + 1e-8) + (neg - neg.min()) / (neg.max() - neg.min() + 1e-8) - 1
+
+
+def test_cmda_exact_combines_with_another_preset_and_dry_run_shows_it(tmp_path, monkeypatch):
+    """12: one setting turns every switchable departure to CMDA's; it combines with cpu-sample."""
+    monkeypatch.chdir(tmp_path)
+    res = cli("train", "--preset", "cpu-sample,cmda-exact", "--dry-run", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    assert cfg["data"]["cmda_empty_part"] is True and cfg["data"]["event_count"] == "cmda"
+    assert cfg["data"]["isr_direction"] == "cmda" and cfg["run"]["amp"] is False and cfg["run"]["tf32"] is False
+    assert cfg["model"]["backbone"] == "mit_b0" and cfg["run"]["iters"] == 300  # cpu-sample kept
+    plain = json.loads(cli("train", "--dry-run", "--device", "cpu").stdout)["data"]
+    assert (plain["cmda_empty_part"], plain["event_count"], plain["isr_direction"]) == (False, "inclusive", "random")
+    assert_one_line_error(cli("train", "--preset", "cpu-sample,nope", "--dry-run"), "nope")
+
+
+def test_cmda_exact_loader_normalises_events_as_cmda(training_tree, monkeypatch):
+    """12: with the switches, the loader's events equal CMDA's events_norm with N = finish - start, a
+    one-signed window included (CMDA's -1 over its empty negative part)."""
+    import numpy as np
+
+    from pipeline.config import load_config
+    from train.config import TrainConfig, apply_preset
+    from train.data.loaders import NightFrames
+
+    data = apply_preset(TrainConfig(), "cmda-exact").data
+    frames = NightFrames(load_config(training_tree), "train", data)
+    row = frames.rows[0]
+    rng = np.random.default_rng(3)
+    for grid in (np.where(rng.random((1, 48, 64)) < 0.3, rng.random((1, 48, 64)), 0).astype(np.float32),
+                 rng.normal(0, 1, (1, 48, 64)).astype(np.float32)):
+        monkeypatch.setattr(frames, "store", lambda path, g=grid: type("S", (), {"voxels": lambda s, f: g})())
+        monkeypatch.setattr("train.data.loaders.read_rgb", lambda path: np.zeros((48, 64, 3), np.uint8))
+        _, events, _ = frames.load(0)
+        ref = cmda_events_norm(grid, row.event_stop - row.event_start)
+        np.testing.assert_allclose(events, ref, atol=2e-5)
+    default = NightFrames(load_config(training_tree), "train")
+    ones = np.ones((1, 48, 64), np.float32)
+    monkeypatch.setattr(default, "store", lambda path: type("S", (), {"voxels": lambda s, f: ones})())
+    assert (default.load(0)[1] >= 0).all()  # cmda's default: the empty negative part stays 0
+
+
+def test_cmda_isr_directions_follow_cmdas_parity_rules(training_tree):
+    """12: data.isr_direction=cmda: the target's direction comes from its crop offset, the source's from
+    (crop x, flip), by CMDA's table."""
+    import numpy as np
+
+    from pipeline.config import load_config
+    from train.config import TrainConfig, apply_preset
+    from train.data.batches import PairedBatches
+    from train.data.isr import DIRECTIONS
+    from train.data.loaders import NightFrames
+
+    cfg = apply_preset(TrainConfig(), "cmda-exact")
+    cfg.data.crop, cfg.data.source_resize, cfg.rcs.min_pixels = 64, (128, 64), 50
+    ds = load_config(training_tree)
+    batches = PairedBatches(ds, cfg.data, cfg.rcs, batch=4, seed=5)
+    n = len(NightFrames(ds, "train"))
+    for it in (0, 7):
+        out = batches[it]
+        for b in range(4):
+            rng = np.random.default_rng([5, it, b, 1])
+            rng.integers(n)
+            x = int(rng.integers(cfg.data.target_crop_x[0], cfg.data.target_crop_x[1] + 1))
+            y = int(rng.integers(cfg.data.target_crop_y[0], cfg.data.target_crop_y[1] + 1))
+            assert DIRECTIONS[int(out["target_isr_dir"][b])] == CMDA_DIRECTION_TABLE[x % 2][y % 2]
+        assert out["source_isr_dir"].shape == (4,)
+    assert "source_isr_dir" not in PairedBatches(ds, TrainConfig().data, cfg.rcs, batch=1, seed=5)[0]
+
+
+def test_cmda_mixed_isr_direction_comes_from_the_jitter_draw(monkeypatch):
+    """12: CMDA's mixed image: one direction for the batch from the colour-jitter draw cj,
+    table[int(cj * 10) % 2][int(cj * 100) % 2]; jitter applied when cj > 0.2 (here u < 0.8, cj = 1 - u)."""
+    import torch
+
+    from train.uda import targets
+
+    seen = []
+    monkeypatch.setattr(targets, "isr_from_normalized", lambda image, params, direction, **k: (
+        seen.append((direction, k.get("cmda_compat"))) or torch.zeros(image.shape)))
+    target = targets.EventTarget(None, torch.device("cpu"), torch.contiguous_format, True, True)
+    for u in (0.55, 0.13, 0.9):
+        cj = 1 - u
+        target.finish_mix({"image": torch.zeros(2, 3, 8, 8), "events": torch.zeros(2, 3, 8, 8), "jitter_draw": u})
+        assert seen[-1] == (CMDA_DIRECTION_TABLE[int(cj * 10) % 2][int(cj * 100) % 2], True)

@@ -66,6 +66,8 @@ def _validate_model(cfg: TrainConfig) -> None:
 def _validate_data(cfg: TrainConfig) -> None:
     d, rc = cfg.data, cfg.rcs
     _check(d.crop >= 1, "data.crop", d.crop, ">= 1")
+    _check(d.event_count in ("inclusive", "cmda"), "data.event_count", d.event_count, "inclusive or cmda")
+    _check(d.isr_direction in ("random", "cmda"), "data.isr_direction", d.isr_direction, "random or cmda")
     _check(d.target_crop >= 1, "data.target_crop", d.target_crop, ">= 1")
     _check(min(d.source_resize) >= 1, "data.source_resize", d.source_resize, "two sizes >= 1")
     _check(d.workers >= 0, "data.workers", d.workers, ">= 0 (0 = load in the main process)")

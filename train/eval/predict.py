@@ -66,7 +66,7 @@ def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int
                 yield test[i]
 
         return len(test), test_items()
-    frames = NightFrames(ds, "train")
+    frames = NightFrames(ds, "train", train_cfg.data)
     n = min(len(frames), limit) if limit else len(frames)
 
     def train_items() -> Iterator[dict[str, Any]]:
