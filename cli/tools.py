@@ -60,7 +60,8 @@ def compare(
     common: Annotated[str, typer.Option(help="`cmda train` arguments for every run, e.g. '--preset cpu-sample'.")
                       ] = "",
     out: Annotated[Path, typer.Option(help="Folder of the runs and the summary (resumable).")] = Path("runs/compare"),
-    parallel: Annotated[int, typer.Option(help="Runs at a time (each its own process).")] = 1,
+    parallel: Annotated[int, typer.Option(help="Runs at a time (each its own process, with cores // K threads "
+                                          "unless OMP_NUM_THREADS is set).")] = 1,
 ) -> None:
     """Train and evaluate several configurations over several seeds; tabulate night mIoU mean +- std.
 
