@@ -33,7 +33,7 @@ def exclusive(artefact: str | Path, what: str,
     """Hold the lock of ``artefact`` (a file or folder) or raise InputError naming the holder's pid
     (``hint`` says what to do instead)."""
     artefact = Path(artefact)
-    path = lock_path(artefact)
+    path = lock_path(Path(os.path.abspath(artefact)))  # "." or "run/.." name their folder too
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

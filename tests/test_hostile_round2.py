@@ -589,3 +589,16 @@ def test_cmda_mixed_isr_direction_comes_from_the_jitter_draw(monkeypatch):
         cj = 1 - u
         target.finish_mix({"image": torch.zeros(2, 3, 8, 8), "events": torch.zeros(2, 3, 8, 8), "jitter_draw": u})
         assert seen[-1] == (CMDA_DIRECTION_TABLE[int(cj * 10) % 2][int(cj * 100) % 2], True)
+
+
+def test_the_run_folder_lock_works_from_inside_the_folder(tmp_path, monkeypatch):
+    """2: `cd RUN && cmda evaluate checkpoints/iter_N.pt` locks RUN (a relative '.' has no name to lock by)."""
+    from pipeline.lock import exclusive
+
+    run = fake_run_folder(tmp_path / "run")
+    monkeypatch.chdir(run)
+    with exclusive(run, "test holder"):
+        res = cli("evaluate", Path("checkpoints") / "iter_000004.pt", "--device", "cpu")
+        assert_one_line_error(res, "another cmda process")
+    with exclusive(".", "test holder"), pytest.raises(Exception, match="another"), exclusive(run, "second"):
+        pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,8 @@ def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: 
 def run_folder_lock(checkpoint: Path, out: Path) -> contextlib.AbstractContextManager:
     """The lock of the run folder ``out`` lies in (the checkpoint's run), so an evaluation never writes
     into a run that a training is writing (the same lock as :func:`train.engine.run_folder.run_lock`)."""
-    run = checkpoint.parent.parent
-    inside = Path(out).absolute().is_relative_to(run.absolute())
+    run = Path(os.path.abspath(checkpoint)).parent.parent
+    inside = Path(os.path.abspath(out)).is_relative_to(run)
     if not (inside and (run / "config.json").exists()):
         return contextlib.nullcontext()
     return exclusive(run, "cmda process", "wait for it to finish, or evaluate into another folder with --out")
