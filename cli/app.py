@@ -29,7 +29,8 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ConfigOpt = Annotated[Path, typer.Option("--config", help="datasets.yaml to read (paths in it are relative to it).")]
+ConfigOpt = Annotated[Path, typer.Option("--config", readable=False,
+                                         help="datasets.yaml to read (paths in it are relative to it).")]
 SeqOpt = Annotated[list[str] | None, typer.Option("--seq", help="Sequence name, e.g. zurich_city_09a (repeatable).")]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every sequence listed in datasets.yaml.")]
 SchedulerOpt = Annotated[
@@ -38,7 +39,8 @@ SchedulerOpt = Annotated[
 WorkersOpt = Annotated[int, typer.Option(min=0, help="Local threads (0 = one per core).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), cpu, cuda "
                                         "or cuda:N.")]
-RunDatasetsOpt = Annotated[Path | None, typer.Option("--config", help="datasets.yaml (default: the one the "
+RunDatasetsOpt = Annotated[Path | None, typer.Option("--config", readable=False,
+                                                     help="datasets.yaml (default: the one the "
                                                      "checkpoint's run trained with).")]
 
 

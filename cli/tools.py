@@ -23,12 +23,13 @@ from train.tools.compare import compare as run_compare
 def check(
     config: ConfigOpt = Path("datasets.yaml"),
     backbone: Annotated[str, typer.Option(help="MiT size whose ImageNet file to check.")] = "mit_b5",
-    pretrained: Annotated[Path | None, typer.Option(help="ImageNet mit_bX.pth (default pretrained/<backbone>.pth; "
+    pretrained: Annotated[Path | None, typer.Option(readable=False,
+                                                    help="ImageNet mit_bX.pth (default pretrained/<backbone>.pth; "
                                                     "required when given).")] = None,
-    cyclegan: Annotated[Path | None, typer.Option(help="CycleGAN file or CMDA checkpoint (default "
+    cyclegan: Annotated[Path | None, typer.Option(readable=False, help="CycleGAN file or CMDA checkpoint (default "
                                                   "pretrained/cityscapes_ICD_to_dsec_EN.pth; required when "
                                                   "given).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Also check a checkpoint (cmda's or CMDA's "
+    checkpoint: Annotated[Path | None, typer.Option(readable=False, help="Also check a checkpoint (cmda's or CMDA's "
                                                     "released one).")] = None,
 ) -> None:
     """Check the raw data trees of datasets.yaml and the weight files before a run; exit 2 if anything is missing.

@@ -57,12 +57,14 @@ def train(
                                              "run's own).")] = None,
     init: Annotated[str | None, typer.Option(help="Start the student from a cmda checkpoint or CMDA's released "
                                              "checkpoint (teacher = a copy, fresh optimiser).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Run folder (its latest checkpoint) or checkpoint file to "
+    resume: Annotated[Path | None, typer.Option(readable=False,
+                                                help="Run folder (its latest checkpoint) or checkpoint file to "
                                                 "continue, with the run's own settings.")] = None,
     resume_override: Annotated[bool, typer.Option("--resume-override", help="With --resume: let settings given "
                                                   "here replace the run's (logged in metrics.jsonl, both kept "
                                                   "in config.json); without it a difference is an error.")] = False,
-    settings: Annotated[Path | None, typer.Option("--settings", "--config-file", help="YAML file of TRAINING "
+    settings: Annotated[Path | None, typer.Option("--settings", "--config-file", readable=False,
+                                                  help="YAML file of TRAINING "
                                                   "settings ({section: {key: value}}, as --set); not the "
                                                   "datasets.yaml.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any setting, e.g. "
@@ -76,7 +78,8 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), "
                                                "cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
-    datasets: Annotated[Path | None, typer.Option("--datasets", "--config", help="datasets.yaml: where the DATA "
+    datasets: Annotated[Path | None, typer.Option("--datasets", "--config", readable=False,
+                                                  help="datasets.yaml: where the DATA "
                                                   "is (default ./datasets.yaml; on --resume the run's).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out if there is one "
                                             "(its config, log, checkpoints and evaluations are deleted); "

@@ -602,3 +602,21 @@ def test_the_run_folder_lock_works_from_inside_the_folder(tmp_path, monkeypatch)
         assert_one_line_error(res, "another cmda process")
     with exclusive(".", "test holder"), pytest.raises(Exception, match="another"), exclusive(run, "second"):
         pass
+
+
+@pytest.mark.parametrize("command", [["evaluate", "{f}"], ["export", "{f}"], ["predict", "{f}"],
+                                     ["convert", "{f}", "o.pt"],
+                                     ["train", "--resume", "{f}"]])
+def test_an_unreadable_checkpoint_is_one_line(command, tmp_path, monkeypatch):
+    """9: click's own readability check printed its three-line 'Error: Invalid value ... is not readable'
+    before cmda saw the file (os.access is patched: the tests may run as root, who reads everything)."""
+    import click
+
+    path = tmp_path / "unreadable.pt"
+    path.write_bytes(b"xx" * 10)
+    real = os.access
+    monkeypatch.setattr(click.types.os, "access", lambda p, mode, *a, **k: False if str(p) == str(path)
+                        else real(p, mode, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    res = cli(*[c.format(f=path) for c in command])
+    assert_one_line_error(res, str(path))
