@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.errors import InputError
+from pipeline.errors import STOPPED_EXIT, InputError
 
 app = typer.Typer(
     add_completion=False,
@@ -29,7 +29,8 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ConfigOpt = Annotated[Path, typer.Option("--config", help="datasets.yaml to read (paths in it are relative to it).")]
+ConfigOpt = Annotated[Path, typer.Option("--config", readable=False,
+                                         help="datasets.yaml to read (paths in it are relative to it).")]
 SeqOpt = Annotated[list[str] | None, typer.Option("--seq", help="Sequence name, e.g. zurich_city_09a (repeatable).")]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every sequence listed in datasets.yaml.")]
 SchedulerOpt = Annotated[
@@ -38,7 +39,8 @@ SchedulerOpt = Annotated[
 WorkersOpt = Annotated[int, typer.Option(min=0, help="Local threads (0 = one per core).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), cpu, cuda "
                                         "or cuda:N.")]
-RunDatasetsOpt = Annotated[Path | None, typer.Option("--config", help="datasets.yaml (default: the one the "
+RunDatasetsOpt = Annotated[Path | None, typer.Option("--config", readable=False,
+                                                     help="datasets.yaml (default: the one the "
                                                      "checkpoint's run trained with).")]
 
 
@@ -62,6 +64,9 @@ def reports_input_errors(fn: F) -> F:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM (train.common.stopping): partial files already removed
+            typer.echo("stopped by a signal before the end: what was finished is kept, nothing partial", err=True)
+            raise typer.Exit(STOPPED_EXIT) from None
 
     return wrapper  # type: ignore[return-value]
 

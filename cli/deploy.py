@@ -21,8 +21,9 @@ from train.deploy.stream import stream as run_stream
 @app.command()
 @reports_input_errors
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt), or CMDA's released "
-                                               "mmcv checkpoint (.pth, its student weights).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        readable=False, help="A checkpoint written by `cmda train` (.pt), or CMDA's released "
+                             "mmcv checkpoint (.pth, its student weights).")],
     out: Annotated[Path | None, typer.Option(help="The .onnx file to write, or a folder to write "
                                              "<checkpoint name>.onnx in (default: beside the checkpoint).")] = None,
     config: ConfigOpt = Path("datasets.yaml"),
@@ -55,7 +56,7 @@ def export(
 @app.command()
 @reports_input_errors
 def convert(
-    checkpoint: Annotated[Path, typer.Argument(help="CMDA's released mmcv checkpoint (.pth).")],
+    checkpoint: Annotated[Path, typer.Argument(readable=False, help="CMDA's released mmcv checkpoint (.pth).")],
     out: Annotated[Path, typer.Argument(help="Where to write it in cmda's checkpoint format (.pt).")],
 ) -> None:
     """Convert CMDA's released checkpoint into cmda's checkpoint format (student, teacher, CycleGAN).
@@ -76,7 +77,8 @@ def convert(
 @reports_input_errors
 def stream(
     seq: Annotated[str, typer.Option("--seq", help="DSEC sequence to replay from its raw files.")],
-    model: Annotated[Path, typer.Option("--model", help="A checkpoint (.pt) or a `cmda export` model (.onnx).")],
+    model: Annotated[Path, typer.Option("--model", readable=False,
+                                        help="A checkpoint (.pt) or a `cmda export` model (.onnx).")],
     config: ConfigOpt = Path("datasets.yaml"),
     out: Annotated[Path | None, typer.Option(help="Folder for predictions (default: stream_<seq>/ beside "
                                              "the model).")] = None,

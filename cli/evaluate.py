@@ -24,7 +24,8 @@ from train.eval.predict_image_only import NightPrediction
 @app.command()
 @reports_input_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by cmda train, or CMDA's released "
+    checkpoint: Annotated[Path, typer.Argument(readable=False,
+                                               help="A checkpoint written by cmda train, or CMDA's released "
                                                "checkpoint (read as it is).")],
     out: Annotated[Path | None, typer.Option(help="Folder for metrics.json, iou.md, confusion PNGs.")] = None,
     teacher: Annotated[bool, typer.Option("--teacher", help="Evaluate the EMA teacher (CMDA: ema_model.*), not "
@@ -53,7 +54,8 @@ def evaluate(
 @app.command()
 @reports_input_errors
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cmda train` (.pt), or CMDA's "
+    checkpoint: Annotated[Path, typer.Argument(readable=False,
+                                               help="A checkpoint written by `cmda train` (.pt), or CMDA's "
                                                "released checkpoint.")],
     out: Annotated[
         Path | None, typer.Option(help="Folder for the PNGs (default: the run's predictions/iter_N/, one per "

@@ -12,9 +12,10 @@ from cli.app import (
     app,
     reports_input_errors,
 )
+from pipeline.errors import STOPPED_EXIT
 from train.tools.check import check_all
+from train.tools.compare import CompareStopped, parse_entry, parse_seeds
 from train.tools.compare import compare as run_compare
-from train.tools.compare import parse_entry, parse_seeds
 
 
 @app.command()
@@ -22,12 +23,13 @@ from train.tools.compare import parse_entry, parse_seeds
 def check(
     config: ConfigOpt = Path("datasets.yaml"),
     backbone: Annotated[str, typer.Option(help="MiT size whose ImageNet file to check.")] = "mit_b5",
-    pretrained: Annotated[Path | None, typer.Option(help="ImageNet mit_bX.pth (default pretrained/<backbone>.pth; "
+    pretrained: Annotated[Path | None, typer.Option(readable=False,
+                                                    help="ImageNet mit_bX.pth (default pretrained/<backbone>.pth; "
                                                     "required when given).")] = None,
-    cyclegan: Annotated[Path | None, typer.Option(help="CycleGAN file or CMDA checkpoint (default "
+    cyclegan: Annotated[Path | None, typer.Option(readable=False, help="CycleGAN file or CMDA checkpoint (default "
                                                   "pretrained/cityscapes_ICD_to_dsec_EN.pth; required when "
                                                   "given).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Also check a checkpoint (cmda's or CMDA's "
+    checkpoint: Annotated[Path | None, typer.Option(readable=False, help="Also check a checkpoint (cmda's or CMDA's "
                                                     "released one).")] = None,
 ) -> None:
     """Check the raw data trees of datasets.yaml and the weight files before a run; exit 2 if anything is missing.
@@ -59,7 +61,8 @@ def compare(
     common: Annotated[str, typer.Option(help="`cmda train` arguments for every run, e.g. '--preset cpu-sample'.")
                       ] = "",
     out: Annotated[Path, typer.Option(help="Folder of the runs and the summary (resumable).")] = Path("runs/compare"),
-    parallel: Annotated[int, typer.Option(help="Runs at a time (each its own process).")] = 1,
+    parallel: Annotated[int, typer.Option(help="Runs at a time (each its own process, with cores // K threads "
+                                          "unless OMP_NUM_THREADS is set).")] = 1,
 ) -> None:
     """Train and evaluate several configurations over several seeds; tabulate night mIoU mean +- std.
 
@@ -69,7 +72,11 @@ def compare(
     """
     import shlex
 
-    res = run_compare([parse_entry(r) for r in run], parse_seeds(seeds), out, tuple(shlex.split(common)),
-                      parallel=parallel, progress=typer.echo)
+    try:
+        res = run_compare([parse_entry(r) for r in run], parse_seeds(seeds), out, tuple(shlex.split(common)),
+                          parallel=parallel, progress=typer.echo)
+    except CompareStopped as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(STOPPED_EXIT) from None
     typer.echo(res["table"])
     typer.echo(f"-> {out}/compare.md, compare.json, compare.png")

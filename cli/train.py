@@ -12,7 +12,7 @@ from cli.app import (
     reports_input_errors,
 )
 from pipeline.errors import STOPPED_EXIT
-from train.config import GPU_PRESETS, to_dict
+from train.config import GPU_PRESETS, preset_names, to_dict
 from train.engine.loop import train as run_training
 from train.engine.resume import TrainRequest, configure
 
@@ -33,8 +33,10 @@ def train(
     preset: Annotated[str | None, typer.Option(help="Settings for another machine: cpu-sample (a few minutes "
                                                "on the bundled sample, MiT-B0), or the GPU memory presets 24gb, "
                                                "16gb, 11gb (MiT-B5 at batch 2+2 through --accum and activation "
-                                               "checkpointing; estimates until measured, see docs/training.md).")
-                      ] = None,
+                                               "checkpointing; estimates until measured, see docs/training.md); "
+                                               "cmda-exact (every departure from CMDA's code that a setting "
+                                               "can undo, turned to CMDA's). Combine with commas: "
+                                               "cpu-sample,cmda-exact.")] = None,
     backbone: Annotated[str | None, typer.Option(help="mit_b0 .. mit_b5 (default mit_b5).")] = None,
     iters: Annotated[int | None, typer.Option(help="Iterations (default 40000).")] = None,
     batch: Annotated[int | None, typer.Option(help="Samples per domain per iteration (default 2).")] = None,
@@ -55,12 +57,14 @@ def train(
                                              "run's own).")] = None,
     init: Annotated[str | None, typer.Option(help="Start the student from a cmda checkpoint or CMDA's released "
                                              "checkpoint (teacher = a copy, fresh optimiser).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Run folder (its latest checkpoint) or checkpoint file to "
+    resume: Annotated[Path | None, typer.Option(readable=False,
+                                                help="Run folder (its latest checkpoint) or checkpoint file to "
                                                 "continue, with the run's own settings.")] = None,
     resume_override: Annotated[bool, typer.Option("--resume-override", help="With --resume: let settings given "
                                                   "here replace the run's (logged in metrics.jsonl, both kept "
                                                   "in config.json); without it a difference is an error.")] = False,
-    settings: Annotated[Path | None, typer.Option("--settings", "--config-file", help="YAML file of TRAINING "
+    settings: Annotated[Path | None, typer.Option("--settings", "--config-file", readable=False,
+                                                  help="YAML file of TRAINING "
                                                   "settings ({section: {key: value}}, as --set); not the "
                                                   "datasets.yaml.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any setting, e.g. "
@@ -74,8 +78,12 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto (cuda:<LOCAL_RANK> if CUDA is available, else cpu), "
                                                "cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
-    datasets: Annotated[Path | None, typer.Option("--datasets", "--config", help="datasets.yaml: where the DATA "
+    datasets: Annotated[Path | None, typer.Option("--datasets", "--config", readable=False,
+                                                  help="datasets.yaml: where the DATA "
                                                   "is (default ./datasets.yaml; on --resume the run's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out if there is one "
+                                            "(its config, log, checkpoints and evaluations are deleted); "
+                                            "without it an existing run folder is refused.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and exit.")] = False,
     target: Annotated[str | None, typer.Option(help="Night target: dsec (images + events, default), or an "
                                                "image-only target darkzurich / acdc (CMDA's image + ISR model, "
@@ -106,13 +114,13 @@ def train(
              "run.source_only": True if source_only else None, "run.compile": True if compile_ else None,
              "run.accum": accum, "mic.enabled": True if mic else None}
     cfg, checkpoint = configure(TrainRequest(variant, preset, target, settings, set_ or [], flags, resume))
-    if preset in GPU_PRESETS and not cfg.run.device.startswith("cuda"):
+    if preset and set(preset_names(preset)) & set(GPU_PRESETS) and not cfg.run.device.startswith("cuda"):
         typer.echo(f"note: --preset {preset} only concerns GPU memory; on {cfg.run.device} it changes nothing "
                    "that matters (run.accum and checkpointing are applied all the same)", err=True)
     if dry_run:
         typer.echo(json.dumps(to_dict(cfg), indent=2))
         return
-    result = run_training(cfg, resume=checkpoint, override=resume_override)
+    result = run_training(cfg, resume=checkpoint, override=resume_override, overwrite=overwrite)
     if result.get("stopped") is not None:  # a signal stopped it: not a finished run, for whoever called us
         if int(os.environ.get("RANK", "0")) != 0:
             # Under torchrun only rank 0 says so: torchrun terminates every other process as soon as one

@@ -20,6 +20,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.errors import warn
+
 
 def _umask() -> int:
     """The process umask, read without changing it where Linux says it (os.umask can only set it:
@@ -50,8 +52,9 @@ def _errors_name(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         name = Path(exc.filename).name if isinstance(exc.filename, str | Path) else ""
-        if name.startswith(f".{path.name}.") and name.endswith(".tmp"):
-            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        if not name or (name.startswith(f".{path.name}.") and name.endswith(".tmp")):
+            # a write error (full disk) carries no file name at all: name the file being written
+            raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
@@ -93,6 +96,23 @@ def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def restore_text(path: str | Path, text: str, note: str | None = None) -> bool:
+    """Write ``text`` to ``path`` (atomically) unless it already holds exactly that; True if written (and
+    ``note`` printed as a warning naming the file).
+
+    For an output another program may have removed while its writer ran (``dvc repro`` removes a
+    stage's outputs before running it, even when the run is then refused by the writer's lock)."""
+    try:
+        if Path(path).read_text() == text:
+            return False
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    write_text(path, text)
+    if note:
+        warn(path, note)
+    return True
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:

@@ -28,10 +28,12 @@ def lock_path(artefact: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(artefact: str | Path, what: str) -> Iterator[None]:
-    """Hold the lock of ``artefact`` (a file or folder) or raise InputError naming the holder's pid."""
+def exclusive(artefact: str | Path, what: str,
+              hint: str = "wait for it to finish, or stop it and rerun (the run resumes)") -> Iterator[None]:
+    """Hold the lock of ``artefact`` (a file or folder) or raise InputError naming the holder's pid
+    (``hint`` says what to do instead)."""
     artefact = Path(artefact)
-    path = lock_path(artefact)
+    path = lock_path(Path(os.path.abspath(artefact)))  # "." or "run/.." name their folder too
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -40,8 +42,7 @@ def exclusive(artefact: str | Path, what: str) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise InputError(artefact, f"another {what} (pid {holder}) is writing this; wait for it to "
-                                 "finish, or stop it and rerun (the run resumes)") from None
+                raise InputError(artefact, f"another {what} (pid {holder}) is writing this; {hint}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -16,10 +16,11 @@ prefix), at the test image's full size (1920x1080 for the real data).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,12 +295,26 @@ class DarkZurichSubmission:
                 raise InputError(item.image, f"invalid mask shape {mask.shape} differs from the prediction's "
                                              f"{pred.shape}")
             label_invalid[cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0] = IGNORE
-        for folder, image in zip(SUBMISSION_FOLDERS, (label, label_invalid, conf16), strict=True):
-            self.zip.writestr(f"{folder}/{name}.png", _encode_png(image))
+        with self._naming_the_zip():
+            for folder, image in zip(SUBMISSION_FOLDERS, (label, label_invalid, conf16), strict=True):
+                self.zip.writestr(f"{folder}/{name}.png", _encode_png(image))
         self.done.add(name)
 
+    @contextlib.contextmanager
+    def _naming_the_zip(self) -> Iterator[None]:
+        """A write error (full disk) names the zip being written, not nothing or the hidden partial file."""
+        try:
+            yield
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.out)) from exc
+
     def close(self) -> Path:
-        self.zip.close()
+        try:
+            with self._naming_the_zip():
+                self.zip.close()
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         missing = sorted(set(self.test) - self.done)
         if missing:
             self.tmp.unlink()
@@ -309,9 +324,12 @@ class DarkZurichSubmission:
         return self.out
 
     def abort(self) -> None:
-        self.zip.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
+        """Remove the partial zip, even when closing it fails (a full disk cannot take its directory)."""
+        try:
+            with contextlib.suppress(OSError):
+                self.zip.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> DarkZurichSubmission:
         return self

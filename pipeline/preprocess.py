@@ -26,7 +26,7 @@ import numpy as np
 from pipeline import lock
 from pipeline import representations as reps
 from pipeline import store as zstore
-from pipeline.atomic import write_text
+from pipeline.atomic import restore_text, write_text
 from pipeline.config import DatasetsConfig
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
@@ -379,10 +379,9 @@ def _preprocess_locked(cfg: DatasetsConfig, seq: str, out: Path, *, scheduler: s
     rep = cfg.representation
     src, summary = _read_source(cfg, seq, workers)
     settings = {"bins": rep.bins, "height": rep.height, "width": rep.width, "window": WINDOW_RULE,
-                "compressor": f"blosc {rep.compressor} clevel {rep.clevel} noshuffle",
-                "time": "tau = (t - t_first) / (t_last - t_first) in float32, tn = (bins-1) tau",
-                "corner": "trunc toward zero"}
-    write_text(event_index_path(cfg, seq), "".join(f"{int(v)}\n" for v in src.index))
+                "compressor": f"blosc {rep.compressor} clevel {rep.clevel} noshuffle", "corner": "trunc toward zero",
+                "time": "tau = (t - t_first) / (t_last - t_first) in float32, tn = (bins-1) tau"}
+    write_text(index := event_index_path(cfg, seq), text := "".join(f"{int(v)}\n" for v in src.index))
     written = _build_store(cfg, src, out, {"settings": settings, "source": src.identity}, summary,
                            functools.partial(_run_batch, bins=rep.bins), dict(bins=rep.bins),
                            f"preprocess {seq}", scheduler, workers)
@@ -393,6 +392,7 @@ def _preprocess_locked(cfg: DatasetsConfig, seq: str, out: Path, *, scheduler: s
         n = _build_kind(cfg, src, path, kind, summary, scheduler, workers)
         built[reps.store_suffix(kind)] = {"path": str(path), "status": "built" if n is not None else
                                           "already complete", "frames_written": n or 0}
+    restore_text(index, text, "removed while this run held the lock (`dvc repro` of this stage?): written again")
     nothing = written is None and all(b["status"] == "already complete" for b in built.values())
     return {**summary, "status": "already complete" if nothing else "built", "frames_written": written or 0,
             "representations": built}

@@ -73,7 +73,7 @@ def test_a_stopped_training_is_not_recorded_as_finished(tmp_path, monkeypatch):
         (tmp_path / "out" / "base" / "seed0" / "checkpoints" / "iter_000001.pt").write_bytes(b"x")
         return 130
 
-    monkeypatch.setattr(cmp, "_run_cmd", fake_run)
+    monkeypatch.setattr(cmp.Children, "run", lambda self, args, log: fake_run(args, log))
     with pytest.raises(InputError, match="stopped before its last iteration"):
         cmp.run_one(Entry("base", ("--variant", "baseline")), 0, (), tmp_path / "out")
     assert [a[0] for a in calls] == ["train"]  # never evaluated

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,13 +87,17 @@ def read_checkpoint_object(path: str | Path) -> Any:
     uses: only open checkpoints you trust.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a checkpoint file (give its checkpoints/iter_*.pt or best.pt)")
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     last: Exception | None = None
     for weights_only in (True, False):
         for mmap in (True, False):
             try:
-                return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+                with warnings.catch_warnings():  # torch's notes on a plain pickle: the error below says it all
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
             except Exception as exc:  # unpickling, non-zip (mmap) or corrupt-file errors: try the next way
                 last = exc
     raise InputError(path, f"not a readable PyTorch checkpoint ({type(last).__name__}: {last})")

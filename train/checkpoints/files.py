@@ -8,9 +8,11 @@ so restoring these is enough for ``--resume`` to reproduce the uninterrupted run
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +48,35 @@ def save_checkpoint(path: Path, *, iteration: int, student: torch.nn.Module, tea
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as exc:
+            raise write_failure(path, exc) from exc
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def disk_free(path: Path) -> int:
+    """Bytes free on the disk of ``path`` (0 if that cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def write_failure(path: Path, exc: BaseException) -> OSError:
+    """An OSError naming ``path`` for a failed torch.save: on a full disk torch's writer raises a
+    RuntimeError ('unexpected pos ...') or an OSError without a file name, neither of which says which
+    file or why."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    if disk_free(path.parent) < 64 * 2**20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"could not be written ({str(exc).splitlines()[0] if str(exc) else exc!r})",
+                   str(path))
 
 
 def temp_name(path: Path) -> Path:
@@ -135,6 +160,8 @@ def find_checkpoint(path: Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a checkpoint file (give its checkpoints/iter_*.pt)")
     if not path.exists():
         raise InputError(path, "checkpoint not found")
     try:

@@ -27,6 +27,7 @@ from train.config.layers import (
     from_dict,
     image_only,
     load_yaml_overrides,
+    preset_names,
     set_value,
     to_dict,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "image_only",
     "load_yaml_overrides",
     "parse_device",
+    "preset_names",
     "set_value",
     "to_dict",
     "validate",

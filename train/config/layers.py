@@ -62,6 +62,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "run.ckpt_every": 100,
         "run.log_every": 10,
     },
+    # Every departure from CMDA's code that a setting can undo (docs/fidelity.md, "Differences from CMDA"),
+    # turned to CMDA's: combine with another preset, e.g. --preset cpu-sample,cmda-exact (the sample-scale
+    # pseudo threshold and EMA of cpu-sample stay: they are that preset's point, not a code difference).
+    "cmda-exact": {
+        "data.cmda_empty_part": True,
+        "data.event_count": "cmda",
+        "data.isr_direction": "cmda",
+        "run.amp": False,
+        "run.tf32": False,
+    },
     # Memory presets for MiT-B5 at CMDA's batch 2+2 and crop 512 on one GPU (the recipe unchanged:
     # gradient accumulation instead of a halved batch). ESTIMATES until benchmarks/gpu_suite.py has
     # measured them on a card of that size; bf16 autocast (run.amp) is assumed on.
@@ -120,11 +130,21 @@ def apply_target(cfg: TrainConfig, target: str) -> TrainConfig:
     return cfg
 
 
+def preset_names(preset: str) -> list[str]:
+    """``a,b`` -> ["a", "b"]: presets combine, applied left to right (a later one wins on a shared key)."""
+    return [p.strip() for p in preset.split(",") if p.strip()]
+
+
 def apply_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
-    if preset not in PRESETS:
-        raise InputError(None, f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    for key, value in PRESETS[preset].items():
-        set_value(cfg, key, value)
+    names = preset_names(preset)
+    if not names:
+        raise InputError(None, f"empty preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    for name in names:
+        if name not in PRESETS:
+            raise InputError(None, f"unknown preset {name!r}; choose one or more (comma-separated) of: "
+                             f"{', '.join(PRESETS)}")
+        for key, value in PRESETS[name].items():
+            set_value(cfg, key, value)
     return cfg
 
 

@@ -59,6 +59,16 @@ class DataConfig:
     # trained on downscaled crops should test at that scale, e.g. 128/400 for crop 128.
     test_scale: float = 1.0
     workers: int = 2
+    # The three places the loaders depart from CMDA's code on purpose (docs/fidelity.md, "Differences from
+    # CMDA"); `--preset cmda-exact` sets each to CMDA's. True: events_norm (and the ISR) of a part with no
+    # cell of its sign is -1 everywhere, as CMDA's min-max makes it; False: that part stays 0.
+    cmda_empty_part: bool = False
+    # Events counted for events_norm's clip N / 500000 * 1.5: "inclusive" (every event of the window
+    # idx_{i-1} .. idx_i) or "cmda" (CMDA's finish - start, one fewer).
+    event_count: str = "inclusive"
+    # ISR shift directions (DSEC target): "random" (uniform per sample) or "cmda" (CMDA's parity rules:
+    # source from (crop x, flip), target from its crop offset, mixed image from the colour-jitter draw).
+    isr_direction: str = "random"
 
 
 @dataclass

@@ -46,6 +46,7 @@ def _validate_run(cfg: TrainConfig) -> None:
     parse_device(r.device)
     for key in ("iters", "batch", "log_every", "eval_every", "ckpt_every"):
         _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), ">= 1")
+    _check(0 <= r.seed < 2**31, "run.seed", r.seed, ">= 0 and < 2**31 (NumPy and PyTorch seeds are unsigned)")
     _check(r.eval_max >= 0, "run.eval_max", r.eval_max, ">= 0 (0 = every test frame)")
     _check(r.keep_ckpts >= 0, "run.keep_ckpts", r.keep_ckpts, ">= 0 (0 = keep every checkpoint)")
     _check(r.accum >= 1 and r.batch % r.accum == 0, "run.accum", r.accum,
@@ -65,6 +66,8 @@ def _validate_model(cfg: TrainConfig) -> None:
 def _validate_data(cfg: TrainConfig) -> None:
     d, rc = cfg.data, cfg.rcs
     _check(d.crop >= 1, "data.crop", d.crop, ">= 1")
+    _check(d.event_count in ("inclusive", "cmda"), "data.event_count", d.event_count, "inclusive or cmda")
+    _check(d.isr_direction in ("random", "cmda"), "data.isr_direction", d.isr_direction, "random or cmda")
     _check(d.target_crop >= 1, "data.target_crop", d.target_crop, ">= 1")
     _check(min(d.source_resize) >= 1, "data.source_resize", d.source_resize, "two sizes >= 1")
     _check(d.workers >= 0, "data.workers", d.workers, ">= 0 (0 = load in the main process)")
@@ -105,13 +108,15 @@ def _validate_loss(cfg: TrainConfig) -> None:
         v = getattr(ls, f.name)
         _check(_finite(v) and v >= 0, f"loss.{f.name}", v, "a number >= 0")
     _check(ls.mask_events <= 1, "loss.mask_events", ls.mask_events, "in [0, 1]")
-    _check(ls.mask_block >= 1, "loss.mask_block", ls.mask_block, ">= 1")
+    _check(1 <= ls.mask_block <= cfg.data.crop, "loss.mask_block", ls.mask_block,
+           f"in [1, data.crop = {cfg.data.crop}] (pixels of one masked block)")
 
 
 def _validate_mic(cfg: TrainConfig) -> None:
     mc = cfg.mic
     _check(_finite(mc.lambda_) and mc.lambda_ >= 0, "mic.lambda", mc.lambda_, "a number >= 0")
-    _check(mc.block >= 1, "mic.block", mc.block, ">= 1")
+    _check(1 <= mc.block <= cfg.data.crop, "mic.block", mc.block,
+           f"in [1, data.crop = {cfg.data.crop}] (pixels of one masked block)")
     _check(_finite(mc.ratio) and 0 <= mc.ratio < 1, "mic.ratio", mc.ratio, "in [0, 1)")
     _check(mc.events in ("same", "independent", "none"), "mic.events", mc.events, "same, independent or none")
 

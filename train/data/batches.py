@@ -17,6 +17,7 @@ from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
 from train.config import DataConfig, RcsConfig, TrainConfig, image_only
 from train.data.image_only import NightTargetEval, NightTargetTrain
+from train.data.isr import DIRECTIONS, cmda_direction
 from train.data.loaders import CityscapesTrain, NightFrames, NightTest, SourceFile, augment_source, augment_target
 from train.data.rcs import RareClassSampler
 
@@ -47,7 +48,7 @@ class PairedBatches(Dataset):
         self.target: NightFrames | NightTargetTrain | None = None
         self.augment = augment_target
         if with_target and data.target == "dsec":
-            self.target = NightFrames(cfg, "train")
+            self.target = NightFrames(cfg, "train", data)
         elif with_target:  # an image-only target: its ISR takes the events' place in the batch
             self.target = NightTargetTrain(cfg, data)
             self.augment = self.target.augment
@@ -69,18 +70,26 @@ class PairedBatches(Dataset):
 
     def __getitem__(self, it: int) -> dict[str, torch.Tensor]:
         src_img, src_lbl, src_ic1, tgt_img, tgt_evt = [], [], [], [], []
+        cmda_dirs = self.data.isr_direction == "cmda" and self.augment is augment_target
+        src_dir, tgt_dir = [], []
         for b in range(self.batch):
             rng = np.random.default_rng([self.seed, int(it), b, 0])
             f, c = self._source_file(rng)
             image, label, ic1 = self.source.load(f, self.data.source_resize, self.data.source_resize_impl)
-            image, label, ic1 = augment_source(image, label, ic1, rng, self.data, c, self.rcs)
+            drawn: dict[str, int] = {}
+            image, label, ic1 = augment_source(image, label, ic1, rng, self.data, c, self.rcs, drawn)
+            src_dir.append(DIRECTIONS.index(cmda_direction(drawn["x"], drawn["flip"])))
             src_img.append(image.transpose(2, 0, 1))
             src_lbl.append(label.astype(np.int64))
             src_ic1.append(ic1[None])
             if self.target is not None:
                 rng_t = np.random.default_rng([self.seed, int(it), b, 1])
                 image, events, _ = self.target.load(int(rng_t.integers(len(self.target))))
-                image, events = self.augment(image, events, rng_t, self.data)
+                if cmda_dirs:
+                    image, events = augment_target(image, events, rng_t, self.data, drawn)
+                    tgt_dir.append(DIRECTIONS.index(cmda_direction(drawn["x"], drawn["y"])))
+                else:
+                    image, events = self.augment(image, events, rng_t, self.data)
                 tgt_img.append(image.transpose(2, 0, 1))
                 tgt_evt.append(events)
         out = {
@@ -91,4 +100,8 @@ class PairedBatches(Dataset):
         if self.target is not None:
             out["target_image"] = torch.from_numpy(np.stack(tgt_img))
             out["target_events"] = torch.from_numpy(np.stack(tgt_evt))
+        if cmda_dirs:  # CMDA's ISR shift directions, as indices into DIRECTIONS (train.uda.targets reads them)
+            out["source_isr_dir"] = torch.tensor(src_dir, dtype=torch.int64)
+            if tgt_dir:
+                out["target_isr_dir"] = torch.tensor(tgt_dir, dtype=torch.int64)
         return out

@@ -36,17 +36,18 @@ ISR_TARGET = IsrParams(val_range=(1.0, 100.0), threshold=0.01, clip=0.1, shift=3
 ISR_DIRECTION = "rightdown"
 
 
-def night_isr(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) RGB -> its ISR as CMDA's image-only setting defines it, float32 (1, H, W) in [-1, 1]."""
+def night_isr(image: np.ndarray, cmda_compat: bool = False) -> np.ndarray:
+    """uint8 (H, W, 3) RGB -> its ISR as CMDA's image-only setting defines it, float32 (1, H, W) in [-1, 1]
+    (``cmda_compat``: CMDA's -1 for a part with no difference of its sign, ``data.cmda_empty_part``)."""
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-    return image_content(t, ISR_TARGET, ISR_DIRECTION)[0, :1].numpy()
+    return image_content(t, ISR_TARGET, ISR_DIRECTION, cmda_compat=cmda_compat)[0, :1].numpy()
 
 
-def mixed_isr(image: torch.Tensor) -> torch.Tensor:
+def mixed_isr(image: torch.Tensor, cmda_compat: bool = False) -> torch.Tensor:
     """ISR of a network-normalised batch (the ClassMix-mixed or the MIC-masked image), CMDA's
     ``mixed_image_to_mixed_isr`` with this setting's parameters and direction."""
 
-    return isr_from_normalized(image, ISR_TARGET, ISR_DIRECTION)
+    return isr_from_normalized(image, ISR_TARGET, ISR_DIRECTION, cmda_compat=cmda_compat)
 
 
 def load_resized(item: TargetImage, size: tuple[int, int]) -> np.ndarray:
@@ -77,10 +78,11 @@ class NightTargetTrain:
     def __init__(self, cfg: DatasetsConfig, data: DataConfig):
         self.items = discover_target(cfg, data.target).train
         self.size = data.target_resize
+        self.cmda_compat = data.cmda_empty_part
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, TargetImage]:
         image = load_resized(self.items[i], self.size)
-        return image, night_isr(image), self.items[i]
+        return image, night_isr(image, self.cmda_compat), self.items[i]
 
     def augment(self, image: np.ndarray, isr: np.ndarray, rng: np.random.Generator, data: DataConfig
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +108,7 @@ class NightTargetEval(Dataset):
         self.items = items[:limit] if limit else items
         self.split = split
         self.size = data.target_resize
+        self.cmda_compat = data.cmda_empty_part
 
     def __len__(self) -> int:
         return len(self.items)
@@ -115,7 +118,7 @@ class NightTargetEval(Dataset):
         image = load_resized(item, self.size)
         out: dict[str, torch.Tensor | str] = {
             "image": torch.from_numpy(normalize_image(image)),
-            "events": torch.from_numpy(np.repeat(night_isr(image), 3, axis=0)),
+            "events": torch.from_numpy(np.repeat(night_isr(image, self.cmda_compat), 3, axis=0)),
             "name": item.name,
         }
         if self.split == "val":

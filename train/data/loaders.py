@@ -96,7 +96,8 @@ def resize_pil_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     filter (equal at 2x, within 1 grey level at other scales; tested against Pillow) and is ~2x
     faster than Pillow on one thread.
     """
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    # a read-only array (np.asarray of a PIL image) would make torch warn on every run: copy it then
+    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
     t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
     out = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="bilinear", antialias=True,
                                           align_corners=False)[0]
@@ -175,11 +176,21 @@ def resolve_row(row: Row, base: Path) -> Row:
                    store=join(row.store))
 
 
+def clip_count(events_in_window: int, cmda: bool) -> int:
+    """The N of events_norm's clip ``N / 500000 * 1.5``: the events of the inclusive window
+    ``idx_{i-1} .. idx_i``, or with ``cmda`` CMDA's ``finish - start`` (one fewer; XiaRho/CMDA 9d25129,
+    mmseg/datasets/dsec.py)."""
+    return max(events_in_window - 1, 0) if cmda else events_in_window
+
+
 class NightFrames:
     """The DSEC night frames of one split, with their voxel stores opened once."""
 
-    def __init__(self, cfg: DatasetsConfig, split: str):
+    def __init__(self, cfg: DatasetsConfig, split: str, data: DataConfig | None = None):
         self.cfg = cfg
+        # events_norm as CMDA computes it (docs/fidelity.md): -1 for an empty part, finish - start events
+        self.cmda_empty_part = bool(data and data.cmda_empty_part)
+        self.cmda_count = bool(data and data.event_count == "cmda")
         self.rows: list[Row] = [resolve_row(r, index_base(cfg)) for r in read_index(cfg.dsec.out / "index.csv", split)]
         if not self.rows:
             raise InputError(cfg.dsec.out / "index.csv", f"no {split} frames (check datasets.yaml and `cmda index`)")
@@ -200,15 +211,17 @@ class NightFrames:
         if image.shape[:2] != grid.shape[1:]:
             raise InputError(row.warp_image, f"image is {image.shape[1]}x{image.shape[0]}, events are "
                              f"{grid.shape[2]}x{grid.shape[1]}")
-        return image, events_norm(grid, row.event_count), row
+        return image, events_norm(grid, clip_count(row.event_count, self.cmda_count),
+                                  cmda_empty_part=self.cmda_empty_part), row
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def augment_target(image: np.ndarray, events: np.ndarray, rng: np.random.Generator, cfg: DataConfig
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """CMDA's target augmentation: one crop/flip applied to image and events alike, then resize.
+def augment_target(image: np.ndarray, events: np.ndarray, rng: np.random.Generator, cfg: DataConfig,
+                   drawn: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CMDA's target augmentation: one crop/flip applied to image and events alike, then resize
+    (``drawn``, if given, receives the crop offset ``x``, ``y``: CMDA's ISR direction rule uses them).
 
     Resizing the crop view first and flipping the small result is the same picture as CMDA's
     crop -> flip -> resize (bilinear resizing commutes with a horizontal flip) without copying the
@@ -218,6 +231,8 @@ def augment_target(image: np.ndarray, events: np.ndarray, rng: np.random.Generat
     x = int(rng.integers(cfg.target_crop_x[0], cfg.target_crop_x[1] + 1))
     y = int(rng.integers(cfg.target_crop_y[0], cfg.target_crop_y[1] + 1))
     flip = rng.random() < cfg.flip
+    if drawn is not None:
+        drawn.update(x=x, y=y)
     size = (cfg.crop, cfg.crop)
     image = resize(image[y:y + c, x:x + c], size)
     events = resize_channels(events[:, y:y + c, x:x + c], size)
@@ -230,7 +245,7 @@ class NightTest(Dataset):
     """Test frames: image and events cropped to the top rows (440), label with 255 = ignore."""
 
     def __init__(self, cfg: DatasetsConfig, data: DataConfig, limit: int = 0):
-        self.frames = NightFrames(cfg, "test")
+        self.frames = NightFrames(cfg, "test", data)
         self.rows = self.frames.rows[:limit] if limit else self.frames.rows
         self.top = data.test_rows
 
@@ -321,15 +336,20 @@ class CityscapesVal(Dataset):
 
 
 def augment_source(image, label, ic1, rng: np.random.Generator, cfg: DataConfig, rcs_class: int | None,
-                   rcs: RcsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random crop (cat_max_ratio, then RCS re-crop for the sampled class) and flip, on all three."""
+                   rcs: RcsConfig, drawn: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random crop (cat_max_ratio, then RCS re-crop for the sampled class) and flip, on all three.
+
+    ``drawn`` (if given) receives the crop's ``x`` and ``flip`` (0/1): CMDA's ISR direction rule uses them."""
     size = cfg.crop
     y, x = crop_max_ratio(label, size, rng, cfg.cat_max_ratio)
     if rcs_class is not None and not np.count_nonzero(label[y:y + size, x:x + size] == rcs_class) > \
             rcs.min_pixels * rcs.min_crop_ratio:
         y, x = choose_crop(label, rcs_class, (size, size), rng, rcs.min_pixels, rcs.min_crop_ratio)
     image, label, ic1 = (a[y:y + size, x:x + size] for a in (image, label, ic1))
-    if rng.random() < cfg.flip:
+    flip = rng.random() < cfg.flip
+    if drawn is not None:
+        drawn.update(x=x, flip=int(flip))
+    if flip:
         return hflip(image), hflip(label), hflip(ic1)
     return np.ascontiguousarray(image), np.ascontiguousarray(label), np.ascontiguousarray(ic1)
 

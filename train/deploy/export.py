@@ -42,7 +42,9 @@ from torch import nn
 from pipeline.atomic import atomic_path
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from train.checkpoints.files import disk_free, write_failure
 from train.checkpoints.inference import load_for_inference, predict_logits
+from train.common.stopping import FrameStop
 from train.config import TrainConfig, image_only
 from train.data.image_only import night_isr
 from train.data.loaders import NightFrames, normalize_image
@@ -282,12 +284,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
             "output": output, "precision": "fp16" if fp16 else "fp32", "dynamic": str(dynamic).lower(),
             "checkpoint": checkpoint.name, "iteration": str(state.get("iteration")),
             "variant": cfg.run.variant, "second_input": second, "target": cfg.data.target}
-    with atomic_path(out) as tmp:
-        _export_with_metadata(checkpoint, graph, (torch.from_numpy(image), torch.from_numpy(events)), tmp,
-                              dynamic, output, second, meta)
-        got = ort_session(tmp).run(None, {"image": image, second: events})[0]
-        diff, agreement = _check_agreement(checkpoint, frame, got, expected, argmax, fp16)
-        size_mb = os.path.getsize(tmp) / 2**20
+    try:
+        with FrameStop(immediate=True), atomic_path(out) as tmp:  # a signal: the partial file goes, exit 130
+            _export_with_metadata(checkpoint, graph, (torch.from_numpy(image), torch.from_numpy(events)), tmp,
+                                  dynamic, output, second, meta)
+            got = ort_session(tmp).run(None, {"image": image, second: events})[0]
+            diff, agreement = _check_agreement(checkpoint, frame, got, expected, argmax, fp16)
+            size_mb = os.path.getsize(tmp) / 2**20
+    except OSError as exc:  # a full disk: name the file being written, not nothing or its hidden temporary
+        if exc.filename is not None and not Path(exc.filename).name.startswith(f".{Path(out).name}."):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
     return ExportReport(out=out, backbone=cfg.model.backbone, height=height, width=width,
                         event_channels=graph.event_channels, output=output, precision=meta["precision"],
                         dynamic=dynamic, frame=frame, max_diff=diff, agreement=agreement, size_mb=size_mb,
@@ -328,9 +335,11 @@ def _export_with_metadata(checkpoint: Path, graph: DeploymentGraph, example: tup
     onnx = require("onnx")
     try:
         _export_onnx(graph, example, tmp, dynamic, output, second)
-    except InputError:
+    except (InputError, OSError):
         raise
     except Exception as exc:
+        if disk_free(tmp.parent) < 64 * 2**20:  # the exporter's own words for a full disk say nothing of it
+            raise write_failure(tmp, exc) from exc
         raise InputError(checkpoint, f"the ONNX exporter failed for this setting ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:300]})") from None
     proto = onnx.load(str(tmp))

@@ -42,6 +42,7 @@ from pipeline.voxel import accumulate_voxels, events_norm, rectifier
 from pipeline.warp import warp_grid, warp_image
 from train.checkpoints.inference import predict_logits
 from train.common.device import resolve_device
+from train.common.stopping import FrameStop
 from train.data.loaders import normalize_image, three_channels
 from train.deploy.export import load_model, open_onnx
 from train.eval.predict import frame_panel
@@ -275,6 +276,8 @@ def stream(seq: str, model: str | Path, *, config: str | Path = "datasets.yaml",
     model = Path(model)
     if limit < 0 or first < 0:
         raise InputError(None, "--first and --limit must be >= 0")
+    if threads < 0:
+        raise InputError(None, f"--threads must be >= 0 (0 = onnxruntime's default), got {threads}")
     if not model.exists():
         raise InputError(model, "model file not found")
     cfg = load_config(config)
@@ -296,10 +299,12 @@ def stream(seq: str, model: str | Path, *, config: str | Path = "datasets.yaml",
         done = 0  # frames whose prediction is written
         bar = tqdm(total=len(frames), desc=f"stream {replay.name}", unit="frame", disable=not progress)
         try:
-            for _ in _predict_frames(replay, runner, frames, out, writer, pacing, seconds):
-                done += 1
-                bar.set_postfix(fps=f"{1 / sum(seconds[s][-1] for s in STAGES):.1f}", refresh=False)
-                bar.update()
+            with FrameStop() as stop:
+                for _ in _predict_frames(replay, runner, frames, out, writer, pacing, seconds):
+                    done += 1
+                    bar.set_postfix(fps=f"{1 / sum(seconds[s][-1] for s in STAGES):.1f}", refresh=False)
+                    bar.update()
+                    stop.check()
         except KeyboardInterrupt:  # a user stopping the replay: report and keep the frames done
             pass
         finally:

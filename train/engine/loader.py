@@ -45,6 +45,18 @@ def checked(batch: dict[str, torch.Tensor] | WorkerFailure) -> dict[str, torch.T
     return batch
 
 
+def shut_down(batches: object) -> None:
+    """Stop a DataLoader iterator's worker processes now, whatever ended the loop.
+
+    Workers ignore SIGTERM (see :func:`train.engine.signals.worker_init`), so if an error left the
+    iterator alive until interpreter exit, multiprocessing's exit handler would SIGTERM them (ignored)
+    and wait for them forever: the process would hang after printing its error.
+    """
+    stop = getattr(batches, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
+
+
 def batch_loader(batches: PairedBatches, start: int, iters: int, workers: int, pin_memory: bool) -> DataLoader:
     """Iterations ``start`` .. ``iters``, one whole batch per item (randomness is a function of the iteration)."""
     return DataLoader(ReportingBatches(batches), batch_size=None, sampler=range(start, iters), num_workers=workers,

@@ -20,19 +20,21 @@ from train.checkpoints.files import find_checkpoint, load_checkpoint
 from train.config import TrainConfig, validate
 from train.engine.build import Run, build, restore, wrap
 from train.engine.context import Context, any_rank, backend_flags, setup_context
-from train.engine.loader import batch_loader, checked
+from train.engine.loader import batch_loader, checked, shut_down
 from train.engine.resume import ResumePoint, check_resume
-from train.engine.run_folder import RunFolder, best_eval, default_out
+from train.engine.run_folder import RunFolder, best_eval, claim, default_out, run_lock
 from train.engine.signals import StopFlag, signals_blocked
 from train.eval.evaluate import evaluate
 from train.uda.step import NonFiniteLoss, iteration
 
 
-def train(cfg: TrainConfig, resume: ResumePoint | Path | None = None, override: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: ResumePoint | Path | None = None, override: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train (or continue, from a checkpoint file or run folder) with ``cfg``.
 
     With ``resume``, every setting but the machine's must equal the checkpoint's, unless ``override``
-    (then the changes are logged and kept in config.json).
+    (then the changes are logged and kept in config.json). The run folder is locked for the whole run;
+    an existing run's folder is refused unless resuming it or ``overwrite``.
     """
     validate(cfg)
     ctx = setup_context(cfg.run.device)
@@ -46,7 +48,9 @@ def train(cfg: TrainConfig, resume: ResumePoint | Path | None = None, override: 
         cfg.run.out = cfg.run.out or resume.path.parent.parent
     out = Path(cfg.run.out or default_out(cfg))
     cfg.run.out, cfg.run.device = out, str(ctx.device)  # config.json and checkpoints show resolved values
-    with backend_flags(cfg, ctx.device):
+    with run_lock(out, ctx.main), backend_flags(cfg, ctx.device):
+        if ctx.main:
+            claim(out, resume and resume.path, overwrite, say)
         run = build(cfg, ctx, say, resuming=resume is not None)
         start = restore(run, resume and resume.state, resume and resume.path, say)
         wrap(run, cfg, ctx)
@@ -92,6 +96,7 @@ class Loop:
                         disable=not ctx.main)
         with StopFlag() as stop:
             stop.consistent(self.start)
+            batches = None
             try:
                 with signals_blocked():
                     batches = iter(loader)
@@ -106,6 +111,7 @@ class Loop:
                 self.result["stopped"] = stop.at if stop.at is not None else self.saved_at
             finally:
                 self.bar.close()
+                shut_down(batches)  # an error must end the process, never leave it waiting for its workers
         self.result["checkpoint"] = str(self.last_ckpt) if self.last_ckpt else None
         return self.result
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_text
 from pipeline.errors import InputError
-from train.checkpoints.files import clean_stale_temps, prune_checkpoints, save_checkpoint
+from pipeline.lock import exclusive
+from train.checkpoints.files import clean_stale_temps, iteration_checkpoints, prune_checkpoints, save_checkpoint
 from train.config import TrainConfig, to_dict
 from train.engine.context import Context
 from train.eval.visualize import loss_curve_png, read_metrics_jsonl
@@ -21,6 +24,53 @@ from train.uda.step import Networks
 def default_out(cfg: TrainConfig) -> Path:
     name = "source_only" if cfg.run.source_only else cfg.run.variant.replace("+", "_")
     return Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{name}"
+
+
+#: What a run writes into its folder: what ``--overwrite`` removes (nothing else in the folder is touched).
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tensorboard", "loss_curve.png", "eval", "predictions")
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder a training run has written into (its config, log or checkpoints)."""
+    return any((path / name).exists() for name in RUN_FILES[:3])
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, main: bool = True) -> Iterator[None]:
+    """The run folder's one-writer lock (``flock`` beside it, as ``cmda preprocess`` locks its store;
+    the kernel releases it when the holder dies, even by kill -9). Held by training, resume, and an
+    evaluation writing into the folder; rank 0 only under torchrun (the other ranks do not write)."""
+    if not main:
+        yield
+        return
+    with exclusive(out, "cmda process", "wait for it to finish or stop it (a stopped run resumes with "
+                   f"--resume {out}), or write elsewhere with --out"):
+        yield
+
+
+def claim(out: Path, resumed_from: Path | None, overwrite: bool, say) -> None:
+    """Refuse to start a new run over an existing run's folder unless ``overwrite`` (then its run files go).
+
+    Writing a new run into an old one would empty its log and rewrite config.json while its later
+    checkpoints and best.pt stayed, and a later ``--resume`` would continue the old run's weights
+    under the new settings. Call with the folder's lock held.
+    """
+    if resumed_from is not None and Path(resumed_from).absolute().parent.parent == Path(out).absolute():
+        return  # continuing this very run
+    if not is_run_folder(out):
+        return
+    if not overwrite:
+        ckpts = iteration_checkpoints(out / "checkpoints")
+        last = f"last checkpoint {ckpts[-1].name}" if ckpts else "no checkpoint yet"
+        raise InputError(out, f"is an existing run folder ({last}); continue it with --resume {out}, write "
+                         "elsewhere with --out, or replace it with --overwrite")
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    say(f"--overwrite: removed the previous run's files from {out}")
 
 
 def best_eval(log_path: Path) -> tuple[float, int] | None:
@@ -88,12 +138,18 @@ class RunFolder:
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self._append(record)
+        except OSError as exc:  # a write error carries no file name: say which file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.log_path)) from exc
         if self.writer is not None:
             for k, v in record.items():
                 if k != "iter" and isinstance(v, int | float):
                     self.writer.add_scalar(k, v, record["iter"])
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def checkpoint(self, it: int, nets: Networks, method: Method, cfg: TrainConfig) -> Path | None:
         if not self.main:

@@ -7,7 +7,9 @@ Used by the training loop (every ``eval_every`` iterations, student, fusion outp
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from pipeline.atomic import write_text
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from pipeline.lock import exclusive
 from train.checkpoints.inference import check_target, load_for_inference, predict_logits
 from train.common import CLASSES, NUM_CLASSES
 from train.common.device import resolve_device
@@ -85,6 +88,25 @@ def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: 
     day skill survives the night is the gap adaptation has to close.
     """
 
+    checkpoint = Path(checkpoint)
+    out = out or checkpoint.parent.parent / "eval" / (checkpoint.stem + ("" if domain == "night" else "_day"))
+    with run_folder_lock(checkpoint, out):
+        return _evaluate_into(checkpoint, out, datasets=datasets, teacher=teacher, device=device, limit=limit,
+                              domain=domain, target=target)
+
+
+def run_folder_lock(checkpoint: Path, out: Path) -> contextlib.AbstractContextManager:
+    """The lock of the run folder ``out`` lies in (the checkpoint's run), so an evaluation never writes
+    into a run that a training is writing (the same lock as :func:`train.engine.run_folder.run_lock`)."""
+    run = Path(os.path.abspath(checkpoint)).parent.parent
+    inside = Path(os.path.abspath(out)).is_relative_to(run)
+    if not (inside and (run / "config.json").exists()):
+        return contextlib.nullcontext()
+    return exclusive(run, "cmda process", "wait for it to finish, or evaluate into another folder with --out")
+
+
+def _evaluate_into(checkpoint: Path, out: Path, *, datasets: Path | None, teacher: bool, device: str, limit: int,
+                   domain: str, target: str | None) -> dict[str, Any]:
     dev = resolve_device(device)
     model, cfg, state = load_for_inference(checkpoint, teacher, dev)
     check_target(checkpoint, cfg, target)
@@ -100,7 +122,6 @@ def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: 
         results = evaluate(model, day, dev, EVAL_OUTPUTS, cfg.run.amp)
     else:
         raise InputError(None, f"--domain must be night or day, got {domain!r}")
-    out = out or checkpoint.parent.parent / "eval" / (checkpoint.stem + ("" if domain == "night" else "_day"))
     out.mkdir(parents=True, exist_ok=True)
     summary = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "domain": domain,
                "target": cfg.data.target,

@@ -30,6 +30,7 @@ from pipeline.errors import InputError
 from train.checkpoints.inference import check_target, load_for_inference, predict_logits
 from train.common import NUM_CLASSES
 from train.common.device import resolve_device
+from train.common.stopping import FrameStop
 from train.config import TARGETS, TrainConfig, image_only
 from train.data.loaders import NightFrames, NightTest, normalize_image, three_channels
 from train.eval.metrics import confusion, summarize
@@ -65,7 +66,7 @@ def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int
                 yield test[i]
 
         return len(test), test_items()
-    frames = NightFrames(ds, "train")
+    frames = NightFrames(ds, "train", train_cfg.data)
     n = min(len(frames), limit) if limit else len(frames)
 
     def train_items() -> Iterator[dict[str, Any]]:
@@ -88,6 +89,26 @@ def frame_panel(image: np.ndarray, events: np.ndarray, pred: np.ndarray, label: 
     if label is not None:
         cols.append(("label", colorize(label)))
     return panel(cols)
+
+
+def _predict_frame(model, item: dict[str, Any], out: Path, output: str, cfg: TrainConfig,
+                   conf_total: torch.Tensor | None, dev: torch.device) -> int:
+    """One frame's prediction PNG and panel (and its confusion added to ``conf_total``); returns 1."""
+    image, events = item["image"][None].to(dev), item["events"][None].to(dev)
+    logits = predict_logits(model, image, events, (output,), amp=cfg.run.amp, scale=cfg.data.test_scale)
+    pred = logits[output].argmax(1)[0].cpu()
+    label = item["label"]
+    score = None
+    if label is not None and conf_total is not None:
+        conf = confusion(pred, label)
+        conf_total += conf
+        score = float(summarize(conf.numpy())["mIoU"])
+    pred_np = pred.numpy().astype(np.uint8)
+    write_png(out / f"{item['name']}_pred.png", colorize(pred_np))
+    write_png(out / f"{item['name']}_panel.png", frame_panel(
+        denormalize(item["image"]), item["events"].numpy(), pred_np,
+        None if label is None else label.numpy(), output, score))
+    return 1
 
 
 def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: str | Path | None = None,
@@ -123,22 +144,10 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
     total, frames = night_frames(Path(config or cfg.data.datasets), cfg, split, limit)
     conf_total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) if split == "test" else None
     count = 0
-    for item in tqdm(frames, total=total, desc=f"predict {split}", unit="frame"):
-        image, events = item["image"][None].to(dev), item["events"][None].to(dev)
-        logits = predict_logits(model, image, events, (output,), amp=cfg.run.amp, scale=cfg.data.test_scale)
-        pred = logits[output].argmax(1)[0].cpu()
-        label = item["label"]
-        score = None
-        if label is not None and conf_total is not None:
-            conf = confusion(pred, label)
-            conf_total += conf
-            score = float(summarize(conf.numpy())["mIoU"])
-        pred_np = pred.numpy().astype(np.uint8)
-        write_png(out / f"{item['name']}_pred.png", colorize(pred_np))
-        write_png(out / f"{item['name']}_panel.png", frame_panel(
-            denormalize(item["image"]), item["events"].numpy(), pred_np,
-            None if label is None else label.numpy(), output, score))
-        count += 1
+    with FrameStop() as stop:
+        for item in tqdm(frames, total=total, desc=f"predict {split}", unit="frame"):
+            count += _predict_frame(model, item, out, output, cfg, conf_total, dev)
+            stop.check()
     summary = PredictSummary(out=out, frames=count, split=split, output=output,
                              weights="teacher" if teacher else "student", iteration=state.get("iteration"))
     if conf_total is not None and count:

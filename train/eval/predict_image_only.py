@@ -32,6 +32,7 @@ from pipeline.night_targets import DarkZurichSubmission, png_size, write_label_i
 from train.checkpoints.inference import check_target, load_for_inference, predict_logits
 from train.common import NUM_CLASSES
 from train.common.device import resolve_device
+from train.common.stopping import FrameStop
 from train.config import TrainConfig, image_only
 from train.data.image_only import NightTargetEval
 from train.eval.metrics import confusion, summarize
@@ -70,6 +71,25 @@ def predict_night(checkpoint: str | Path, *, target: str | None = None, out: str
                           output=output)
 
 
+def _predict_image(model: torch.nn.Module, ds, i: int, where: tuple[Path, str, str], submission,
+                   conf_total: torch.Tensor, dev: torch.device, cfg: TrainConfig) -> None:
+    """Image ``i`` of ``ds``: its val PNG (and confusion), its test labelIds PNG, or its submission entry."""
+    out, output, split = where
+    item, sample = ds.items[i], ds[i]
+    image, second = sample["image"][None].to(dev), sample["events"][None].to(dev)
+    logits = predict_logits(model, image, second, (output,), amp=cfg.run.amp)[output]
+    if split == "val":
+        pred = logits.argmax(1)[0].cpu()
+        conf_total += confusion(pred, sample["label"])
+        write_png(out / f"{item.name}_pred.png", colorize(pred.numpy().astype(np.uint8)))
+        return
+    pred_np, conf = full_size_prediction(logits, png_size(item.image))
+    if submission is not None:
+        submission.add(item.name, pred_np, conf)
+    else:
+        write_label_ids(out / f"{item.name}_labelIds.png", pred_np)
+
+
 def predict_loaded(model: torch.nn.Module, cfg: TrainConfig, checkpoint: Path, dev: torch.device, *,
                    out: str | Path | None = None, config: str | Path | None = None, split: str = "test",
                    limit: int = 0, output: str = "fusion") -> NightPrediction:
@@ -94,21 +114,11 @@ def predict_loaded(model: torch.nn.Module, cfg: TrainConfig, checkpoint: Path, d
         if split == "test" and name == "darkzurich" else None
     conf_total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
     try:
-        for i in tqdm(range(len(ds)), desc=f"predict {name} {split}", unit="image"):
-            item, sample = ds.items[i], ds[i]
-            image, second = sample["image"][None].to(dev), sample["events"][None].to(dev)
-            logits = predict_logits(model, image, second, (output,), amp=cfg.run.amp)[output]
-            if split == "val":
-                pred = logits.argmax(1)[0].cpu()
-                conf_total += confusion(pred, sample["label"])
-                write_png(out / f"{item.name}_pred.png", colorize(pred.numpy().astype(np.uint8)))
-            else:
-                pred_np, conf = full_size_prediction(logits, png_size(item.image))
-                if submission is not None:
-                    submission.add(item.name, pred_np, conf)
-                else:
-                    write_label_ids(out / f"{item.name}_labelIds.png", pred_np)
-            result.images += 1
+        with FrameStop() as stop:
+            for i in tqdm(range(len(ds)), desc=f"predict {name} {split}", unit="image"):
+                _predict_image(model, ds, i, (out, output, split), submission, conf_total, dev, cfg)
+                result.images += 1
+                stop.check()
     except BaseException:
         if submission is not None:
             submission.abort()

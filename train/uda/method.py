@@ -70,7 +70,8 @@ def build_method(cfg: TrainConfig, device: torch.device, gan: torch.nn.Module | 
     from torch's generator, so the order is part of a run's reproducibility)."""
     amp = device.type == "cuda" and cfg.run.amp
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    target = ImageOnlyTarget(device, mem) if image_only(cfg) else EventTarget(gan, device, mem)
+    target = ImageOnlyTarget(device, mem, cfg.data.cmda_empty_part) if image_only(cfg) else EventTarget(
+        gan, device, mem, cfg.data.cmda_empty_part, cfg.data.isr_direction == "cmda")
     rule = None if cfg.run.source_only else pseudo_rule(cfg.dacs, cfg.model.num_classes, device)
     run = BuildInputs(device, amp, target, imnet)
     components = [c for c in (build(cfg, run) for build in COMPONENTS) if c is not None]

@@ -123,7 +123,8 @@ def cmda_jitter(x: torch.Tensor, params: JitterParams) -> torch.Tensor:
     return torch.cat(out) if out else x
 
 
-def color_jitter(images: torch.Tensor, p: float, strength: float, impl: str = "cmda") -> torch.Tensor:
+def color_jitter(images: torch.Tensor, p: float, strength: float, impl: str = "cmda",
+                 drawn: dict[str, float] | None = None) -> torch.Tensor:
     """With probability ``p`` (one draw for the batch, as CMDA: ``U(0, 1) > 0.2``), jitter
     brightness, contrast, saturation and hue by ``strength`` on the de-normalised image, then
     normalise again.
@@ -134,7 +135,10 @@ def color_jitter(images: torch.Tensor, p: float, strength: float, impl: str = "c
     """
     if impl not in ("cmda", "kornia"):
         raise InputError(None, f"dacs.jitter_impl must be 'cmda' or 'kornia', not {impl!r}")
-    if torch.rand(()) >= p:
+    u = torch.rand(())
+    if drawn is not None:  # CMDA derives the mixed image's ISR direction from this draw (train.uda.targets)
+        drawn["jitter"] = float(u)
+    if u >= p:
         return images
     x = _denorm(images).clamp(0, 1)
     if impl == "kornia":
@@ -162,7 +166,8 @@ def block_mask(shape: tuple[int, int, int, int], ratio: float, block: int, devic
     return keep.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :h, :w]
 
 
-def strong_augment(cfg: DacsConfig, image: torch.Tensor) -> torch.Tensor:
-    """DACS's strong augmentation of a normalised image batch: colour jitter, then Gaussian blur."""
-    image = color_jitter(image, cfg.jitter_p, cfg.jitter, cfg.jitter_impl)
+def strong_augment(cfg: DacsConfig, image: torch.Tensor, drawn: dict[str, float] | None = None) -> torch.Tensor:
+    """DACS's strong augmentation of a normalised image batch: colour jitter, then Gaussian blur
+    (``drawn`` receives the jitter's U(0, 1) draw)."""
+    image = color_jitter(image, cfg.jitter_p, cfg.jitter, cfg.jitter_impl, drawn)
     return gaussian_blur(image, cfg.blur_p, cfg.blur_sigma)

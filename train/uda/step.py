@@ -123,13 +123,15 @@ def class_mix(cfg: TrainConfig, method: Method, x: Tensors, pseudo: torch.Tensor
     """ClassMix: the source classes ``method.class_masks`` picks, pasted onto the target; ``target`` marks
     the mixed sample's night pixels (the components may paste more and mask events)."""
     mask = method.class_masks(x["source_label"], cfg.dacs.classmix_per_sample)
-    mixed = {"image": strong_augment(cfg.dacs, mix(mask, x["source_image"], x["target_image"])),
+    drawn: dict[str, float] = {}
+    mixed = {"image": strong_augment(cfg.dacs, mix(mask, x["source_image"], x["target_image"]), drawn),
              "events": mix(mask, x["source_events"], x["target_events"]),
              "label": mix(mask, x["source_label"], pseudo), "weight": mix(mask, torch.ones_like(weight), weight),
              "target": 1 - mask[:, 0]}
     for c in method.components:
         mixed = c.after_mix(mixed)
     mixed["image"] = mixed["image"].contiguous(memory_format=method.memory_format)
+    mixed["jitter_draw"] = drawn["jitter"]  # CMDA's ISR direction rule for the mixed image (data.isr_direction)
     return method.target.finish_mix(mixed)
 
 

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from train.data.image_only import ISR_DIRECTION, mixed_isr
-from train.data.isr import ISR_DAY, ISR_NIGHT, image_content, isr_from_normalized, random_directions
+from train.data.isr import (
+    DIRECTIONS,
+    ISR_DAY,
+    ISR_NIGHT,
+    cmda_direction,
+    image_content,
+    isr_from_normalized,
+    random_directions,
+)
 from train.data.loaders import network_batch
 from train.models import ic1_to_events
 from train.uda.components.base import Tensors
@@ -28,19 +36,23 @@ class EventTarget:
     gan: torch.nn.Module | None  # CycleGAN IC1 -> events; None: IC1 is the source "events"
     device: torch.device
     memory_format: torch.memory_format
+    cmda_empty_part: bool = False  # data.cmda_empty_part: CMDA's -1 for an ISR part with no cell of its sign
+    cmda_directions: bool = False  # data.isr_direction == "cmda": CMDA's parity rules for the shift directions
 
     @torch.no_grad()
     def inputs(self, batch: Tensors) -> Tensors:
         """Normalised images, ISR of both domains (from the exact uint8 images, as CMDA computes it from
         the PIL image) and the source "events"."""
         raw = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        b, mem = raw["source_image"].shape[0], self.memory_format
+        dirs = {k: [DIRECTIONS[i] for i in raw.pop(k).tolist()] for k in ("source_isr_dir", "target_isr_dir")
+                if k in raw}  # CMDA's parity rules, drawn by the loader (data.isr_direction=cmda)
+        b, mem, compat = raw["source_image"].shape[0], self.memory_format, self.cmda_empty_part
         out = network_batch(raw, self.device, mem)
-        out["source_isr"] = image_content(raw["source_image"], ISR_DAY, random_directions(b)).contiguous(
-            memory_format=mem)
+        out["source_isr"] = image_content(raw["source_image"], ISR_DAY, dirs.get("source_isr_dir") or
+                                          random_directions(b), cmda_compat=compat).contiguous(memory_format=mem)
         if "target_image" in raw:
-            out["target_isr"] = image_content(raw["target_image"], ISR_NIGHT, random_directions(b)).contiguous(
-                memory_format=mem)
+            out["target_isr"] = image_content(raw["target_image"], ISR_NIGHT, dirs.get("target_isr_dir") or
+                                              random_directions(b), cmda_compat=compat).contiguous(memory_format=mem)
         out["source_events"] = ic1_to_events(self.gan, out["source_ic1"]) if self.gan is not None \
             else out["source_ic1"]
         return out
@@ -55,9 +67,15 @@ class EventTarget:
     def finish_mix(self, mixed: Tensors) -> Tensors:
         """The mixed sample's inputs: its events as mixed, and the ISR recomputed from the mixed image."""
         mem, image = self.memory_format, mixed["image"]
+        jitter_draw = mixed.pop("jitter_draw", None)
         mixed["events"] = mixed["events"].contiguous(memory_format=mem)
-        mixed["isr"] = isr_from_normalized(image, ISR_NIGHT, random_directions(image.shape[0])).contiguous(
-            memory_format=mem)
+        if self.cmda_directions and jitter_draw is not None:  # CMDA: one direction for the batch, from cj
+            cj = 1.0 - float(jitter_draw)  # CMDA jitters when cj > 0.2; cmda when its draw u < 0.8: cj = 1 - u
+            directions: str | list[str] = cmda_direction(int(cj * 10), int(cj * 100))
+        else:
+            directions = random_directions(image.shape[0])
+        mixed["isr"] = isr_from_normalized(image, ISR_NIGHT, directions, cmda_compat=self.cmda_empty_part
+                                           ).contiguous(memory_format=mem)
         return mixed
 
     def masked(self, batch: MaskedBatch) -> MaskedBatch:
@@ -70,6 +88,7 @@ class ImageOnlyTarget:
 
     device: torch.device
     memory_format: torch.memory_format
+    cmda_empty_part: bool = False  # data.cmda_empty_part: CMDA's -1 for an ISR part with no cell of its sign
 
     @torch.no_grad()
     def inputs(self, batch: Tensors) -> Tensors:
@@ -78,7 +97,8 @@ class ImageOnlyTarget:
         raw = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         out = network_batch(raw, self.device, self.memory_format)
         out.pop("source_ic1", None)
-        out["source_events"] = image_content(raw["source_image"], ISR_DAY, ISR_DIRECTION).contiguous(
+        out["source_events"] = image_content(raw["source_image"], ISR_DAY, ISR_DIRECTION,
+                                             cmda_compat=self.cmda_empty_part).contiguous(
             memory_format=self.memory_format)
         return out
 
@@ -89,12 +109,15 @@ class ImageOnlyTarget:
     @torch.no_grad()
     def finish_mix(self, mixed: Tensors) -> Tensors:
         """CMDA cs2dz: the mixed image's ISR is the second input (its ``mixed_image_to_mixed_isr``)."""
-        mixed["events"] = mixed_isr(mixed["image"]).contiguous(memory_format=self.memory_format)
+        mixed.pop("jitter_draw", None)
+        mixed["events"] = mixed_isr(mixed["image"], self.cmda_empty_part).contiguous(
+            memory_format=self.memory_format)
         return mixed
 
     def masked(self, batch: MaskedBatch) -> MaskedBatch:
         """MIC: the ISR of the masked image is the second input (``mic.events`` does not apply)."""
-        return MaskedBatch(batch.image, mixed_isr(batch.image).contiguous(memory_format=self.memory_format),
+        return MaskedBatch(batch.image, mixed_isr(batch.image, self.cmda_empty_part).contiguous(
+            memory_format=self.memory_format),
                            None, batch.image_mask, None)
 
 
