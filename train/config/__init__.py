@@ -43,6 +43,7 @@ from train.config.settings import (
     ModelConfig,
     OptimConfig,
     RcsConfig,
+    RepresentationConfig,
     RunConfig,
     TrainConfig,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RcsConfig",
+    "RepresentationConfig",
     "RunConfig",
     "TrainConfig",
     "apply_layers",
