@@ -186,6 +186,9 @@ class NightFrames:
         # One read-only Zarr handle per store, opened lazily so each loader worker process opens its
         # own; they live as long as this object (no OS file handles are held between reads).
         self.stores: dict[str, FrameReader | None] = {r.store: None for r in self.rows}
+        if self.events.kind != "voxel":  # a missing or mismatched store of another kind: refused before any work
+            for path in self.stores:
+                self.events.open(path)
 
     def store(self, path: str) -> FrameReader:
         """The run's representation store of the sequence whose voxel store is ``path``."""
