@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -115,5 +116,16 @@ def test_inference_refuses_a_tree_without_the_checkpoints_kind(tree, ckpt, tmp_p
 
 def test_a_record_that_no_kind_accepts_is_one_line(tree, tmp_path):
     bad = {"kind": "histogram", "bins": 0, "cutoff": 4, "suffix": "x", "channels": 0}
-    with pytest.raises(Exception, match="histogram.bins"):
+    with pytest.raises(Exception, match=r"histogram\.bins"):
         from_record(bad, load_config(tree), tmp_path / "c.pt")
+
+
+def test_inspect_kinds_shows_every_listed_kind(tree, tmp_path):
+    from train.eval.inspect_kinds import channel_names
+
+    out = _ok(["inspect", "--kinds", "--config", tree, "--out", tmp_path / "k.png", "--frame", "5"])
+    assert "k.png" in out
+    img = cv2.imread(str(tmp_path / "k.png"))
+    assert img is not None and img.shape[0] > 6 * 100  # image + six kinds' blocks
+    assert channel_names(HIST) == ["p0 bin 0", "p0 bin 1", "p1 bin 0", "p1 bin 1"]
+    _fails(["inspect", "--kinds", "--config", tree, "--frame", "999"], "no indexed frame 999")

@@ -77,7 +77,7 @@ def test_resolve_by_kind_or_store_name(hist_tree):
     dcfg = load_config(hist_tree)
     assert resolve("histogram", dcfg) == resolve("histogram_b2_c4", dcfg) == EventInput(HIST)
     assert resolve("voxel", dcfg).settings == reps.VoxelSettings(1)
-    with pytest.raises(InputError, match="not among representation.kinds"):
+    with pytest.raises(InputError, match=r"not among representation\.kinds"):
         resolve("mdes", dcfg)
 
 
@@ -159,7 +159,7 @@ def test_image_only_target_refuses_another_kind():
     cfg.data.target = "darkzurich"
     cfg.model.fusion = "attention"
     cfg.representation.kind = "histogram"
-    with pytest.raises(InputError, match="representation.kind"):
+    with pytest.raises(InputError, match=r"representation\.kind"):
         validate(cfg)
 
 
