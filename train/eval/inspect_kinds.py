@@ -2,8 +2,9 @@
 
 For the chosen frame (default: the first test frame of index.csv) the picture shows the warped image, then
 one block per entry of datasets.yaml's ``representation.kinds``: each channel of that kind's frame as the
-network receives it (:func:`train.data.events_input.network_events`), red positive, blue negative, white
-zero (:func:`train.eval.visualize.events_to_rgb`), titled with the store name and the channel's meaning.
+network receives it (:func:`train.data.events_input.network_events`), each tile scaled by its own largest
+magnitude (given in its title), red positive, blue negative, white zero
+(:func:`train.eval.visualize.events_to_rgb`), under the store name and the network input's range.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def channel_names(s: reps.Settings) -> list[str]:
 
 
 def _tile(a: np.ndarray, width: int) -> np.ndarray:
+    """One channel scaled by its largest magnitude (a count of 1 in 10 would be near-white), downscaled."""
     h, w = a.shape[-2:]
-    rgb = events_to_rgb(a)
+    peak = float(np.abs(a).max())
+    rgb = events_to_rgb(a / peak if peak > 0 else a)
     return cv2.resize(rgb, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
 
 
@@ -48,7 +51,7 @@ def kind_block(s: reps.Settings, frame: np.ndarray, n_events: int, width: int) -
     """One kind's channels as tiles, ``PER_ROW`` a row, under a strip naming the store and the value range."""
     x = network_events(s, frame, n_events)
     names = channel_names(s)
-    tiles = [(names[c], _tile(x[c], width)) for c in range(x.shape[0])]
+    tiles = [(f"{names[c]} (max |v| {np.abs(x[c]).max():.2g})", _tile(x[c], width)) for c in range(x.shape[0])]
     rows = [panel(tiles[i:i + PER_ROW]) for i in range(0, len(tiles), PER_ROW)]
     head = f"{reps.store_suffix(s)}: {x.shape[0]} channel(s), network input in [{x.min():.2f}, {x.max():.2f}]"
     return stack([title_strip(head, max(r.shape[1] for r in rows)), *rows], gap=0)
