@@ -173,3 +173,16 @@ def test_inflated_imagenet_filters_keep_the_grey_response():
     out = inflate_first_conv({FIRST_CONV: w}, model)[FIRST_CONV]
     assert out.shape == (8, 5, 7, 7)
     torch.testing.assert_close(out.sum(dim=1), w.sum(dim=1))
+
+
+def test_channels_of_each_kind_and_the_grey_inputs_widened():
+    from train.uda.targets import widen
+
+    assert EventInput(reps.VoxelSettings(1)).network_channels == 3  # CMDA's copy
+    assert EventInput(reps.MdesSettings(bins=1)).network_channels == 3
+    assert EventInput(reps.Ergo12Settings()).network_channels == 12
+    assert EventInput(reps.VoxelDsecSettings(bins=5)).network_channels == 5
+    isr = torch.rand(2, 1, 4, 4).expand(-1, 3, -1, -1)
+    assert widen(isr, 3) is isr
+    wide = widen(isr, 20)
+    assert wide.shape == (2, 20, 4, 4) and torch.equal(wide[:, 7], isr[:, 0])
