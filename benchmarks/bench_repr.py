@@ -83,6 +83,8 @@ def methods(tonic_fn, evlib_mod, refs) -> dict[str, list[tuple[str, Callable, Ca
         "mdes b10 c32": R.MdesSettings(10, 32),
         "ergo12": R.Ergo12Settings(),
         "voxel_dsec b15 normalised": R.VoxelDsecSettings(15, True),
+        # the same grid without DSEC's normalisation: how much of voxel_dsec's time the mean/std pass takes
+        "voxel_dsec b15 raw": R.VoxelDsecSettings(15, False),
     }
     def kernel(s):
         return lambda x, y, p, t: R.build(s, x, y, p, t, rect)
@@ -94,9 +96,10 @@ def methods(tonic_fn, evlib_mod, refs) -> dict[str, list[tuple[str, Callable, Ca
         table["time_surface tau 50 ms, dt 10 ms x 5"].append(
             ("tonic to_timesurface_numpy", lambda ev: tonic_fn.to_timesurface_numpy(ev, (W, H, 2), 10_000, 50_000.0),
              structured))
-        table["voxel_dsec b15 normalised"].append(
-            ("tonic to_voxel_grid_numpy", lambda ev: tonic_fn.to_voxel_grid_numpy(ev.copy(), (W, H, 2), 15),
-             structured))
+        for name in ("voxel_dsec b15 normalised", "voxel_dsec b15 raw"):
+            table[name].append(
+                ("tonic to_voxel_grid_numpy", lambda ev: tonic_fn.to_voxel_grid_numpy(ev.copy(), (W, H, 2), 15),
+                 structured))
     if evlib_mod is not None:
         from evlib.representations import (
             create_time_surface,
@@ -122,9 +125,10 @@ def methods(tonic_fn, evlib_mod, refs) -> dict[str, list[tuple[str, Callable, Ca
         table["time_surface tau 50 ms, dt 10 ms x 5"].append(("evlib create+densify_time_surface", ev_ts, frame))
         table["time_surface tau 50 ms at window end"].append(
             ("evlib representations.time_surface", lambda df: time_surface(df, H, W, 50_000.0), frame))
-        table["voxel_dsec b15 normalised"].append(
-            ("evlib create+densify_voxel_grid",
-             lambda df: densify_voxel_grid(create_voxel_grid(df, H, W, 15), 15, H, W), frame))
+        for name in ("voxel_dsec b15 normalised", "voxel_dsec b15 raw"):
+            table[name].append(
+                ("evlib create+densify_voxel_grid",
+                 lambda df: densify_voxel_grid(create_voxel_grid(df, H, W, 15), 15, H, W), frame))
     table["mdes b10 c32"].append(("port: RVT MixedDensityEventStack (NumPy)",
                                   lambda x, y, p, t: refs.rvt_mixed_density_stack(x, y, p, t, 10, H, W, 32), None))
     table["ergo12"].append(("port: the study's ERGO-12 (NumPy)",

@@ -17,6 +17,7 @@ from cli.app import (
 from train.config import TrainConfig, apply_layers, validate
 from train.eval.evaluate import evaluate_checkpoint
 from train.eval.inspect import inspect_iteration
+from train.eval.inspect_kinds import inspect_kinds
 from train.eval.predict import predict as run_predict
 from train.eval.predict_image_only import NightPrediction
 
@@ -115,8 +116,13 @@ def inspect_cmd(
                                                "cpu-sample (as `cmda train --preset`).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Data/RCS setting as in `cmda train`, e.g. "
                                                    "--set data.crop=256 (repeatable).")] = None,
+    kinds: Annotated[bool, typer.Option("--kinds", help="Instead: one frame (--seq, --frame; default the first "
+                                        "test frame) in every representation of representation.kinds.")] = False,
+    seq: Annotated[str | None, typer.Option(help="With --kinds: the sequence.")] = None,
+    frame: Annotated[int | None, typer.Option(help="With --kinds: the frame number.")] = None,
 ) -> None:
-    """Render one PNG of the training pair iteration N feeds the network.
+    """Render one PNG of the training pair iteration N feeds the network (or, with --kinds, of one frame in
+    every stored event representation).
 
     Rows: source image | label overlay | IC1 | day ISR; target image | target events | night ISR;
     ClassMix: pasted source classes | mixed image (grouped with --set dsr.enabled=true)
@@ -124,6 +130,9 @@ def inspect_cmd(
     --set as `cmda train` takes them) and Rare Class Sampling.
     """
 
+    if kinds:
+        typer.echo(f"wrote {inspect_kinds(config, seq, frame, out)}")
+        return
     cfg = validate(apply_layers(TrainConfig(), preset=preset, sets=set_ or []))
     out = out or Path("runs") / "inspect" / f"iter_{iter_:06d}_seed_{seed}.png"
     path = inspect_iteration(config, iteration=iter_, seed=seed, out=out, batch=batch, data=cfg.data, rcs=cfg.rcs,

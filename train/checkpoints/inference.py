@@ -21,6 +21,16 @@ from train.common.device import autocast
 from train.config import IMAGE_ONLY_TARGETS, TARGETS, TrainConfig, from_dict, image_only
 from train.models import CMDAModel
 
+REPRESENTATION_KEY = "representation"
+"""The checkpoint entry recording the event representation (train/data/events_input.py); absent = CMDA's voxel grid."""
+
+
+def record_channels(record: Any) -> int:
+    """The event encoder's input channels a representation record says (3 without one: CMDA's model)."""
+    if isinstance(record, dict) and isinstance(record.get("network_channels"), int):
+        return int(record["network_channels"])
+    return 3
+
 
 def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:
     """The training config stored in a checkpoint, checked against the checkpoint's own backbone."""
@@ -35,8 +45,9 @@ def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def build_model(cfg: TrainConfig, path: Path, empty: bool = False) -> CMDAModel:
-    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError).
+def build_model(cfg: TrainConfig, path: Path, empty: bool = False, event_chans: int = 3) -> CMDAModel:
+    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError),
+    its event encoder taking ``event_chans`` channels (the checkpoint's representation record says how many).
 
     ``empty=True`` skips the random initialisation (uninitialised CPU memory), for a strict load that then
     overwrites every parameter and buffer: building MiT-B5 that way takes a fraction of the time.
@@ -45,7 +56,8 @@ def build_model(cfg: TrainConfig, path: Path, empty: bool = False) -> CMDAModel:
     try:
         with torch.device("meta") if empty else contextlib.nullcontext():
             model = CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
-                              fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels, fusion=m.fusion)
+                              fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels, fusion=m.fusion,
+                              event_chans=event_chans)
     except ValueError as exc:
         raise InputError(path, str(exc)) from None
     return model.to_empty(device="cpu") if empty else model
@@ -88,7 +100,7 @@ def load_for_inference(path: str | Path, teacher: bool = False, device: str | to
     if weights is None:
         why = " (a source-only run has no teacher; drop --teacher)" if teacher else ""
         raise InputError(path, f"checkpoint holds no {key} weights{why}")
-    model = build_model(cfg, path, empty=True)
+    model = build_model(cfg, path, empty=True, event_chans=record_channels(state.get(REPRESENTATION_KEY)))
     load_model_state(model, weights, path)  # strict: every parameter and buffer comes from the file
     return model.eval().to(device), cfg, state
 

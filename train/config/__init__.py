@@ -44,6 +44,7 @@ from train.config.settings import (
     ModelConfig,
     OptimConfig,
     RcsConfig,
+    RepresentationConfig,
     RunConfig,
     TrainConfig,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RcsConfig",
+    "RepresentationConfig",
     "RunConfig",
     "TrainConfig",
     "apply_layers",

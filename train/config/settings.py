@@ -218,6 +218,16 @@ class EntropyConfig:
 
 
 @dataclass
+class RepresentationConfig:
+    """The event representation a DSEC run trains on (train/data/events_input.py, docs/representations.md)."""
+
+    # "voxel" (CMDA's grid, events.zarr) or an entry of datasets.yaml's representation.kinds, by kind
+    # ("histogram") or by store name ("histogram_b10_c10") when two entries share a kind. The event
+    # encoder takes that kind's channels; the checkpoint records the kind and its parameters.
+    kind: str = "voxel"
+
+
+@dataclass
 class RunConfig:
     variant: str = "baseline"
     source_only: bool = False
@@ -261,5 +271,6 @@ class TrainConfig:
     dida: DidaConfig = field(default_factory=DidaConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
 
 

@@ -132,6 +132,11 @@ def _validate_target(cfg: TrainConfig) -> None:
         _check(not needs, "loss." + (needs[0] if needs else ""), [getattr(ls, k) for k in needs],
                f"0 with data.target={d.target}: {', '.join(needs)} compare event-camera features and "
                f"{d.target} has no events (image-only targets allow fusion_st and rgb_st)")
+        k = cfg.representation.kind
+        _check(k == "voxel", "representation.kind", k, f"voxel with data.target={d.target}: an image-only target "
+               "has no events (its second input is the night image's ISR)")
+    _check(isinstance(cfg.representation.kind, str) and cfg.representation.kind.strip() != "",
+           "representation.kind", cfg.representation.kind, "a kind (voxel, histogram, ...) or a store name")
 
 
 def _validate_entropy(cfg: TrainConfig) -> None:

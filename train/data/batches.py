@@ -16,17 +16,20 @@ from torch.utils.data import Dataset
 from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
 from train.config import DataConfig, RcsConfig, TrainConfig, image_only
+from train.data.events_input import EventInput
 from train.data.image_only import NightTargetEval, NightTargetTrain
 from train.data.isr import DIRECTIONS, cmda_direction
 from train.data.loaders import CityscapesTrain, NightFrames, NightTest, SourceFile, augment_source, augment_target
 from train.data.rcs import RareClassSampler
 
 
-def night_eval_set(dcfg: DatasetsConfig, cfg: TrainConfig, limit: int = 0) -> Dataset:
-    """The labelled night frames a run is scored on: DSEC's test frames, or an image-only target's val split."""
+def night_eval_set(dcfg: DatasetsConfig, cfg: TrainConfig, limit: int = 0, events: EventInput | None = None
+                   ) -> Dataset:
+    """The labelled night frames a run is scored on: DSEC's test frames (with ``events``, the run's
+    representation; None: CMDA's voxel grid), or an image-only target's val split."""
     if image_only(cfg):
         return NightTargetEval(dcfg, cfg.data, "val", limit=limit)
-    return NightTest(dcfg, cfg.data, limit=limit)
+    return NightTest(dcfg, cfg.data, limit=limit, events=events)
 
 
 class PairedBatches(Dataset):
@@ -34,21 +37,22 @@ class PairedBatches(Dataset):
 
     Compact tensors (see :func:`network_batch`): ``source_image``/``target_image`` uint8
     (B, 3, H, W), ``source_label`` int64 (B, H, W), ``source_ic1`` uint8 (B, 1, H, W),
-    ``target_events`` float32 (B, bins, H, W); for an image-only target (``data.target`` darkzurich or
-    acdc) ``target_events`` is the night image's ISR, (B, 1, H, W) (:mod:`train.data.image_only`).
+    ``target_events`` float32 (B, channels, H, W) of the run's representation (``events``); for an
+    image-only target (``data.target`` darkzurich or acdc) ``target_events`` is the night image's ISR,
+    (B, 1, H, W) (:mod:`train.data.image_only`).
 
     Use with ``DataLoader(batch_size=None, sampler=range(start, iters))``; randomness depends only
     on (seed, it), so workers and resumed runs reproduce the same batches.
     """
 
     def __init__(self, cfg: DatasetsConfig, data: DataConfig, rcs: RcsConfig, batch: int, seed: int,
-                 with_target: bool = True):
+                 with_target: bool = True, events: EventInput | None = None):
         self.data, self.rcs, self.batch, self.seed = data, rcs, batch, seed
         self.source = CityscapesTrain(cfg)
         self.target: NightFrames | NightTargetTrain | None = None
         self.augment = augment_target
         if with_target and data.target == "dsec":
-            self.target = NightFrames(cfg, "train", data)
+            self.target = NightFrames(cfg, "train", data, events)
         elif with_target:  # an image-only target: its ISR takes the events' place in the batch
             self.target = NightTargetTrain(cfg, data)
             self.augment = self.target.augment

@@ -31,11 +31,10 @@ from pipeline.cityscapes import Sample, read_split, sample_paths
 from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
 from pipeline.splits import Row, read_index
-from pipeline.store import VoxelStore
-from pipeline.voxel import events_norm
 from train import common
 from train.common import IGNORE
 from train.config import DataConfig, RcsConfig
+from train.data.events_input import EventInput, FrameReader, voxel_input
 from train.data.rcs import choose_crop
 
 # train.common's normalisation (CMDA/DAFormer, on the 0..255 scale) as float32 arrays for the NumPy loaders
@@ -184,10 +183,12 @@ def clip_count(events_in_window: int, cmda: bool) -> int:
 
 
 class NightFrames:
-    """The DSEC night frames of one split, with their voxel stores opened once."""
+    """The DSEC night frames of one split, with their event stores (of the run's representation) opened once."""
 
-    def __init__(self, cfg: DatasetsConfig, split: str, data: DataConfig | None = None):
+    def __init__(self, cfg: DatasetsConfig, split: str, data: DataConfig | None = None,
+                 events: EventInput | None = None):
         self.cfg = cfg
+        self.events = events or voxel_input(cfg)
         # events_norm as CMDA computes it (docs/fidelity.md): -1 for an empty part, finish - start events
         self.cmda_empty_part = bool(data and data.cmda_empty_part)
         self.cmda_count = bool(data and data.event_count == "cmda")
@@ -196,23 +197,27 @@ class NightFrames:
             raise InputError(cfg.dsec.out / "index.csv", f"no {split} frames (check datasets.yaml and `cmda index`)")
         # One read-only Zarr handle per store, opened lazily so each loader worker process opens its
         # own; they live as long as this object (no OS file handles are held between reads).
-        self.stores = {r.store: None for r in self.rows}
+        self.stores: dict[str, FrameReader | None] = {r.store: None for r in self.rows}
+        if self.events.kind != "voxel":  # a missing or mismatched store of another kind: refused before any work
+            for path in self.stores:
+                self.events.open(path)
 
-    def store(self, path: str) -> VoxelStore:
+    def store(self, path: str) -> FrameReader:
+        """The run's representation store of the sequence whose voxel store is ``path``."""
         if self.stores[path] is None:
-            self.stores[path] = VoxelStore.open(path, bins=self.cfg.representation.bins)
+            self.stores[path] = self.events.open(path)
         return self.stores[path]  # type: ignore[return-value]
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, Row]:
-        """Warped RGB image (480, 640, 3) uint8 and normalised events (bins, 480, 640) float32."""
+        """Warped RGB image (480, 640, 3) uint8 and the normalised event frame (channels, 480, 640) float32."""
         row = self.rows[i]
         image = read_rgb(row.warp_image)
-        grid = self.store(row.store).voxels(row.frame)
-        if image.shape[:2] != grid.shape[1:]:
+        events = self.store(row.store).events(row.frame, clip_count(row.event_count, self.cmda_count),
+                                              cmda_empty_part=self.cmda_empty_part)
+        if image.shape[:2] != events.shape[1:]:
             raise InputError(row.warp_image, f"image is {image.shape[1]}x{image.shape[0]}, events are "
-                             f"{grid.shape[2]}x{grid.shape[1]}")
-        return image, events_norm(grid, clip_count(row.event_count, self.cmda_count),
-                                  cmda_empty_part=self.cmda_empty_part), row
+                             f"{events.shape[2]}x{events.shape[1]}")
+        return image, events, row
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -244,8 +249,8 @@ def augment_target(image: np.ndarray, events: np.ndarray, rng: np.random.Generat
 class NightTest(Dataset):
     """Test frames: image and events cropped to the top rows (440), label with 255 = ignore."""
 
-    def __init__(self, cfg: DatasetsConfig, data: DataConfig, limit: int = 0):
-        self.frames = NightFrames(cfg, "test", data)
+    def __init__(self, cfg: DatasetsConfig, data: DataConfig, limit: int = 0, events: EventInput | None = None):
+        self.frames = NightFrames(cfg, "test", data, events)
         self.rows = self.frames.rows[:limit] if limit else self.frames.rows
         self.top = data.test_rows
 
@@ -313,7 +318,8 @@ class CityscapesVal(Dataset):
     """Cityscapes val frames (day) for comparison with the night score: image and label resized to
     ``source_resize`` (as training sees them), IC1 as the event input, no augmentation."""
 
-    def __init__(self, cfg: DatasetsConfig, data: DataConfig, limit: int = 0):
+    def __init__(self, cfg: DatasetsConfig, data: DataConfig, limit: int = 0, channels: int = 3):
+        """``channels``: the event encoder's input channels (the grey IC1 repeated to as many)."""
         root, out = cfg.cityscapes.root, cfg.cityscapes.out
         entries = read_split(out, "val")
         self.files = [sample_paths(root, out, Sample("val", *e.split("/", 1))) for e in entries]
@@ -323,6 +329,7 @@ class CityscapesVal(Dataset):
             raise InputError(out / "val.txt", "no validation samples")
         self.size = data.source_resize
         self.resize_impl = data.source_resize_impl
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -331,7 +338,10 @@ class CityscapesVal(Dataset):
         f = self.files[i]
         image, label, ic1 = CityscapesTrain.load(SourceFile(f.image, f.label, f.ic1), self.size,
                                                self.resize_impl)
-        return {"image": torch.from_numpy(normalize_image(image)), "events": torch.from_numpy(ic1_to_input(ic1)),
+        events = ic1_to_input(ic1)
+        if self.channels != 3:
+            events = np.repeat(events[:1], self.channels, axis=0)
+        return {"image": torch.from_numpy(normalize_image(image)), "events": torch.from_numpy(events),
                 "label": torch.from_numpy(label.astype(np.int64)), "name": f.image.stem}
 
 

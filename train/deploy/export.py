@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 import os
 import warnings
@@ -43,9 +44,10 @@ from pipeline.atomic import atomic_path
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from train.checkpoints.files import disk_free, write_failure
-from train.checkpoints.inference import load_for_inference, predict_logits
+from train.checkpoints.inference import REPRESENTATION_KEY, load_for_inference, predict_logits
 from train.common.stopping import FrameStop
 from train.config import TrainConfig, image_only
+from train.data.events_input import from_record
 from train.data.image_only import night_isr
 from train.data.loaders import NightFrames, normalize_image
 from train.models import CMDAModel
@@ -188,14 +190,15 @@ def isr_frame(height: int, width: int) -> tuple[str, np.ndarray, np.ndarray]:
     return "a pseudo-random image and its ISR", normalize_image(img)[None], night_isr(img)[None].astype(np.float32)
 
 
-def sample_frame(config: Path | None, cfg: TrainConfig, height: int, width: int, bins: int
+def sample_frame(config: Path | None, cfg: TrainConfig, height: int, width: int, bins: int, record: Any = None
                  ) -> tuple[str, np.ndarray, np.ndarray]:
     """(what it is, image [1,3,H,W], events [1,bins,H,W]) to check the export on: the first DSEC night test
     frame when ``config`` points at a processed tree of that geometry, else a fixed pseudo-random frame."""
     if config is not None and Path(config).exists():
         try:
 
-            frames = NightFrames(load_config(config), "test")
+            dcfg = load_config(config)
+            frames = NightFrames(dcfg, "test", cfg.data, from_record(record, dcfg))
             image, events, row = frames.load(0)
             if image.shape[0] >= height and image.shape[1] == width and events.shape[0] == bins:
                 return (f"test frame {row.sequence}_{row.frame:06d}", normalize_image(image[:height])[None],
@@ -267,7 +270,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
     model, cfg, state = load_model(checkpoint, image_only_ok=True)
     isr = image_only(cfg)  # an image + ISR model: the second input is the image's ISR (one channel, repeated)
     second = "isr" if isr else "events"
-    height, width, bins = _geometry(checkpoint, cfg, config, (height, width, bins))
+    record = state.get(REPRESENTATION_KEY)
+    height, width, bins = _geometry(checkpoint, cfg, config, (height, width, bins), record)
     try:
         graph = DeploymentGraph(model, bins=bins, scale=cfg.data.test_scale, argmax=argmax, fp16=fp16)
     except InputError as exc:
@@ -277,13 +281,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
         out = out / checkpoint.with_suffix(".onnx").name
     output = "labels" if argmax else "logits"
     frame, image, events = (isr_frame(height, width) if isr else
-                            sample_frame(Path(config) if config else None, cfg, height, width, bins))
+                            sample_frame(Path(config) if config else None, cfg, height, width, bins, record))
     expected = _reference(model, graph, cfg, image, events, argmax)
     meta = {"backbone": cfg.model.backbone, "bins": str(bins), "event_channels": str(graph.event_channels),
             "height": str(height), "width": str(width), "test_scale": repr(cfg.data.test_scale),
             "output": output, "precision": "fp16" if fp16 else "fp32", "dynamic": str(dynamic).lower(),
             "checkpoint": checkpoint.name, "iteration": str(state.get("iteration")),
-            "variant": cfg.run.variant, "second_input": second, "target": cfg.data.target}
+            "variant": cfg.run.variant, "second_input": second, "target": cfg.data.target,
+            "representation": json.dumps(record if isinstance(record, dict) else None)}
     try:
         with FrameStop(immediate=True), atomic_path(out) as tmp:  # a signal: the partial file goes, exit 130
             _export_with_metadata(checkpoint, graph, (torch.from_numpy(image), torch.from_numpy(events)), tmp,
@@ -301,8 +306,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, 
                         metadata=meta, second_input=second)
 
 
-def _geometry(checkpoint: Path, cfg, config: str | Path | None, asked: tuple[int, int, int]) -> tuple[int, int, int]:
-    """(height, width, bins) of the exported graph: the asked values, 0 filled from the model's test geometry."""
+def _geometry(checkpoint: Path, cfg, config: str | Path | None, asked: tuple[int, int, int],
+              record: Any = None) -> tuple[int, int, int]:
+    """(height, width, bins) of the exported graph: the asked values, 0 filled from the model's test geometry.
+    ``bins`` is the event input's stored channels: the checkpoint's representation record fixes it (a
+    different ``--bins`` is refused); without a record, datasets.yaml's voxel bins (1 without one)."""
     height, width, bins = asked
     rep = None
     if image_only(cfg):
@@ -312,6 +320,12 @@ def _geometry(checkpoint: Path, cfg, config: str | Path | None, asked: tuple[int
         height, width, bins = height or cfg.data.target_resize[1], width or cfg.data.target_resize[0], 1
     elif config is not None and Path(config).exists():
         rep = load_config(config).representation
+    if isinstance(record, dict) and not image_only(cfg):
+        stored = int(record.get("channels", 1))
+        if bins not in (0, stored):
+            raise InputError(checkpoint, f"the model was trained on {record.get('suffix', record.get('kind'))} "
+                             f"({stored} channel(s)): --bins {bins} does not apply")
+        bins = stored
     height = height or (min(cfg.data.test_rows, rep.height) if rep else cfg.data.test_rows)
     width = width or (rep.width if rep else 640)
     bins = bins or (rep.bins if rep else 1)
@@ -371,6 +385,15 @@ class OnnxModel:
     event_channels: int
     output: str
     metadata: dict[str, str]
+
+    @property
+    def representation(self) -> dict[str, Any] | None:
+        """The event representation record the export carries (None: an older export, CMDA's voxel grid)."""
+        try:
+            record = json.loads(self.metadata.get("representation", "null"))
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
 
     def __call__(self, image: np.ndarray, events: np.ndarray) -> np.ndarray:
         """Labels [H, W] (uint8) for one normalised frame."""

@@ -6,10 +6,13 @@ For each image, in timestamp order, and using nothing computed ahead of time:
    search in one chunk), then the events since the previous image from the raw ``events.h5``
    (:class:`pipeline.dsec.EventFile`, the direct Blosc chunk reader), CMDA's window rule
    (events ``idx[i-1] .. idx[i]`` inclusive, as ``cmda preprocess`` cuts them);
-2. **voxelise**: :func:`pipeline.voxel.accumulate_voxels` with the sequence's rectify map;
+2. **voxelise**: the model's event representation with the sequence's rectify map: CMDA's voxel grid by
+   :func:`pipeline.voxel.accumulate_voxels`, any other kind by the kernel ``cmda preprocess`` stores it with
+   (:func:`pipeline.representations.build`), the kind and parameters the checkpoint (or export) records;
 3. **warp**: decode the 1440x1080 image and remap it into the rectified event frame
    (:func:`pipeline.warp.warp_image`, the homography of ``cmda warp``);
-4. **normalise**: :func:`pipeline.voxel.events_norm` and the ImageNet normalisation, top rows cropped
+4. **normalise**: as the loader does (:func:`train.data.events_input.network_events`: CMDA's
+   :func:`pipeline.voxel.events_norm` for the voxel grid) and the ImageNet normalisation, top rows cropped
    to the model's geometry (the 440 rows evaluation scores);
 5. **model**: the checkpoint through :func:`train.checkpoints.inference.predict_logits` (exactly ``cmda predict``'s
    path) or an exported ``.onnx`` model on onnxruntime.
@@ -40,9 +43,10 @@ from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_times
 from pipeline.errors import InputError
 from pipeline.voxel import accumulate_voxels, events_norm, rectifier
 from pipeline.warp import warp_grid, warp_image
-from train.checkpoints.inference import predict_logits
+from train.checkpoints.inference import REPRESENTATION_KEY, predict_logits
 from train.common.device import resolve_device
 from train.common.stopping import FrameStop
+from train.data.events_input import EventInput, from_record, network_events, voxel_input
 from train.data.loaders import normalize_image, three_channels
 from train.deploy.export import load_model, open_onnx
 from train.eval.predict import frame_panel
@@ -59,7 +63,7 @@ class RawFrame:
     timestamp_us: int
     start: int  # first event of the window
     stop: int  # last event of the window (inclusive, CMDA's rule)
-    grid: np.ndarray  # (bins, H, W) float32 voxel grid, not normalised
+    grid: np.ndarray  # (channels, H, W) frame of the replay's representation, not normalised
     rgb: np.ndarray  # (H, W, 3) uint8 warped image, whole frame
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -76,6 +80,8 @@ class SequenceReplay:
         self.paths = SequencePaths(cfg.dsec.root, self.name)
         rep = cfg.representation
         self.bins, self.height, self.width = rep.bins, rep.height, rep.width
+        self.cfg = cfg
+        self.events_input: EventInput = voxel_input(cfg)
         self.timestamps = load_timestamps(self.paths.timestamps)
         self.rect = rectifier(load_rectify_map(self.paths.rectify_map, rep.height, rep.width), rep.height, rep.width)
         calib = load_calibration(self.paths.calibration)
@@ -105,6 +111,14 @@ class SequenceReplay:
                           np.zeros(1, np.int64), np.zeros(1, np.int64), t, t, grid)
         events_norm(grid[0], 0)
 
+    def use(self, events: EventInput) -> None:
+        """Build ``events``' representation (the model's) instead of datasets.yaml's voxel grid."""
+        self.events_input = events
+        if events.kind != "voxel":
+            n = np.zeros(3, np.int64)
+            events.build(n.astype(np.uint16), n.astype(np.uint16), n.astype(np.uint8), n, self.rect)  # compile now
+        self.bins = events.channels
+
     def close(self) -> None:
         self.events.close()
 
@@ -127,6 +141,17 @@ class SequenceReplay:
                              f"camera is {self.src_size[0]}x{self.src_size[1]}")
         return np.ascontiguousarray(warp_image(img, np.eye(3), maps=self.maps)[..., ::-1])
 
+    def frame_of(self, ev: dict[str, np.ndarray]) -> np.ndarray:
+        """One window's (channels, H, W) frame of the replay's representation, as ``cmda preprocess`` builds it."""
+        if self.events_input.kind != "voxel":
+            t = ev["t"].astype(np.int64)
+            return self.events_input.build(ev["x"], ev["y"], ev["p"], t, self.rect)
+        grid = np.zeros((1, self.bins, self.height, self.width), np.float32)
+        tt = ev["t"].astype(np.int64)
+        accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], self.rect, np.zeros(1, np.int64),
+                          np.array([len(tt)]), tt[:1], tt[-1:], grid)
+        return grid[0]
+
     def replay(self, frames: list[int]) -> Iterator[RawFrame]:
         """Each frame's raw window grid and warped image, in order, timing the read/voxelise/warp stages."""
         prev_frame, prev_idx = None, -1
@@ -136,21 +161,20 @@ class SequenceReplay:
             stop = self._index(f)
             ev = self.events.read(start, stop + 1)
             t_read = time.perf_counter()
-            grid = np.zeros((1, self.bins, self.height, self.width), np.float32)
-            tt = ev["t"].astype(np.int64)
-            accumulate_voxels(ev["x"], ev["y"], ev["p"], ev["t"], self.rect, np.zeros(1, np.int64),
-                              np.array([len(tt)]), tt[:1], tt[-1:], grid)
+            grid = self.frame_of(ev)
             t_vox = time.perf_counter()
             rgb = self.warped(f)
             t_warp = time.perf_counter()
             prev_frame, prev_idx = f, stop
-            yield RawFrame(f, int(self.timestamps[f]), start, stop, grid[0], rgb,
+            yield RawFrame(f, int(self.timestamps[f]), start, stop, grid, rgb,
                            {"read": t_read - t, "voxelise": t_vox - t_read, "warp": t_warp - t_vox})
 
 
-def network_inputs(raw: RawFrame, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image [3, rows, W], events [bins, rows, W]) normalised as the loader does, top ``rows`` rows."""
-    events = events_norm(raw.grid, raw.count)
+def network_inputs(raw: RawFrame, rows: int, events_input: EventInput | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image [3, rows, W], events [channels, rows, W]) normalised as the loader does, top ``rows`` rows
+    (``events_input``: the replay's representation; None: CMDA's voxel grid)."""
+    events = (events_norm(raw.grid, raw.count) if events_input is None else
+              network_events(events_input.settings, raw.grid, raw.count))
     return normalize_image(raw.rgb[:rows]), np.ascontiguousarray(events[:, :rows])
 
 
@@ -167,10 +191,12 @@ class Runner:
 def checkpoint_runner(path: Path, replay: SequenceReplay, device: str) -> Runner:
 
     dev = resolve_device(device)
-    model, cfg, _ = load_model(path, dev)
-    if replay.bins not in (1, 3):
-        raise InputError(path, f"the model takes 3 event channels; the sequence is voxelised with {replay.bins} bins "
-                         "(set representation.bins to 1 or 3)")
+    model, cfg, state = load_model(path, dev)
+    replay.use(from_record(state.get(REPRESENTATION_KEY), replay.cfg, path))
+    c = model.backbone_events.patch_embed1.proj.in_channels
+    if not (c == replay.bins or (replay.bins == 1 and c == 3)):
+        raise InputError(path, f"the model takes {c} event channels; the replay builds "
+                         f"{replay.events_input.suffix} ({replay.bins} channel(s))")
     rows = min(cfg.data.test_rows, replay.height)
 
     def run(image: np.ndarray, events: np.ndarray) -> np.ndarray:
@@ -188,6 +214,7 @@ def onnx_runner(path: Path, replay: SequenceReplay, threads: int) -> Runner:
     if model.width is not None and (model.width != replay.width or model.height > replay.height):
         raise InputError(path, f"model input is {model.width}x{model.height}; the sequence's frames are "
                          f"{replay.width}x{replay.height} (the model may take their top rows, not more)")
+    replay.use(from_record(model.representation, replay.cfg, path))
     c = model.event_channels
     if not (c == replay.bins or (replay.bins == 1 and c == 3)):
         raise InputError(path, f"model takes {c} event channel(s); the sequence is voxelised with {replay.bins} "
@@ -363,7 +390,7 @@ def _predict_frames(replay: SequenceReplay, runner, frames: list[int], out: Path
         pacing.wait_for(f)
         raw = next(raw_iter)
         t = time.perf_counter()
-        image, events = network_inputs(raw, runner.rows)
+        image, events = network_inputs(raw, runner.rows, replay.events_input)
         t_norm = time.perf_counter()
         pred = runner.run(image, events)
         t_model = time.perf_counter()

@@ -22,8 +22,10 @@ from pipeline.errors import InputError
 from train.checkpoints.cmda_layout import init_weights
 from train.checkpoints.cyclegan import load_cyclegan
 from train.checkpoints.files import load_model_state, restore_rng
+from train.checkpoints.inference import REPRESENTATION_KEY
 from train.config import DEFAULT_CYCLEGAN, TrainConfig, image_only
 from train.data.batches import PairedBatches, night_eval_set
+from train.data.events_input import EventInput, resolve
 from train.engine.context import Context
 from train.models import CMDAModel
 from train.uda.method import Method, build_method
@@ -40,6 +42,11 @@ class Run:
     test: Dataset | None
     nets: Networks
     method: Method
+    events: EventInput | None  # the event representation (checkpoints record it); None: an image-only target
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What every checkpoint of the run records besides the weights: the event representation."""
+        return {} if self.events is None else {REPRESENTATION_KEY: self.events.record()}
 
 
 def _weight_file(setting: str, default: Path, what: str, fallback: str, say: Say) -> Path | None:
@@ -67,15 +74,16 @@ def resolve_weights(cfg: TrainConfig, say: Say) -> tuple[Path | None, Path | Non
     return mit, gan
 
 
-def build_student(cfg: TrainConfig, ctx: Context, mit_path: Path | None, resuming: bool, say: Say
-                  ) -> tuple[CMDAModel, torch.nn.Module | None]:
+def build_student(cfg: TrainConfig, ctx: Context, mit_path: Path | None, resuming: bool, say: Say,
+                  event_chans: int = 3) -> tuple[CMDAModel, torch.nn.Module | None]:
     """The student (ImageNet weights, then ``model.init``) and, for the feature distance, a frozen copy of
-    its ImageNet image encoder (taken before ``model.init``: the distance keeps ImageNet)."""
+    its ImageNet image encoder (taken before ``model.init``: the distance keeps ImageNet). ``event_chans``:
+    the event encoder's input channels (the run's representation)."""
     torch.manual_seed(cfg.run.seed)
     m = cfg.model
     model = CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
                       fusion_drop_path=m.fusion_drop_path, checkpoint=m.checkpoint,
-                      head_channels=m.head_channels, fusion=m.fusion)
+                      head_channels=m.head_channels, fusion=m.fusion, event_chans=event_chans)
     if mit_path is not None:
         model.load_pretrained(mit_path)
     imnet = None
@@ -107,14 +115,18 @@ def build(cfg: TrainConfig, ctx: Context, say: Say, resuming: bool = False) -> R
     """Data, networks (same initial weights on every rank and in every run with this seed), method."""
     dcfg = load_config(cfg.data.datasets)
     seed = cfg.run.seed + 1_000 * ctx.rank
-    batches = PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=not cfg.run.source_only)
-    test = night_eval_set(dcfg, cfg, cfg.run.eval_max) if ctx.main else None
+    events = None if image_only(cfg) else resolve(cfg.representation.kind, dcfg)
+    batches = PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=not cfg.run.source_only,
+                            events=events)
+    test = night_eval_set(dcfg, cfg, cfg.run.eval_max, events) if ctx.main else None
     mit_path, gan_path = resolve_weights(cfg, say)
-    model, imnet = build_student(cfg, ctx, mit_path, resuming, say)
+    chans = 3 if events is None else events.network_channels
+    model, imnet = build_student(cfg, ctx, mit_path, resuming, say, chans)
     teacher = None if cfg.run.source_only else copy.deepcopy(model).requires_grad_(False)
     gan = load_cyclegan(gan_path, ctx.device) if gan_path is not None else None
     opt = build_optimizer(cfg, model, ctx.device)
-    return Run(batches, test, Networks(model, model, teacher, opt), build_method(cfg, ctx.device, gan, imnet))
+    method = build_method(cfg, ctx.device, gan, imnet, chans)
+    return Run(batches, test, Networks(model, model, teacher, opt), method, events)
 
 
 def restore(run: Run, state: dict[str, Any] | None, path: Path | None, say: Say) -> int:

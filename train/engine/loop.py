@@ -55,6 +55,7 @@ def train(cfg: TrainConfig, resume: ResumePoint | Path | None = None, override: 
         start = restore(run, resume and resume.state, resume and resume.path, say)
         wrap(run, cfg, ctx)
         folder = RunFolder(out, ctx)
+        folder.extra = run.checkpoint_extra()
         folder.open(cfg, start, resume.state.get("config") if resume else None, changes, say)
         try:
             return Loop(cfg, ctx, run, folder, start, resume and resume.path, say).run()

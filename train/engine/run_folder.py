@@ -107,6 +107,7 @@ class RunFolder:
         self.ckpt_dir = out / "checkpoints"
         self.log_path = out / "metrics.jsonl"
         self.writer = None
+        self.extra: dict[str, Any] = {}  # recorded in every checkpoint (the run's event representation)
 
     def open(self, cfg: TrainConfig, start: int, saved: dict[str, Any] | None, changes: dict[str, list[Any]],
              say) -> None:
@@ -157,7 +158,8 @@ class RunFolder:
         states = ((p.state_key, p.state_dict()) for p in method.stateful())
         path = save_checkpoint(self.ckpt_dir / f"iter_{it:06d}.pt", iteration=it, student=nets.student,
                                teacher=nets.teacher, optimizer=nets.optimizer, config=to_dict(cfg),
-                               extra={key: state for key, state in states if state is not None})
+                               extra={**{key: state for key, state in states if state is not None},
+                                      **self.extra})
         prune_checkpoints(self.ckpt_dir, cfg.run.keep_ckpts)
         return path
 
@@ -165,7 +167,8 @@ class RunFolder:
         """checkpoints/best.pt: the weights of the best night evaluation so far (no optimiser: not for resuming)."""
         if self.main:
             save_checkpoint(self.ckpt_dir / "best.pt", iteration=it, student=nets.student, teacher=nets.teacher,
-                            optimizer=None, config=to_dict(cfg), extra={"best": {"eval/mIoU": miou, "iter": it}})
+                            optimizer=None, config=to_dict(cfg),
+                            extra={"best": {"eval/mIoU": miou, "iter": it}, **self.extra})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -22,11 +22,18 @@ from pipeline.atomic import write_text
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.lock import exclusive
-from train.checkpoints.inference import check_target, load_for_inference, predict_logits
+from train.checkpoints.inference import (
+    REPRESENTATION_KEY,
+    check_target,
+    load_for_inference,
+    predict_logits,
+    record_channels,
+)
 from train.common import CLASSES, NUM_CLASSES
 from train.common.device import resolve_device
 from train.config import image_only
 from train.data.batches import night_eval_set
+from train.data.events_input import from_record
 from train.data.image_only import DayIsr
 from train.data.loaders import CityscapesVal
 from train.eval.metrics import confusion, summarize
@@ -111,11 +118,13 @@ def _evaluate_into(checkpoint: Path, out: Path, *, datasets: Path | None, teache
     model, cfg, state = load_for_inference(checkpoint, teacher, dev)
     check_target(checkpoint, cfg, target)
     dcfg = load_config(datasets or cfg.data.datasets)
+    record = state.get(REPRESENTATION_KEY)
     if domain == "night":
-        results = evaluate(model, night_eval_set(dcfg, cfg, limit), dev, EVAL_OUTPUTS, cfg.run.amp,
+        events = None if image_only(cfg) else from_record(record, dcfg, checkpoint)
+        results = evaluate(model, night_eval_set(dcfg, cfg, limit, events), dev, EVAL_OUTPUTS, cfg.run.amp,
                            scale=cfg.data.test_scale)
     elif domain == "day":
-        day = CityscapesVal(dcfg, cfg.data, limit=limit)
+        day = CityscapesVal(dcfg, cfg.data, limit=limit, channels=record_channels(record))
         if image_only(cfg):  # an image + ISR model takes the day ISR, not IC1, as its second input
 
             day = DayIsr(day)

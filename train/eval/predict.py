@@ -27,11 +27,12 @@ from tqdm import tqdm
 from pipeline.atomic import write_png
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from train.checkpoints.inference import check_target, load_for_inference, predict_logits
+from train.checkpoints.inference import REPRESENTATION_KEY, check_target, load_for_inference, predict_logits
 from train.common import NUM_CLASSES
 from train.common.device import resolve_device
 from train.common.stopping import FrameStop
 from train.config import TARGETS, TrainConfig, image_only
+from train.data.events_input import from_record
 from train.data.loaders import NightFrames, NightTest, normalize_image, three_channels
 from train.eval.metrics import confusion, summarize
 from train.eval.predict_image_only import NightPrediction, predict_loaded
@@ -53,20 +54,22 @@ class PredictSummary:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int
+def night_frames(cfg_path: Path, train_cfg: TrainConfig, split: str, limit: int, record: Any = None
                  ) -> tuple[int, Iterator[dict[str, Any]]]:
     """(count, frames) of ``split``: each frame a dict of image [3, H, W] (ImageNet-normalised), events
-    [C, H, W], label [H, W] (None for train) and name ``<seq>_<frame>``."""
+    [C, H, W] of the checkpoint's representation (``record``; None: CMDA's voxel grid), label [H, W] (None
+    for train) and name ``<seq>_<frame>``."""
     ds = load_config(cfg_path)
+    events = from_record(record, ds)
     if split == "test":
-        test = NightTest(ds, train_cfg.data, limit=limit)
+        test = NightTest(ds, train_cfg.data, limit=limit, events=events)
 
         def test_items() -> Iterator[dict[str, Any]]:
             for i in range(len(test)):
                 yield test[i]
 
         return len(test), test_items()
-    frames = NightFrames(ds, "train", train_cfg.data)
+    frames = NightFrames(ds, "train", train_cfg.data, events)
     n = min(len(frames), limit) if limit else len(frames)
 
     def train_items() -> Iterator[dict[str, Any]]:
@@ -141,7 +144,7 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
     if split not in SPLITS:
         raise InputError(None, f"--split must be test or train, not {split!r}")
     out = Path(out) if out is not None else checkpoint.parent.parent / "predictions" / checkpoint.stem
-    total, frames = night_frames(Path(config or cfg.data.datasets), cfg, split, limit)
+    total, frames = night_frames(Path(config or cfg.data.datasets), cfg, split, limit, state.get(REPRESENTATION_KEY))
     conf_total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) if split == "test" else None
     count = 0
     with FrameStop() as stop:

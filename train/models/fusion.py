@@ -175,18 +175,21 @@ class CMDAModel(nn.Module):
         drop_path: float = 0.1,
         fusion_drop_path: float = 0.05,
         checkpoint: bool = False,
-        in_chans: int = 3,
+        event_chans: int = 3,
         head_channels: int = 256,
         fusion: str = "attention_avg",
     ):
         """``head_channels``: DAFormer's 256 by default; a CPU demo may shrink it (the separable ASPP
-        at 1/4 resolution dominates a small MiT's compute). ``fusion``: a key of :data:`FUSIONS`."""
+        at 1/4 resolution dominates a small MiT's compute). ``fusion``: a key of :data:`FUSIONS`.
+        ``event_chans``: input channels of the event encoder (CMDA's 3; the image encoder takes RGB); the run's
+        event representation sets it (train/data/events_input.py); the ISR it also encodes is repeated
+        to as many channels."""
         super().__init__()
         cfg = get_config(backbone)
         self.backbone_name = cfg.name
         self.num_classes = num_classes
-        self.backbone_image = MixVisionTransformer(cfg, in_chans, drop_path, checkpoint)
-        self.backbone_events = MixVisionTransformer(cfg, in_chans, drop_path, checkpoint)
+        self.backbone_image = MixVisionTransformer(cfg, 3, drop_path, checkpoint)
+        self.backbone_events = MixVisionTransformer(cfg, event_chans, drop_path, checkpoint)
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
         self.fusion = fusion

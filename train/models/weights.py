@@ -111,10 +111,29 @@ def load_mit_pretrained(model: nn.Module, path: str | Path) -> None:
     """Load an official ImageNet ``mit_bX.pth`` into a :class:`MixVisionTransformer`, strictly.
 
     Only ``head.weight``/``head.bias`` may be extra; anything else that does not fit raises InputError.
+    An encoder whose input is not RGB (an event representation of C channels) gets the first convolution's
+    RGB filters averaged and repeated to C channels, times 3 / C: an input of C equal channels then starts
+    with the response a grey RGB image of that value has (the usual inflation of ImageNet filters).
     """
     state = read_state_dict(path)
+    state = inflate_first_conv(state, model)
     name = getattr(getattr(model, "config", None), "name", type(model).__name__)
     guess = guess_mit_variant(state)
     hint = f" (the file looks like {guess})" if guess and guess != name else ""
     check_state_dict(path, state, model, name, MIT_IGNORED_KEYS, hint)
     model.load_state_dict({k: v for k, v in state.items() if k not in MIT_IGNORED_KEYS}, strict=True)
+
+
+FIRST_CONV = "patch_embed1.proj.weight"
+
+
+def inflate_first_conv(state: Mapping[str, torch.Tensor], model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """``state`` with its 3-channel first convolution fitted to ``model``'s input channels (see
+    :func:`load_mit_pretrained`); unchanged when they already agree or the keys are not there."""
+    own = model.state_dict().get(FIRST_CONV)
+    w = state.get(FIRST_CONV)
+    if own is None or w is None or w.ndim != 4 or w.shape[1] != 3 or own.shape[1] == 3 or own.shape[0] != w.shape[0]:
+        return state
+    c = own.shape[1]
+    grey = w.float().mean(dim=1, keepdim=True) * (3.0 / c)
+    return {**state, FIRST_CONV: grey.repeat(1, c, 1, 1).to(w.dtype)}

@@ -65,13 +65,14 @@ def grouped_or_plain(cfg: TrainConfig) -> Callable[[torch.Tensor, bool], torch.T
 
 
 def build_method(cfg: TrainConfig, device: torch.device, gan: torch.nn.Module | None,
-                 imnet: torch.nn.Module | None) -> Method:
+                 imnet: torch.nn.Module | None, event_chans: int = 3) -> Method:
     """The run's method. Components are built in :data:`COMPONENTS` order (their initial weights draw
-    from torch's generator, so the order is part of a run's reproducibility)."""
+    from torch's generator, so the order is part of a run's reproducibility). ``event_chans``: the event
+    encoder's input channels (the run's representation), to which the grey second inputs are repeated."""
     amp = device.type == "cuda" and cfg.run.amp
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     target = ImageOnlyTarget(device, mem, cfg.data.cmda_empty_part) if image_only(cfg) else EventTarget(
-        gan, device, mem, cfg.data.cmda_empty_part, cfg.data.isr_direction == "cmda")
+        gan, device, mem, cfg.data.cmda_empty_part, cfg.data.isr_direction == "cmda", event_chans)
     rule = None if cfg.run.source_only else pseudo_rule(cfg.dacs, cfg.model.num_classes, device)
     run = BuildInputs(device, amp, target, imnet)
     components = [c for c in (build(cfg, run) for build in COMPONENTS) if c is not None]

@@ -29,15 +29,27 @@ from train.uda.components.base import Tensors
 from train.uda.components.mic import MaskedBatch
 
 
+def widen(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """A grey second input (ISR, IC1, the CycleGAN's events: one picture repeated to 3 channels) repeated to
+    ``channels``, the event encoder's input (the run's representation); 3 channels pass as they are."""
+    return x if x.shape[1] == channels else x[:, :1].expand(-1, channels, -1, -1)
+
+
 @dataclass
 class EventTarget:
-    """DSEC night: images + events, with the ISR of every image as the third input."""
+    """DSEC night: images + events, with the ISR of every image as the third input.
+
+    With an event representation of C != 3 network channels, the event encoder takes C channels: the grey
+    inputs it also encodes (both domains' ISR, the source's IC1 or CycleGAN "events") are repeated to C, as
+    CMDA repeats them to 3 (docs/representations.md says what that does and does not bridge).
+    """
 
     gan: torch.nn.Module | None  # CycleGAN IC1 -> events; None: IC1 is the source "events"
     device: torch.device
     memory_format: torch.memory_format
     cmda_empty_part: bool = False  # data.cmda_empty_part: CMDA's -1 for an ISR part with no cell of its sign
     cmda_directions: bool = False  # data.isr_direction == "cmda": CMDA's parity rules for the shift directions
+    channels: int = 3  # the event encoder's input channels
 
     @torch.no_grad()
     def inputs(self, batch: Tensors) -> Tensors:
@@ -48,13 +60,16 @@ class EventTarget:
                 if k in raw}  # CMDA's parity rules, drawn by the loader (data.isr_direction=cmda)
         b, mem, compat = raw["source_image"].shape[0], self.memory_format, self.cmda_empty_part
         out = network_batch(raw, self.device, mem)
-        out["source_isr"] = image_content(raw["source_image"], ISR_DAY, dirs.get("source_isr_dir") or
-                                          random_directions(b), cmda_compat=compat).contiguous(memory_format=mem)
+        c = self.channels
+        out["source_isr"] = widen(image_content(raw["source_image"], ISR_DAY, dirs.get("source_isr_dir") or
+                                                random_directions(b), cmda_compat=compat), c
+                                  ).contiguous(memory_format=mem)
         if "target_image" in raw:
-            out["target_isr"] = image_content(raw["target_image"], ISR_NIGHT, dirs.get("target_isr_dir") or
-                                              random_directions(b), cmda_compat=compat).contiguous(memory_format=mem)
-        out["source_events"] = ic1_to_events(self.gan, out["source_ic1"]) if self.gan is not None \
-            else out["source_ic1"]
+            out["target_isr"] = widen(image_content(raw["target_image"], ISR_NIGHT, dirs.get("target_isr_dir") or
+                                                    random_directions(b), cmda_compat=compat), c
+                                      ).contiguous(memory_format=mem)
+        events = ic1_to_events(self.gan, out["source_ic1"]) if self.gan is not None else out["source_ic1"]
+        out["source_events"] = widen(events, c)
         return out
 
     def teacher_inputs(self, x: Tensors, events_drawn: bool) -> tuple[dict, bool]:
@@ -74,8 +89,8 @@ class EventTarget:
             directions: str | list[str] = cmda_direction(int(cj * 10), int(cj * 100))
         else:
             directions = random_directions(image.shape[0])
-        mixed["isr"] = isr_from_normalized(image, ISR_NIGHT, directions, cmda_compat=self.cmda_empty_part
-                                           ).contiguous(memory_format=mem)
+        isr = isr_from_normalized(image, ISR_NIGHT, directions, cmda_compat=self.cmda_empty_part)
+        mixed["isr"] = widen(isr, self.channels).contiguous(memory_format=mem)
         return mixed
 
     def masked(self, batch: MaskedBatch) -> MaskedBatch:
