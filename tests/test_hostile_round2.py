@@ -527,6 +527,7 @@ def test_cmda_exact_loader_normalises_events_as_cmda(training_tree, monkeypatch)
 
     from pipeline.config import load_config
     from train.config import TrainConfig, apply_preset
+    from train.data.events_input import FrameReader
     from train.data.loaders import NightFrames
 
     data = apply_preset(TrainConfig(), "cmda-exact").data
@@ -535,14 +536,14 @@ def test_cmda_exact_loader_normalises_events_as_cmda(training_tree, monkeypatch)
     rng = np.random.default_rng(3)
     for grid in (np.where(rng.random((1, 48, 64)) < 0.3, rng.random((1, 48, 64)), 0).astype(np.float32),
                  rng.normal(0, 1, (1, 48, 64)).astype(np.float32)):
-        monkeypatch.setattr(frames, "store", lambda path, g=grid: type("S", (), {"voxels": lambda s, f: g})())
+        monkeypatch.setattr(frames, "store", lambda path, g=grid: FrameReader(frames.events.settings, lambda f: g))
         monkeypatch.setattr("train.data.loaders.read_rgb", lambda path: np.zeros((48, 64, 3), np.uint8))
         _, events, _ = frames.load(0)
         ref = cmda_events_norm(grid, row.event_stop - row.event_start)
         np.testing.assert_allclose(events, ref, atol=2e-5)
     default = NightFrames(load_config(training_tree), "train")
     ones = np.ones((1, 48, 64), np.float32)
-    monkeypatch.setattr(default, "store", lambda path: type("S", (), {"voxels": lambda s, f: ones})())
+    monkeypatch.setattr(default, "store", lambda path: FrameReader(default.events.settings, lambda f: ones))
     assert (default.load(0)[1] >= 0).all()  # cmda's default: the empty negative part stays 0
 
 
