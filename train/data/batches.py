@@ -15,14 +15,18 @@ from torch.utils.data import Dataset
 
 from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
-from train.config import DataConfig, RcsConfig, TrainConfig, image_only
+from train.config import DataConfig, RcsConfig, TrainConfig, event_only, image_only
+from train.data.dsec_semantic import SemanticBatches, SemanticTest
 from train.data.image_only import NightTargetEval, NightTargetTrain
 from train.data.loaders import CityscapesTrain, NightFrames, NightTest, SourceFile, augment_source, augment_target
 from train.data.rcs import RareClassSampler
 
 
 def night_eval_set(dcfg: DatasetsConfig, cfg: TrainConfig, limit: int = 0) -> Dataset:
-    """The labelled night frames a run is scored on: DSEC's test frames, or an image-only target's val split."""
+    """The labelled night frames a run is scored on: DSEC's test frames, an image-only target's val split, or
+    DSEC-Semantic's test windows."""
+    if event_only(cfg):
+        return SemanticTest(dcfg, "test", limit=limit)
     if image_only(cfg):
         return NightTargetEval(dcfg, cfg.data, "val", limit=limit)
     return NightTest(dcfg, cfg.data, limit=limit)
@@ -92,3 +96,14 @@ class PairedBatches(Dataset):
             out["target_image"] = torch.from_numpy(np.stack(tgt_img))
             out["target_events"] = torch.from_numpy(np.stack(tgt_evt))
         return out
+
+
+def training_batches(dcfg: DatasetsConfig, cfg: TrainConfig, seed: int) -> Dataset:
+    """The run's batch source, chosen once: :class:`PairedBatches`, or for DSEC-Semantic
+    :class:`train.data.dsec_semantic.SemanticBatches` (supervised, or Cityscapes adapted to its windows)."""
+    with_target = not cfg.run.source_only
+    if not event_only(cfg):
+        return PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=with_target)
+    source = None if cfg.data.source == "dsec-semantic" else PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch,
+                                                                           seed, with_target=False)
+    return SemanticBatches(dcfg, cfg.data, cfg.run.batch, seed, source, with_target=with_target)
