@@ -35,7 +35,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     setting, before any data or model is touched.
     """
     for check in (_validate_run, _validate_model, _validate_data, _validate_optim, _validate_dacs, _validate_loss,
-                  _validate_mic, _validate_target, _validate_peers, _validate_entropy, _validate_event_only):
+                  _validate_mic, _validate_event_only, _validate_target, _validate_peers, _validate_entropy):
         check(cfg)
     return cfg
 
