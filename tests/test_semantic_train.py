@@ -18,6 +18,8 @@ from pipeline.atomic import write_png
 from pipeline.config import load_config
 from pipeline.dsec_semantic import cityscapes_lut
 from pipeline.errors import InputError
+from tests.cli_checks import assert_one_line_error
+from tests.test_dsec_semantic import TEST, TRAIN, make_sequence
 from train.checkpoints.files import load_checkpoint
 from train.checkpoints.inference import check_target
 from train.config import TrainConfig, apply_layers, validate
@@ -26,8 +28,6 @@ from train.engine import loop as dacs
 from train.models import EventOnlyModel
 from train.models.event_only import widen_first_conv
 from train.models.mit import MixVisionTransformer
-from tests.cli_checks import assert_one_line_error
-from tests.test_dsec_semantic import TEST, TRAIN, make_sequence
 
 WINDOW = "{mode: events, events: 20000, chunks: 4, bins: 3}"  # 12 channels
 CHANNELS = 12
@@ -140,7 +140,8 @@ def test_adapted_batches_map_cityscapes_to_11_classes(semantic_tree):
     batch = training_batches(dcfg, cfg, 0)[3]
     plain = PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, 0, with_target=False)[3]
     assert set(batch) == {"source_label", "source_ic1", "target_events"}  # no source image is sent
-    assert torch.equal(batch["source_label"], torch.from_numpy(cityscapes_lut().astype(np.int64))[plain["source_label"]])
+    lut = torch.from_numpy(cityscapes_lut().astype(np.int64))
+    assert torch.equal(batch["source_label"], lut[plain["source_label"]])
     assert set(batch["source_label"].unique().tolist()) <= set(range(11)) | {255}
     assert batch["target_events"].shape == (2, CHANNELS, 64, 64)
 
@@ -219,9 +220,9 @@ def test_event_only_refuses_what_needs_an_image(setting, needle):
 
 
 def test_supervised_needs_the_semantic_target():
-    with pytest.raises(InputError, match="data.target=dsec-semantic"):
+    with pytest.raises(InputError, match=r"data\.target=dsec-semantic"):
         validate(apply_layers(TrainConfig(), sets=["data.source=dsec-semantic", "run.source_only=true"]))
-    with pytest.raises(InputError, match="run.source_only"):
+    with pytest.raises(InputError, match=r"run\.source_only"):
         validate(apply_layers(TrainConfig(), target="dsec-semantic", sets=["data.source=dsec-semantic"]))
 
 

@@ -208,7 +208,7 @@ class EntropyConfig:
     """Entropy minimisation on the mixed pass's target pixels (ADVENT; train/uda/components/entropy.py).
     Off unless ``enabled``; the worked example of docs/adding-a-component.md."""
 
-    enabled: bool = False
+    enabled: bool = False      # the entropy term on the mixed pass (off by default)
     weight: float = 0.01       # ADVENT's lambda_ent is 1e-3 at full resolution; a weight on the normalised entropy
 
 
