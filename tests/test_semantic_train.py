@@ -155,10 +155,17 @@ def test_supervised_batches_are_windows_and_labels(semantic_tree):
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def test_supervised_run_evaluates_under_both_conventions_and_predicts(semantic_tree, tmp_path):
-    run = tmp_path / "sup"
+@pytest.fixture(scope="module")
+def supervised_run(semantic_tree, tmp_path_factory) -> Path:
+    """A 2-iteration supervised run (ESS's setting), shared by the tests that only read its checkpoint."""
+    run = tmp_path_factory.mktemp("supervised") / "sup"
     res = dacs.train(tiny(semantic_tree, run, supervised=True))
     assert 0 <= res["eval"]["mIoU"] <= 1 and res["eval"]["n_classes"] <= 11
+    return run
+
+
+def test_supervised_run_evaluates_under_both_conventions_and_predicts(supervised_run, tmp_path):
+    run = supervised_run
     losses = {k for r in records(run) for k in r if k.startswith("loss/") and k != "loss/total"}
     assert losses == {"loss/src/events"}
     state = load_checkpoint(run / "checkpoints" / "iter_000002.pt")
@@ -197,14 +204,13 @@ def test_source_only_from_cityscapes(semantic_tree, tmp_path):
     assert not any(k.startswith("loss/mix") for r in records(run) for k in r)
 
 
-def test_window_channels_must_match_the_model(semantic_tree, tmp_path):
-    run = tmp_path / "sup"
-    dacs.train(tiny(semantic_tree, run, supervised=True, iters=1))
+def test_window_channels_must_match_the_model(semantic_tree, supervised_run, tmp_path):
     other = tmp_path / "other.yaml"
     other.write_text(semantic_tree.read_text().replace("root: tree", f"root: {semantic_tree.parent / 'tree'}")
                      .replace("out: processed", f"out: {semantic_tree.parent / 'processed'}")
                      .replace("bins: 3", "bins: 2"))
-    res = cli("evaluate", str(run / "checkpoints" / "iter_000001.pt"), "--config", str(other), "--device", "cpu")
+    res = cli("evaluate", str(supervised_run / "checkpoints" / "iter_000002.pt"), "--config", str(other),
+              "--device", "cpu")
     assert_one_line_error(res, "12 event channels", "4 x 2 = 8")
 
 
@@ -237,3 +243,21 @@ def test_other_models_cannot_be_scored_on_dsec_semantic():
     cfg = TrainConfig()
     with pytest.raises(InputError, match="event-only model"):
         check_target(Path("ck.pt"), cfg, "dsec-semantic")
+
+
+def test_export_refuses_an_event_only_model(supervised_run, tmp_path):
+    ck = str(supervised_run / "checkpoints" / "iter_000002.pt")
+    assert_one_line_error(cli("export", ck, "--out", str(tmp_path / "x.onnx")), "event-only model")
+
+
+@pytest.mark.slow
+def test_resume_repeats_the_uninterrupted_event_only_run(semantic_tree, tmp_path):
+    cfg = tiny(semantic_tree, tmp_path / "a", sets=("run.ckpt_every=1", "run.eval_every=100"))
+    dacs.train(cfg)
+    again = tiny(semantic_tree, tmp_path / "b", sets=("run.ckpt_every=1", "run.eval_every=100"))
+    dacs.train(again, resume=tmp_path / "a" / "checkpoints" / "iter_000001.pt")
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "iter_000002.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "iter_000002.pt")
+    for part in ("student", "teacher"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
