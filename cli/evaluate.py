@@ -44,6 +44,10 @@ def evaluate(
 
     The headline mIoU averages the classes annotated in the test set (18 on DSEC night: truck is never
     annotated and is excluded, not counted as 0); the mmseg-style 19-class mean is shown beside it.
+
+    An event-only DSEC-Semantic checkpoint is scored on the test windows at 640x440 under both conventions,
+    each labelled: ESS's mIoU (plain mean over the 11 classes, an absent class counting 0), cmda's mIoU
+    (mean over the annotated classes) and pixel accuracy.
     """
 
     summary = evaluate_checkpoint(checkpoint, datasets=datasets, out=out, teacher=teacher, device=device,
@@ -91,6 +95,12 @@ def predict(
 
     s = run_predict(checkpoint, out=out, config=config, split=split, limit=limit, output=output, teacher=teacher,
                     device=device, target=target)
+    if isinstance(s, dict):  # an event-only DSEC-Semantic model
+        m = s["metrics"]
+        typer.echo(f"{s['frames']} dsec-semantic {s['split']} label(s), events output -> {s['out']}"
+                   + (f" (ESS mIoU {m['miou_ess']:.2f}, cmda mIoU {m['miou_annotated']:.2f} over "
+                      f"{m['annotated_classes']} annotated classes, accuracy {m['accuracy']:.2f})" if m else ""))
+        return
     if isinstance(s, NightPrediction):
         msg = f"{s.images} {s.target} {s.split} image(s), {s.output} output -> {s.submission or s.out}"
         if s.metrics:

@@ -36,7 +36,9 @@ def check(
 
     DSEC: events.h5 and rectify_map.h5 (schema), rectified images, timestamps.txt (one per image),
     cam_to_cam.yaml, CMDA's test labels, for every listed sequence. Cityscapes: gtFine polygons, their
-    leftImg8bit images, the previous frames in leftImg8bit_sequence (for IC1). Weights: loaded and
+    leftImg8bit images, the previous frames in leftImg8bit_sequence (for IC1). DSEC-Semantic (optional when
+    dsec_semantic.root is absent): every listed sequence's layout, events, rectify map, labels and timestamps
+    (counts agree, first and last label decoded). Weights: loaded and
     shape-checked as training loads them; missing default weight files are reported as optional.
     """
 

@@ -18,8 +18,9 @@ from pipeline.errors import InputError
 from train.checkpoints.cmda_layout import load_any_checkpoint
 from train.checkpoints.files import load_model_state
 from train.common.device import autocast
-from train.config import IMAGE_ONLY_TARGETS, TARGETS, TrainConfig, from_dict, image_only
-from train.models import CMDAModel
+from train.config import EVENT_ONLY_TARGETS, IMAGE_ONLY_TARGETS, TARGETS, TrainConfig, event_only, from_dict, image_only
+from train.models import CMDAModel, EventOnlyModel
+from train.models.event_only import input_channels
 
 REPRESENTATION_KEY = "representation"
 """The checkpoint entry recording the event representation (train/data/events_input.py); absent = CMDA's voxel grid."""
@@ -45,9 +46,11 @@ def checkpoint_config(path: Path, state: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def build_model(cfg: TrainConfig, path: Path, empty: bool = False, event_chans: int = 3) -> CMDAModel:
-    """An untrained CMDAModel shaped like the one ``cfg`` trains (an unknown backbone is an InputError),
-    its event encoder taking ``event_chans`` channels (the checkpoint's representation record says how many).
+def build_model(cfg: TrainConfig, path: Path, empty: bool = False, event_channels: int = 3
+                ) -> CMDAModel | EventOnlyModel:
+    """An untrained model shaped like the one ``cfg`` trains (an unknown backbone is an InputError): CMDAModel,
+    its event encoder taking ``event_channels`` channels (the checkpoint's representation record says how many),
+    or for an event-only target an EventOnlyModel on ``event_channels`` input channels.
 
     ``empty=True`` skips the random initialisation (uninitialised CPU memory), for a strict load that then
     overwrites every parameter and buffer: building MiT-B5 that way takes a fraction of the time.
@@ -55,9 +58,13 @@ def build_model(cfg: TrainConfig, path: Path, empty: bool = False, event_chans: 
     m = cfg.model
     try:
         with torch.device("meta") if empty else contextlib.nullcontext():
+            if event_only(cfg):
+                model = EventOnlyModel(m.backbone, num_classes=m.num_classes, in_chans=event_channels,
+                                       drop_path=m.drop_path, head_channels=m.head_channels)
+                return model.to_empty(device="cpu") if empty else model
             model = CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
                               fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels, fusion=m.fusion,
-                              event_chans=event_chans)
+                              event_chans=event_channels)
     except ValueError as exc:
         raise InputError(path, str(exc)) from None
     return model.to_empty(device="cpu") if empty else model
@@ -75,6 +82,10 @@ def check_target(path: Path, cfg: TrainConfig, target: str | None) -> TrainConfi
         return cfg
     if target not in TARGETS:
         raise InputError(None, f"--target must be one of {', '.join(TARGETS)}, not {target!r}")
+    if event_only(cfg) or target in EVENT_ONLY_TARGETS:
+        raise InputError(path, f"this model was trained for {cfg.data.target}; {target} needs "
+                         + ("an event-only model (`cmda train --target dsec-semantic`)" if target in EVENT_ONLY_TARGETS
+                            else "an image input, and an event-only model has none"))
     if not image_only(cfg) and target in IMAGE_ONLY_TARGETS:
         raise InputError(path, f"this is an image + events model (trained for {cfg.data.target}): it needs events, "
                          f"and {target} has none; score it on DSEC, or train an image + ISR model with "
@@ -100,30 +111,32 @@ def load_for_inference(path: str | Path, teacher: bool = False, device: str | to
     if weights is None:
         why = " (a source-only run has no teacher; drop --teacher)" if teacher else ""
         raise InputError(path, f"checkpoint holds no {key} weights{why}")
-    model = build_model(cfg, path, empty=True, event_chans=record_channels(state.get(REPRESENTATION_KEY)))
+    channels = (input_channels(weights) or 3) if event_only(cfg) else record_channels(state.get(REPRESENTATION_KEY))
+    model = build_model(cfg, path, empty=True, event_channels=channels)
     load_model_state(model, weights, path)  # strict: every parameter and buffer comes from the file
     return model.eval().to(device), cfg, state
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, events: torch.Tensor,
+def predict_logits(model: torch.nn.Module, image: torch.Tensor | None, events: torch.Tensor,
                    outputs: tuple[str, ...], amp: bool = True, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Logits at the input size for each requested output; only the encoders they need run.
 
+    ``image`` may be None for an event-only model (outputs ``("events",)``).
     ``scale`` resizes the inputs first (bilinear) so a model trained on rescaled crops sees test
     frames at its training scale (``data.test_scale``); logits always come back at the input size.
     """
-    size = image.shape[-2:]
+    size = events.shape[-2:]
     if scale != 1.0:
         scaled = (max(32, round(size[0] * scale)), max(32, round(size[1] * scale)))
-        image = F.interpolate(image, size=scaled, mode="bilinear", align_corners=False)
+        image = None if image is None else F.interpolate(image, size=scaled, mode="bilinear", align_corners=False)
         events = F.interpolate(events, size=scaled, mode="bilinear", align_corners=False)
     inputs: dict[str, torch.Tensor] = {}
     if any(o in ("image", "fusion") for o in outputs):
         inputs["image"] = image
     if any(o in ("events", "fusion") for o in outputs):
         inputs["events"] = events
-    with autocast(image.device, amp):
+    with autocast(events.device, amp):
         out = model(**inputs, outputs=outputs)
     return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False)
             for k, v in out.logits.items()}

@@ -10,6 +10,8 @@ the public API (``from train.config import TrainConfig, PRESETS``).
 from train.common.device import parse_device
 from train.config.layers import (
     DEFAULT_CYCLEGAN,
+    EVENT_ONLY_SETTINGS,
+    EVENT_ONLY_TARGETS,
     GPU_PRESETS,
     IMAGE_ONLY_TARGETS,
     MACHINE_KEYS,
@@ -23,6 +25,7 @@ from train.config.layers import (
     apply_target,
     apply_variant,
     differences,
+    event_only,
     flatten,
     from_dict,
     image_only,
@@ -54,6 +57,8 @@ __all__ = [
     "BACKBONES",
     "DEFAULT_CYCLEGAN",
     "EVENT_FEATURE_TERMS",
+    "EVENT_ONLY_SETTINGS",
+    "EVENT_ONLY_TARGETS",
     "FUSIONS",
     "GPU_PRESETS",
     "IMAGE_ONLY_TARGETS",
@@ -83,6 +88,7 @@ __all__ = [
     "apply_target",
     "apply_variant",
     "differences",
+    "event_only",
     "flatten",
     "from_dict",
     "image_only",

@@ -86,8 +86,13 @@ GPU_PRESETS = ("24gb", "16gb", "11gb")
 
 #: Night targets: DSEC (images + events) and the image-only targets (Dark Zurich, Sakaridis et al. ICCV 2019;
 #: ACDC, Sakaridis et al. ICCV 2021).
-TARGETS = ("dsec", "darkzurich", "acdc")
+TARGETS = ("dsec", "darkzurich", "acdc", "dsec-semantic")
 IMAGE_ONLY_TARGETS = ("darkzurich", "acdc")
+#: Targets segmented from events alone (DSEC-Semantic, ESS's protocol; docs/dsec-semantic.md).
+EVENT_ONLY_TARGETS = ("dsec-semantic",)
+# DSEC-Semantic: the event encoder and head alone, 11 classes, one output (weight 1: plain CE, as ESS).
+EVENT_ONLY_SETTINGS: dict[str, Any] = {"model.num_classes": 11, "loss.events": 1.0, "loss.fusion": 0.0,
+                                       "loss.image": 0.0, "loss.isr": 0.0}
 # CMDA's cs2dz_image+raw-isr settings for image-only targets (configs/fusion/cs2dz_image+raw-isr_b5.py):
 # loss weights 0.7 on the image, fusion and second-encoder ("events" = ISR) outputs; its 0.25
 # `img_self_res` weight belongs to a third, separate ISR input that this model never gets, so the isr
@@ -108,6 +113,11 @@ def image_only(cfg: TrainConfig) -> bool:
     return cfg.data.target in IMAGE_ONLY_TARGETS
 
 
+def event_only(cfg: TrainConfig) -> bool:
+    """True when the run segments from events alone (no image branch): DSEC-Semantic."""
+    return cfg.data.target in EVENT_ONLY_TARGETS
+
+
 def apply_target(cfg: TrainConfig, target: str) -> TrainConfig:
     """``--target``: the night data set and, for an image-only one, CMDA's cs2dz settings.
 
@@ -119,6 +129,9 @@ def apply_target(cfg: TrainConfig, target: str) -> TrainConfig:
     if target not in TARGETS:
         raise InputError(None, f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     cfg.data.target = target
+    if target in EVENT_ONLY_TARGETS:
+        for key, value in EVENT_ONLY_SETTINGS.items():
+            set_value(cfg, key, value)
     if target in IMAGE_ONLY_TARGETS:
         for key, value in TARGET_SETTINGS.items():
             set_value(cfg, key, value)

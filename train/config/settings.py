@@ -34,10 +34,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     datasets: Path = Path("datasets.yaml")
-    # Night target: "dsec" (images + events, the default) or an image-only target, "darkzurich" or
+    # Night target: "dsec" (images + events, the default), "dsec-semantic" (DSEC-Semantic, events only, 11
+    # classes: the event encoder and head alone; docs/dsec-semantic.md) or an image-only target, "darkzurich" or
     # "acdc" (the second encoder gets the night image's ISR; train/data/image_only.py). `--target` also applies
     # CMDA's cs2dz settings (TARGET_SETTINGS); `--set data.target=...` changes only this field.
     target: str = "dsec"
+    # Where the labelled side comes from: "cityscapes" (the source domain, adapted to the target), or, with
+    # target "dsec-semantic" and run.source_only, "dsec-semantic": its train labels (ESS's supervised
+    # setting; `cmda train --target dsec-semantic --supervised`).
+    source: str = "cityscapes"
     # Image-only targets: each image resized to (w, h) first (CMDA: 1920x1080 -> 960x540), then a random
     # `crop` x `crop` window and flip for training; val and test images are scored at this size.
     target_resize: tuple[int, int] = (960, 540)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 from train.common.device import parse_device
-from train.config.layers import TARGETS, VARIANTS, image_only
+from train.config.layers import TARGETS, VARIANTS, event_only, image_only
 from train.config.settings import TrainConfig
 
 FUSIONS = ("attention_avg", "attention")
@@ -35,7 +35,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     setting, before any data or model is touched.
     """
     for check in (_validate_run, _validate_model, _validate_data, _validate_optim, _validate_dacs, _validate_loss,
-                  _validate_mic, _validate_target, _validate_peers, _validate_entropy):
+                  _validate_mic, _validate_event_only, _validate_target, _validate_peers, _validate_entropy):
         check(cfg)
     return cfg
 
@@ -196,3 +196,39 @@ def _validate_peers(cfg: TrainConfig) -> None:
                "adv.upsample / 4 >= 32 (crop >= 128 at upsample 1)")
 
 
+
+
+# What an event-only run (data.target dsec-semantic) cannot take, and why: each needs the image branch or the
+# fused output, which the event-only model does not have.
+EVENT_ONLY_REFUSED: tuple[tuple[str, str], ...] = (
+    ("mic.enabled", "MIC's masked pass and its consistency target are built on the target image"),
+    ("dsr.enabled", "DSRNSS's bank pastes source images, its grouped ClassMix and prototypes use 19 Cityscapes "
+                    "classes and the fused or image features"),
+    ("dida.enabled", "DIDA's instance bank holds the fused output's embeddings"),
+    ("adv.enabled", "the discriminator judges the fused output"),
+    ("entropy.enabled", "the entropy term is taken on the fused output"),
+    ("dacs.fd_lambda", "the ImageNet feature distance is taken on the image encoder"),
+    ("loss.rgb_event_src", "it compares image and event features"),
+    ("loss.fusion_st", "it compares fused features"),
+    ("loss.rgb_st", "it compares image features"),
+    ("loss.event_s_rgb_t", "it compares image and event features"),
+    ("model.init", "--init loads an image + events model (CMDA's or cmda's); start from --pretrained instead"),
+)
+
+
+def _validate_event_only(cfg: TrainConfig) -> None:
+    """An event-only target: 11 classes, a known label source, and the components it cannot take refused."""
+    d = cfg.data
+    _check(d.source in ("cityscapes", "dsec-semantic"), "data.source", d.source, "cityscapes or dsec-semantic")
+    if d.source == "dsec-semantic" and not (event_only(cfg) and cfg.run.source_only):
+        raise InputError(None, "data.source=dsec-semantic (--supervised) trains on DSEC-Semantic's own labels: it "
+                         "needs data.target=dsec-semantic and run.source_only (there is nothing left to adapt to)")
+    if not event_only(cfg):
+        return
+    _check(cfg.model.num_classes == 11, "model.num_classes", cfg.model.num_classes,
+           "11 with data.target=dsec-semantic (DSEC-Semantic's classes)")
+    for key, why in EVENT_ONLY_REFUSED:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name):
+            raise InputError(None, f"{key} cannot be used with data.target={d.target} (an event-only model, no "
+                             f"image branch and no fusion): {why}")

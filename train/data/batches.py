@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
-from train.config import DataConfig, RcsConfig, TrainConfig, image_only
+from train.config import DataConfig, RcsConfig, TrainConfig, event_only, image_only
+from train.data.dsec_semantic import SemanticBatches, SemanticTest
 from train.data.events_input import EventInput
 from train.data.image_only import NightTargetEval, NightTargetTrain
 from train.data.isr import DIRECTIONS, cmda_direction
@@ -26,7 +27,9 @@ from train.data.rcs import RareClassSampler
 def night_eval_set(dcfg: DatasetsConfig, cfg: TrainConfig, limit: int = 0, events: EventInput | None = None
                    ) -> Dataset:
     """The labelled night frames a run is scored on: DSEC's test frames (with ``events``, the run's
-    representation; None: CMDA's voxel grid), or an image-only target's val split."""
+    representation; None: CMDA's voxel grid), an image-only target's val split, or DSEC-Semantic's test windows."""
+    if event_only(cfg):
+        return SemanticTest(dcfg, "test", limit=limit)
     if image_only(cfg):
         return NightTargetEval(dcfg, cfg.data, "val", limit=limit)
     return NightTest(dcfg, cfg.data, limit=limit, events=events)
@@ -109,3 +112,16 @@ class PairedBatches(Dataset):
             if tgt_dir:
                 out["target_isr_dir"] = torch.tensor(tgt_dir, dtype=torch.int64)
         return out
+
+
+def training_batches(dcfg: DatasetsConfig, cfg: TrainConfig, seed: int, events: EventInput | None = None
+                     ) -> Dataset:
+    """The run's batch source, chosen once: :class:`PairedBatches` (``events``: the run's representation), or
+    for DSEC-Semantic :class:`train.data.dsec_semantic.SemanticBatches` (supervised, or Cityscapes adapted to
+    its windows)."""
+    with_target = not cfg.run.source_only
+    if not event_only(cfg):
+        return PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=with_target, events=events)
+    source = None if cfg.data.source == "dsec-semantic" else PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch,
+                                                                           seed, with_target=False)
+    return SemanticBatches(dcfg, cfg.data, cfg.run.batch, seed, source, with_target=with_target)

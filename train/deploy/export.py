@@ -46,7 +46,7 @@ from pipeline.errors import InputError
 from train.checkpoints.files import disk_free, write_failure
 from train.checkpoints.inference import REPRESENTATION_KEY, load_for_inference, predict_logits
 from train.common.stopping import FrameStop
-from train.config import TrainConfig, image_only
+from train.config import TrainConfig, event_only, image_only
 from train.data.events_input import from_record
 from train.data.image_only import night_isr
 from train.data.loaders import NightFrames, normalize_image
@@ -79,6 +79,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, image_on
     """
 
     model, cfg, state = load_for_inference(path, teacher=False, device=device)
+    if event_only(cfg):
+        raise InputError(path, f"this is an event-only model (trained for {cfg.data.target}): `cmda export` and "
+                         "`cmda stream` take image + events models; score or predict it with `cmda evaluate/predict`")
     if image_only(cfg) and not image_only_ok:
         raise InputError(path, f"this is an image + ISR model (trained for {cfg.data.target}, no event input): "
                          "`cmda stream` replays events, which it never saw; export it with `cmda export` (inputs "

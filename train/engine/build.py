@@ -17,17 +17,18 @@ import torch
 import torch.distributed as tdist
 from torch.utils.data import Dataset
 
-from pipeline.config import load_config
+from pipeline.config import DatasetsConfig, load_config
 from pipeline.errors import InputError
 from train.checkpoints.cmda_layout import init_weights
 from train.checkpoints.cyclegan import load_cyclegan
 from train.checkpoints.files import load_model_state, restore_rng
 from train.checkpoints.inference import REPRESENTATION_KEY
-from train.config import DEFAULT_CYCLEGAN, TrainConfig, image_only
-from train.data.batches import PairedBatches, night_eval_set
+from train.config import DEFAULT_CYCLEGAN, TrainConfig, event_only, image_only
+from train.data.batches import night_eval_set, training_batches
+from train.data.dsec_semantic import window_channels
 from train.data.events_input import EventInput, resolve
 from train.engine.context import Context
-from train.models import CMDAModel
+from train.models import CMDAModel, EventOnlyModel
 from train.uda.method import Method, build_method
 from train.uda.step import Networks
 
@@ -38,7 +39,7 @@ Say = Callable[[str], Any]
 class Run:
     """What one run trains with: the batches, the night evaluation set (rank 0), the networks, the method."""
 
-    batches: PairedBatches
+    batches: Dataset  # PairedBatches, or SemanticBatches for DSEC-Semantic
     test: Dataset | None
     nets: Networks
     method: Method
@@ -67,23 +68,40 @@ def resolve_weights(cfg: TrainConfig, say: Say) -> tuple[Path | None, Path | Non
     """ImageNet MiT file and CycleGAN file: explicit paths must exist; 'auto' uses them when present."""
     mit = _weight_file(cfg.model.pretrained, Path("pretrained") / f"{cfg.model.backbone}.pth",
                        "ImageNet MiT weights", "encoders start from random weights (CMDA uses ImageNet MiT)", say)
-    if image_only(cfg):  # no events on either side: the source's second input is the day ISR
+    if image_only(cfg) or cfg.data.source == "dsec-semantic":  # no translated source: day ISR, or real windows
         return mit, None
     gan = _weight_file(cfg.model.cyclegan, DEFAULT_CYCLEGAN, "CycleGAN weights",
                        "IC1 is used directly as the source events", say)
     return mit, gan
 
 
+def new_model(cfg: TrainConfig, event_channels: int) -> CMDAModel | EventOnlyModel:
+    """The untrained network ``cfg`` trains: CMDA's two-encoder model, or the event-only one (DSEC-Semantic)."""
+    m = cfg.model
+    if event_only(cfg):
+        return EventOnlyModel(m.backbone, num_classes=m.num_classes, in_chans=event_channels, drop_path=m.drop_path,
+                              checkpoint=m.checkpoint, head_channels=m.head_channels)
+    return CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
+                     fusion_drop_path=m.fusion_drop_path, checkpoint=m.checkpoint,
+                     head_channels=m.head_channels, fusion=m.fusion, event_chans=event_channels)
+
+
+def encoder_channels(cfg: TrainConfig, dcfg: DatasetsConfig, events: EventInput | None) -> int:
+    """The event encoder's input channels: DSEC-Semantic's window channels, the run's representation's, or 3
+    (CMDA's voxel grid repeated to 3; an image-only target's ISR)."""
+    if event_only(cfg):
+        return window_channels(dcfg)
+    return 3 if events is None else events.network_channels
+
+
 def build_student(cfg: TrainConfig, ctx: Context, mit_path: Path | None, resuming: bool, say: Say,
-                  event_chans: int = 3) -> tuple[CMDAModel, torch.nn.Module | None]:
+                  event_channels: int = 3) -> tuple[CMDAModel | EventOnlyModel, torch.nn.Module | None]:
     """The student (ImageNet weights, then ``model.init``) and, for the feature distance, a frozen copy of
-    its ImageNet image encoder (taken before ``model.init``: the distance keeps ImageNet). ``event_chans``:
+    its ImageNet image encoder (taken before ``model.init``: the distance keeps ImageNet). ``event_channels``:
     the event encoder's input channels (the run's representation)."""
     torch.manual_seed(cfg.run.seed)
     m = cfg.model
-    model = CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
-                      fusion_drop_path=m.fusion_drop_path, checkpoint=m.checkpoint,
-                      head_channels=m.head_channels, fusion=m.fusion, event_chans=event_chans)
+    model = new_model(cfg, event_channels)
     if mit_path is not None:
         model.load_pretrained(mit_path)
     imnet = None
@@ -115,17 +133,16 @@ def build(cfg: TrainConfig, ctx: Context, say: Say, resuming: bool = False) -> R
     """Data, networks (same initial weights on every rank and in every run with this seed), method."""
     dcfg = load_config(cfg.data.datasets)
     seed = cfg.run.seed + 1_000 * ctx.rank
-    events = None if image_only(cfg) else resolve(cfg.representation.kind, dcfg)
-    batches = PairedBatches(dcfg, cfg.data, cfg.rcs, cfg.run.batch, seed, with_target=not cfg.run.source_only,
-                            events=events)
+    events = None if image_only(cfg) or event_only(cfg) else resolve(cfg.representation.kind, dcfg)
+    batches = training_batches(dcfg, cfg, seed, events)
     test = night_eval_set(dcfg, cfg, cfg.run.eval_max, events) if ctx.main else None
     mit_path, gan_path = resolve_weights(cfg, say)
-    chans = 3 if events is None else events.network_channels
-    model, imnet = build_student(cfg, ctx, mit_path, resuming, say, chans)
+    channels = encoder_channels(cfg, dcfg, events)
+    model, imnet = build_student(cfg, ctx, mit_path, resuming, say, channels)
     teacher = None if cfg.run.source_only else copy.deepcopy(model).requires_grad_(False)
     gan = load_cyclegan(gan_path, ctx.device) if gan_path is not None else None
     opt = build_optimizer(cfg, model, ctx.device)
-    method = build_method(cfg, ctx.device, gan, imnet, chans)
+    method = build_method(cfg, ctx.device, gan, imnet, channels)
     return Run(batches, test, Networks(model, model, teacher, opt), method, events)
 
 

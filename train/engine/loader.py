@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import InputError
-from train.data.batches import PairedBatches
 from train.engine.signals import worker_init
 
 
@@ -22,9 +21,10 @@ class WorkerFailure:
 
 
 class ReportingBatches(torch.utils.data.Dataset):
-    """:class:`PairedBatches` whose input errors come back as :class:`WorkerFailure` items."""
+    """The run's batches (:class:`train.data.batches.PairedBatches` or SemanticBatches) whose input errors come
+    back as :class:`WorkerFailure` items."""
 
-    def __init__(self, batches: PairedBatches) -> None:
+    def __init__(self, batches: Dataset) -> None:
         self.batches = batches
 
     def __len__(self) -> int:
@@ -57,7 +57,7 @@ def shut_down(batches: object) -> None:
         stop()
 
 
-def batch_loader(batches: PairedBatches, start: int, iters: int, workers: int, pin_memory: bool) -> DataLoader:
+def batch_loader(batches: Dataset, start: int, iters: int, workers: int, pin_memory: bool) -> DataLoader:
     """Iterations ``start`` .. ``iters``, one whole batch per item (randomness is a function of the iteration)."""
     return DataLoader(ReportingBatches(batches), batch_size=None, sampler=range(start, iters), num_workers=workers,
                       pin_memory=pin_memory, worker_init_fn=worker_init, prefetch_factor=2 if workers else None)

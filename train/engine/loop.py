@@ -166,17 +166,19 @@ class Loop:
         self.saved_at = done
 
     def evaluate(self, done: int) -> dict[str, Any] | None:
-        """Night mIoU of the fusion output; the best so far is kept as checkpoints/best.pt."""
+        """Night mIoU of the target kind's output (fusion; events for an event-only model); the best so far is
+        kept as checkpoints/best.pt."""
         if self.run_.test is None:
             return None
         cfg, amp = self.cfg, self.cfg.run.amp and self.ctx.device.type == "cuda"
-        res = evaluate(self.run_.nets.student, self.run_.test, self.ctx.device, ("fusion",), amp, progress=False,
-                       scale=cfg.data.test_scale)["fusion"]
+        output = self.run_.method.target.output
+        res = evaluate(self.run_.nets.student, self.run_.test, self.ctx.device, (output,), amp, progress=False,
+                       scale=cfg.data.test_scale)[output]
         if self.best is None or res["mIoU"] > self.best[0]:
             self.best = (res["mIoU"], done)
             self.folder.save_best(done, self.run_.nets, cfg, res["mIoU"])
         self.folder.log({"iter": done, "eval/mIoU": res["mIoU"], "eval/mIoU19": res["mIoU19"],
                          "eval/best_mIoU": self.best[0], "eval/best_iter": self.best[1]})
-        self.say(f"iteration {done}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, fusion "
+        self.say(f"iteration {done}: night mIoU {100 * res['mIoU']:.2f} ({res['n_classes']} classes, {output} "
                  f"output); best {100 * self.best[0]:.2f} at iteration {self.best[1]} (checkpoints/best.pt)")
         return res

@@ -31,12 +31,15 @@ from train.checkpoints.inference import (
 )
 from train.common import CLASSES, NUM_CLASSES
 from train.common.device import resolve_device
-from train.config import image_only
+from train.config import event_only, image_only
 from train.data.batches import night_eval_set
+from train.data.dsec_semantic import SemanticTest
 from train.data.events_input import from_record
 from train.data.image_only import DayIsr
 from train.data.loaders import CityscapesVal
 from train.eval.metrics import confusion, summarize
+from train.eval.semantic import OUTPUT as SEMANTIC_OUTPUT
+from train.eval.semantic import check_channels, write_semantic_eval
 from train.eval.visualize import confusion_png
 
 EVAL_OUTPUTS = ("fusion", "image", "events")
@@ -46,19 +49,21 @@ EVAL_OUTPUTS = ("fusion", "image", "events")
 def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
              outputs: tuple[str, ...] = EVAL_OUTPUTS, amp: bool = True, workers: int = 0,
              progress: bool = True, scale: float = 1.0) -> dict[str, dict[str, Any]]:
-    """Confusion matrix and summary per output over the whole dataset."""
+    """Confusion matrix and summary per output over the whole dataset (``model.num_classes`` classes; items
+    without an image are an event-only model's)."""
     was_training = model.training
     model.eval()
-    conf = {o: torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64) for o in outputs}
+    n = getattr(model, "num_classes", NUM_CLASSES)
+    conf = {o: torch.zeros(n, n, dtype=torch.int64) for o in outputs}
     loader = DataLoader(dataset, batch_size=1, num_workers=workers)
     try:
         for batch in tqdm(loader, desc="evaluate", unit="frame", disable=not progress, leave=False):
-            image = batch["image"].to(device)
+            image = batch["image"].to(device) if "image" in batch else None
             events = batch["events"].to(device)
             label = batch["label"].to(device)
             logits = predict_logits(model, image, events, outputs, amp, scale)
             for o in outputs:
-                conf[o] += confusion(logits[o].argmax(1), label)
+                conf[o] += confusion(logits[o].argmax(1), label, n)
     finally:
         model.train(was_training)
     return {o: {**summarize(conf[o].numpy()), "confusion": conf[o].numpy().tolist()} for o in outputs}
@@ -87,6 +92,9 @@ def evaluate_checkpoint(checkpoint: Path, *, datasets: Path | None = None, out: 
                         teacher: bool = False, device: str = "auto", limit: int = 0,
                         domain: str = "night", target: str | None = None) -> dict[str, Any]:
     """``cmda evaluate``: metrics.json, iou.md and one confusion-matrix PNG per output.
+
+    An event-only checkpoint (``data.target=dsec-semantic``) is scored on DSEC-Semantic's test windows with
+    ESS's mIoU, cmda's mIoU and pixel accuracy (:mod:`train.eval.semantic`).
 
     ``domain="night"``: the night benchmark the checkpoint trained for, or ``target``: DSEC's night test
     frames, or an image-only target's val split (Dark Zurich / ACDC night, labelled, scored at
@@ -118,6 +126,14 @@ def _evaluate_into(checkpoint: Path, out: Path, *, datasets: Path | None, teache
     model, cfg, state = load_for_inference(checkpoint, teacher, dev)
     check_target(checkpoint, cfg, target)
     dcfg = load_config(datasets or cfg.data.datasets)
+    if event_only(cfg):  # DSEC-Semantic: the test windows, ESS's numbers beside cmda's
+        if domain != "night":
+            raise InputError(None, "--domain day is for models with an image input; an event-only DSEC-Semantic "
+                             "model is scored on its test windows only")
+        check_channels(model, dcfg)
+        res = evaluate(model, SemanticTest(dcfg, "test", limit), dev, (SEMANTIC_OUTPUT,), cfg.run.amp,
+                       scale=cfg.data.test_scale)[SEMANTIC_OUTPUT]
+        return write_semantic_eval(res, cfg, state, checkpoint, out=out, teacher=teacher)
     record = state.get(REPRESENTATION_KEY)
     if domain == "night":
         events = None if image_only(cfg) else from_record(record, dcfg, checkpoint)

@@ -31,11 +31,12 @@ from train.checkpoints.inference import REPRESENTATION_KEY, check_target, load_f
 from train.common import NUM_CLASSES
 from train.common.device import resolve_device
 from train.common.stopping import FrameStop
-from train.config import TARGETS, TrainConfig, image_only
+from train.config import TARGETS, TrainConfig, event_only, image_only
 from train.data.events_input import from_record
 from train.data.loaders import NightFrames, NightTest, normalize_image, three_channels
 from train.eval.metrics import confusion, summarize
 from train.eval.predict_image_only import NightPrediction, predict_loaded
+from train.eval.semantic import predict_semantic
 from train.eval.visualize import colorize, denormalize, events_to_rgb, panel
 
 OUTPUT_CHOICES = ("fusion", "image", "events")
@@ -116,7 +117,7 @@ def _predict_frame(model, item: dict[str, Any], out: Path, output: str, cfg: Tra
 
 def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: str | Path | None = None,
             split: str = "test", limit: int = 0, output: str = "fusion", teacher: bool = False,
-            device: str = "auto", target: str | None = None) -> PredictSummary | NightPrediction:
+            device: str = "auto", target: str | None = None) -> PredictSummary | NightPrediction | dict[str, Any]:
     """Predict every frame of ``split`` (the first ``limit`` if > 0) and write the PNGs into ``out``
     (default: the run's ``predictions/<checkpoint name>/``, one folder per checkpoint as evaluate's
     ``eval/<checkpoint name>/``). ``config`` is the datasets.yaml, by default the one the run trained
@@ -138,6 +139,11 @@ def predict(checkpoint: str | Path, *, out: str | Path | None = None, config: st
     dev = resolve_device(device)
     model, cfg, state = load_for_inference(checkpoint, teacher=teacher, device=dev)
     check_target(checkpoint, cfg, target)
+    if event_only(cfg):
+        if output != "events" and output != "fusion":
+            raise InputError(None, f"--output {output}: an event-only model has the events output only")
+        return predict_semantic(model, cfg, checkpoint, dev, out=Path(out) if out else None,
+                                config=Path(config) if config else None, split=split, limit=limit)
     if image_only(cfg):
         return predict_loaded(model, cfg, checkpoint, dev, out=out, config=config, split=split, limit=limit,
                               output=output)

@@ -35,6 +35,7 @@ Rules worth knowing:
 """
 
 from train.models.cyclegan import ResnetGenerator, ic1_to_events
+from train.models.event_only import EventOnlyModel
 from train.models.fusion import FUSIONS, OUTPUTS, AttentionAvgFusion, AttentionFusion, CMDAModel, ModelOutput
 from train.models.head import DAFormerHead
 from train.models.mit import MIT_CONFIGS, MiTConfig, MixVisionTransformer, mit
@@ -48,6 +49,7 @@ __all__ = [
     "AttentionFusion",
     "CMDAModel",
     "DAFormerHead",
+    "EventOnlyModel",
     "MiTConfig",
     "MixVisionTransformer",
     "ModelOutput",

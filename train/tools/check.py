@@ -3,7 +3,9 @@
 Checks, per DSEC sequence listed in ``dsec.sequences``: ``events.h5`` (schema, as preprocessing validates it),
 ``rectify_map.h5``, the rectified images and ``timestamps.txt`` (one timestamp per image), ``cam_to_cam.yaml``
 and the test labels; for Cityscapes: ``gtFine`` polygons, their ``leftImg8bit`` images and, for IC1, the previous
-frame in ``leftImg8bit_sequence`` (or an IC1 image already written under ``cityscapes.out``). Weight files go
+frame in ``leftImg8bit_sequence`` (or an IC1 image already written under ``cityscapes.out``); for DSEC-Semantic
+(``dsec_semantic``, optional when its root is absent): each listed sequence's layout, events, rectify map,
+labels and their timestamps. Weight files go
 through the loaders training uses (shape checks included): the ImageNet ``mit_bX.pth``, the CycleGAN file and,
 if given, a checkpoint (cmda's or CMDA's released layout). Missing weight files are reported but optional
 (training then says what it does without them); a weight file that is present but does not load is an error.
@@ -19,6 +21,7 @@ from pipeline.calib import load_calibration
 from pipeline.cityscapes import find_samples, sample_paths
 from pipeline.config import load_config
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps
+from pipeline.dsec_semantic import check_dsec_semantic
 from pipeline.errors import InputError
 from train.checkpoints.cmda_layout import import_cmda, is_cmda_mmcv, not_a_checkpoint_error, read_checkpoint_object
 from train.checkpoints.cyclegan import load_cyclegan
@@ -150,6 +153,18 @@ def check_cityscapes(report: Report, root: Path, out: Path) -> None:
                              else "all present"))
 
 
+def check_semantic(report: Report, cfg) -> None:
+    """The dsec_semantic section (docs/dsec-semantic.md): optional as a whole (a DSEC night user need not have
+    it), but once its root exists every listed sequence must be complete and readable."""
+    sem = cfg.dsec_semantic
+    if not sem.root.is_dir():
+        report.add(f"DSEC-Semantic ({sem.root})", Item("dsec_semantic.root", sem.root, OPTIONAL))
+        return
+    for section, findings in check_dsec_semantic(cfg).items():
+        for f in findings:
+            report.add(section, Item(f.what, f.path, OK if f.ok else MISSING if f.missing else INVALID, f.detail))
+
+
 def check_weights(report: Report, backbone: str, pretrained: Path, cyclegan: Path, checkpoint: Path | None,
                   explicit: set[str]) -> None:
     """Weight files through the training loaders; ``explicit`` names the ones the user passed (then required)."""
@@ -203,6 +218,7 @@ def check_all(datasets: Path, backbone: str = "mit_b5", pretrained: Path | None 
         report.add(f"Cityscapes ({cfg.cityscapes.root})", Item("cityscapes.root", cfg.cityscapes.root, MISSING))
     else:
         check_cityscapes(report, cfg.cityscapes.root, cfg.cityscapes.out)
+    check_semantic(report, cfg)
     explicit = {n for n, v in (("pretrained", pretrained), ("cyclegan", cyclegan)) if v is not None}
     check_weights(report, backbone, pretrained or Path("pretrained") / f"{backbone}.pth",
                   cyclegan or DEFAULT_CYCLEGAN, checkpoint, explicit)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from train.config import TrainConfig, image_only
+from train.config import TrainConfig, event_only, image_only
 from train.uda.components import adversarial, dida, dsr, entropy, feature_distance, masked_events, mic
 from train.uda.components.base import Component
 from train.uda.components.dsr import grouped_class_masks
 from train.uda.mixing import class_masks
 from train.uda.pseudo_rules import AdaptiveRule, ShareRule, pseudo_rule
-from train.uda.targets import EventTarget, ImageOnlyTarget, TargetKind
+from train.uda.targets import EventOnlyTarget, EventTarget, ImageOnlyTarget, TargetKind
 
 #: Every optional component's builder, in the order the step calls their hooks (the order matters where two
 #: hooks draw random numbers or add terms to one sum: the bank paste before the event mask, the
@@ -64,15 +64,25 @@ def grouped_or_plain(cfg: TrainConfig) -> Callable[[torch.Tensor, bool], torch.T
     return class_masks
 
 
+def target_kind(cfg: TrainConfig, device: torch.device, gan: torch.nn.Module | None, mem: torch.memory_format,
+                event_channels: int) -> TargetKind:
+    """The run's target kind: image + events (DSEC night), image + ISR (an image-only target), or events alone
+    (DSEC-Semantic, ``event_channels`` = the window's channels)."""
+    if event_only(cfg):
+        return EventOnlyTarget(gan, device, mem, event_channels)
+    if image_only(cfg):
+        return ImageOnlyTarget(device, mem, cfg.data.cmda_empty_part)
+    return EventTarget(gan, device, mem, cfg.data.cmda_empty_part, cfg.data.isr_direction == "cmda", event_channels)
+
+
 def build_method(cfg: TrainConfig, device: torch.device, gan: torch.nn.Module | None,
-                 imnet: torch.nn.Module | None, event_chans: int = 3) -> Method:
+                 imnet: torch.nn.Module | None, event_channels: int = 3) -> Method:
     """The run's method. Components are built in :data:`COMPONENTS` order (their initial weights draw
-    from torch's generator, so the order is part of a run's reproducibility). ``event_chans``: the event
+    from torch's generator, so the order is part of a run's reproducibility). ``event_channels``: the event
     encoder's input channels (the run's representation), to which the grey second inputs are repeated."""
     amp = device.type == "cuda" and cfg.run.amp
     mem = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    target = ImageOnlyTarget(device, mem, cfg.data.cmda_empty_part) if image_only(cfg) else EventTarget(
-        gan, device, mem, cfg.data.cmda_empty_part, cfg.data.isr_direction == "cmda", event_chans)
+    target = target_kind(cfg, device, gan, mem, event_channels)
     rule = None if cfg.run.source_only else pseudo_rule(cfg.dacs, cfg.model.num_classes, device)
     run = BuildInputs(device, amp, target, imnet)
     components = [c for c in (build(cfg, run) for build in COMPONENTS) if c is not None]

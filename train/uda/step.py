@@ -34,7 +34,7 @@ from train.uda.losses import (
     target_feature_terms,
 )
 from train.uda.method import Method
-from train.uda.mixing import mix, strong_augment
+from train.uda.mixing import mix
 from train.uda.schedule import ema_alpha, ema_update, learning_rate, set_learning_rate
 
 
@@ -77,7 +77,7 @@ def iteration(cfg: TrainConfig, method: Method, nets: Networks, batch: Tensors, 
             c.extra_inputs(x, pseudo, weight)
     terms: Tensors = {}
     scale = 1.0 / cfg.run.accum
-    for part in micro_batches(x["source_image"].shape[0], cfg.run.accum):  # 6. the passes
+    for part in micro_batches(x["source_label"].shape[0], cfg.run.accum):  # 6. the passes
         x_part = take(x, part)
         t, keep = source_pass(cfg, method, nets.forward, x_part, part, scale)
         if mixed is not None:
@@ -108,11 +108,11 @@ def teacher_pseudo_labels(cfg: TrainConfig, method: Method, teacher: torch.nn.Mo
     """The teacher's pseudo-labels and weights for the target batch (the run's rule), and their metrics."""
     teacher_mode(teacher)
     drawn = bool(torch.rand(()) < cfg.dacs.teacher_events_p)
-    second, used_events = method.target.teacher_inputs(x, drawn)
-    img = x["target_image"]
-    with autocast(img.device, method.amp):
-        out = teacher(image=img, **second, outputs=("fusion",), embeddings=method.embeddings)
-    pseudo, weight = method.pseudo_rule(out.logits["fusion"], img.shape[-2:])
+    inputs, used_events = method.target.teacher_inputs(x, drawn)
+    size = x["target_events"].shape[-2:]
+    with autocast(x["target_events"].device, method.amp):
+        out = teacher(**inputs, embeddings=method.embeddings)
+    pseudo, weight = method.pseudo_rule(out.logits[method.target.output], size)
     for c in method.components:
         c.after_pseudo_labels(x, out, pseudo)
     return pseudo, weight, {"pseudo/weight": float(weight.mean()), "pseudo/teacher_events": float(used_events)}
@@ -123,25 +123,20 @@ def class_mix(cfg: TrainConfig, method: Method, x: Tensors, pseudo: torch.Tensor
     """ClassMix: the source classes ``method.class_masks`` picks, pasted onto the target; ``target`` marks
     the mixed sample's night pixels (the components may paste more and mask events)."""
     mask = method.class_masks(x["source_label"], cfg.dacs.classmix_per_sample)
-    drawn: dict[str, float] = {}
-    mixed = {"image": strong_augment(cfg.dacs, mix(mask, x["source_image"], x["target_image"]), drawn),
-             "events": mix(mask, x["source_events"], x["target_events"]),
-             "label": mix(mask, x["source_label"], pseudo), "weight": mix(mask, torch.ones_like(weight), weight),
-             "target": 1 - mask[:, 0]}
+    mixed = {**method.target.mix_inputs(cfg.dacs, mask, x), "label": mix(mask, x["source_label"], pseudo),
+             "weight": mix(mask, torch.ones_like(weight), weight), "target": 1 - mask[:, 0]}
     for c in method.components:
         mixed = c.after_mix(mixed)
-    mixed["image"] = mixed["image"].contiguous(memory_format=method.memory_format)
-    mixed["jitter_draw"] = drawn["jitter"]  # CMDA's ISR direction rule for the mixed image (data.isr_direction)
     return method.target.finish_mix(mixed)
 
 
 def source_pass(cfg: TrainConfig, method: Method, student: torch.nn.Module, x: Tensors, part: slice, scale: float
                 ) -> tuple[Tensors, Tensors]:
-    """Day image + source events + day ISR -> the four outputs' loss (+ source L2, + components) -> backward.
-    Also returns the detached deepest source features the target-side L2 terms compare against."""
-    with autocast(x["source_image"].device, method.amp):
-        out = student(image=x["source_image"], events=x["source_events"], isr=x.get("source_isr"),
-                      embeddings=method.embeddings)
+    """The target kind's source inputs (day image + source events + day ISR) -> the outputs' loss (+ source L2,
+    + components) -> backward. Also returns the detached deepest source features the target-side L2 terms
+    compare against."""
+    with autocast(x["source_label"].device, method.amp):
+        out = student(**method.target.source_inputs(x), embeddings=method.embeddings)
     terms = segmentation_terms(out.logits, x["source_label"], cfg.loss, prefix="src/")
     terms.update(source_feature_terms(out.features, cfg.loss))
     for c in method.components:
@@ -153,8 +148,8 @@ def source_pass(cfg: TrainConfig, method: Method, student: torch.nn.Module, x: T
 def mixed_pass(cfg: TrainConfig, method: Method, student: torch.nn.Module, m: Tensors, keep: Tensors, part: slice,
                scale: float) -> Tensors:
     """The mixed sample with the pseudo weights (+ target-side L2 terms, + components) -> backward."""
-    with autocast(m["image"].device, method.amp):
-        out = student(image=m["image"], events=m["events"], isr=m.get("isr"), embeddings=method.embeddings)
+    with autocast(m["label"].device, method.amp):
+        out = student(**method.target.mixed_inputs(m), embeddings=method.embeddings)
     terms = segmentation_terms(out.logits, m["label"], cfg.loss, m["weight"], prefix="mix/")
     terms.update(target_feature_terms(out.features, keep, cfg.loss))
     for c in method.components:
