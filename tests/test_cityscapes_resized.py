@@ -138,7 +138,7 @@ def test_no_copies_with_resize_zero_and_bad_resize_refused(tmp_path):
     src = CityscapesTrain(load_config(_yaml(tmp_path, root, out, (1024, 512))))
     assert all(f.resized is None for f in src.files)  # a tree without copies: every sample resized
     bad = _yaml(tmp_path, root, out, (0, 512))
-    with pytest.raises(InputError, match="cityscapes.resize"):
+    with pytest.raises(InputError, match=r"cityscapes\.resize"):
         load_config(bad)
     res = CliRunner().invoke(app, ["cityscapes", "--config", str(bad)])
     assert_one_line_error(res, str(bad), "cityscapes.resize")
