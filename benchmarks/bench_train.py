@@ -10,6 +10,12 @@ bench_loader.py). Both configurations run in one process on the same model size 
 
     python benchmarks/bench_train.py                              # MiT-B5, 512x512, batch 2+2 (GPU)
     python benchmarks/bench_train.py --backbone mit_b0 --crop 128 --iters 5   # what a CPU can do
+    python benchmarks/bench_train.py --profile 3    # cpu-sample's step under torch.profiler
+
+``--profile N``: the ``cpu-sample`` preset's step (MiT-B0, 128x128, head 64, batch 2+2, the preset's DACS
+settings, fp32 on the CPU) on the same synthetic batches, N iterations after --warmup under
+``torch.profiler``: the step's phases (each function of ``train.uda.step`` wrapped in a
+``record_function`` by this script only) and the top operations by self CPU time.
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ import time
 import torch
 
 from train.config import TrainConfig
+from train.config.layers import apply_preset
+from train.engine.build import build_optimizer
 from train.models import CMDAModel
+from train.uda import step as step_module
 from train.uda.method import build_method
 from train.uda.step import Networks, iteration
+
+PHASES = ("ema_update", "teacher_pseudo_labels", "class_mix", "source_pass", "mixed_pass")
 
 
 def fake_batch(b: int, size: int, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -76,6 +87,55 @@ def run(name: str, args, device: torch.device, *, amp: bool, channels_last: bool
     return {"name": name, "s_per_iter": statistics.median(times), "peak_gb": peak, "reserved_gb": reserved}
 
 
+def _labelled(name: str, fn):
+    def wrapper(*a, **k):
+        with torch.profiler.record_function(f"phase: {name}"):
+            return fn(*a, **k)
+    return wrapper
+
+
+def profile(args) -> None:
+    """``cpu-sample``'s step under torch.profiler: phases, then the top operations by self CPU time."""
+    cfg = apply_preset(TrainConfig(), "cpu-sample")
+    torch.manual_seed(0)
+    m = cfg.model  # the trainer's build_student, without ImageNet weights
+    model = CMDAModel(m.backbone, num_classes=m.num_classes, drop_path=m.drop_path,
+                      fusion_drop_path=m.fusion_drop_path, head_channels=m.head_channels, fusion=m.fusion)
+    if cfg.run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    method = build_method(cfg, torch.device("cpu"), None, None)
+    nets = Networks(model, model, teacher, opt)
+    gen = torch.Generator().manual_seed(0)
+    batches = [fake_batch(cfg.run.batch, cfg.data.crop, torch.device("cpu"), gen) for _ in range(2)]
+    for name in PHASES:  # this process only: the trainer's code is not changed
+        setattr(step_module, name, _labelled(name, getattr(step_module, name)))
+    for it in range(args.warmup):
+        step_module.iteration(cfg, method, nets, batches[it % 2], it, seed=0)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts, record_shapes=False) as prof:
+        for it in range(args.warmup, args.warmup + args.profile):
+            with torch.profiler.record_function("iteration"):
+                step_module.iteration(cfg, method, nets, batches[it % 2], it, seed=0)
+    wall = (time.perf_counter() - t0) / args.profile
+    events = prof.key_averages()
+    total = next(e.cpu_time_total for e in events if e.key == "iteration")
+    print(f"cpu-sample step ({cfg.model.backbone}, {cfg.data.crop}x{cfg.data.crop}, head {cfg.model.head_channels}, "
+          f"batch {cfg.run.batch}+{cfg.run.batch}, {torch.get_num_threads()} threads), {args.profile} profiled "
+          f"iterations after {args.warmup}: {wall:.3f} s/iteration under the profiler\n")
+    print(f"{'phase':<36}{'ms/iter':>9}{'share':>8}")
+    for e in sorted((e for e in events if e.key.startswith("phase: ")), key=lambda e: -e.cpu_time_total):
+        print(f"{e.key[7:]:<36}{e.cpu_time_total / 1e3 / args.profile:>9.1f}{e.cpu_time_total / total:>8.1%}")
+    print(f"\n{'operation (self CPU time)':<44}{'ms/iter':>9}{'share':>8}{'calls/iter':>12}")
+    ops = sorted((e for e in events if not e.key.startswith("phase: ") and e.key != "iteration"),
+                 key=lambda e: -e.self_cpu_time_total)
+    for e in ops[:args.top]:
+        print(f"{e.key:<44}{e.self_cpu_time_total / 1e3 / args.profile:>9.1f}"
+              f"{e.self_cpu_time_total / total:>8.1%}{e.count / args.profile:>12.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="mit_b5")
@@ -88,7 +148,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", action="store_true", help="gradient checkpointing in the default configuration")
     ap.add_argument("--accum", type=int, default=1, help="gradient accumulation in the default configuration")
     ap.add_argument("--mic", action="store_true", help="also the default configuration + the MIC pass (its cost)")
+    ap.add_argument("--profile", type=int, default=0, help="profile N iterations of cpu-sample's step instead")
+    ap.add_argument("--top", type=int, default=15, help="--profile: operations listed")
     args = ap.parse_args()
+    if args.profile:
+        profile(args)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.backbone}, {args.crop}x{args.crop}, batch {args.batch}+{args.batch}, full DACS step, on {where}")

@@ -263,7 +263,10 @@ def read_direct(path: Path, threads: int = 1) -> None:
             return
         ef.read(0, 1)  # build the chunk readers before the threads share them
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda a: ef.read(a, a + READ_STEP), starts))
+            # Drop each read as it arrives, as the one-thread loop does: keeping them all (list(...))
+            # made the two-thread read fault in fresh pages for every read (4 GB on 290 M events).
+            for _ in pool.map(lambda a: ef.read(a, a + READ_STEP), starts):
+                pass
 
 
 def read_table(path: Path, n: int, repeats: int) -> None:
@@ -386,6 +389,67 @@ def peak_memory_of_preprocess(cfg_path: Path, workers: int) -> tuple[float, int]
     return elapsed, int(peak)
 
 
+def bins_config(cfg_path: Path, bins: int) -> Path:
+    """The generated datasets.yaml with ``representation.bins`` set (the child process reads it)."""
+    text = "".join(ln for ln in cfg_path.read_text().splitlines(keepends=True) if not ln.startswith("representation"))
+    other = cfg_path.with_name(f"datasets_bins{bins}.yaml")
+    other.write_text(text + f"representation:\n  bins: {bins}\n")
+    return other
+
+
+def _wall_cpu(fn) -> tuple[float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def preprocess_table(cfg_path: Path, work: Path, events: Path, bins_list: list[int], pairs: int) -> None:
+    """`cmda preprocess` (dask threads, default workers) against two-thread EventFile.read and one-thread
+    h5py, wall and process CPU time, alternating run by run; then its peak memory in a fresh process.
+
+    The CPU ratio says what the wall ratio would be with the cores to ourselves: on a machine whose
+    other users take cores, both runs wait alike and the wall ratio drifts with the load."""
+    from pipeline.config import load_config
+    from pipeline.preprocess import preprocess_sequence
+
+    with EventFile(events) as ef:
+        n = ef.n_events
+
+    def fresh():
+        # Outside the timing: remove the previous run's store and flush its dirty pages, so a
+        # run does not pay for the previous one's writeback (it still writes its own frames).
+        shutil.rmtree(work / "processed", ignore_errors=True)
+        os.sync()
+
+    reads = {"EventFile.read, 2 threads": functools.partial(read_direct, events, 2),
+             "h5py, 1 thread": functools.partial(read_plain, events)}
+    print(f"\ncmda preprocess, {n:,} events ({os.cpu_count()} cores, dask threads), against reading the file; "
+          f"{pairs} alternating runs, medians; load average {os.getloadavg()[0]:.2f} at the start")
+    print(f"{'bins':>5}{'preprocess M ev/s':>19}{'vs read':>28}{'wall ratio':>12}{'CPU ratio':>11}"
+          f"{'peak RSS MiB':>14}")
+    for bins in bins_list:
+        cfg = load_config(bins_config(cfg_path, bins))
+        fresh()
+        preprocess_sequence(cfg, "zurich_city_09_a")  # warm: imports, Numba cache load
+        pre: list[tuple[float, float]] = []
+        ratios: dict[str, list[tuple[float, float]]] = {k: [] for k in reads}
+        for _ in range(pairs):
+            fresh()
+            pre.append(_wall_cpu(functools.partial(preprocess_sequence, cfg, "zurich_city_09_a")))
+            for name, read in reads.items():
+                os.sync()
+                w, c = _wall_cpu(read)
+                ratios[name].append((w / pre[-1][0], c / pre[-1][1]))
+        fresh()
+        _, peak = peak_memory_of_preprocess(bins_config(cfg_path, bins), 0)
+        rate = n / statistics.median(w for w, _ in pre) / 1e6
+        for k, (name, rs) in enumerate(ratios.items()):
+            first = f"{bins:>5}{rate:>19.1f}" if k == 0 else " " * 24
+            print(f"{first}{name:>28}{statistics.median(r[0] for r in rs):>12.3f}"
+                  f"{statistics.median(r[1] for r in rs):>11.3f}" + (f"{peak / 2**20:>14.0f}" if k == 0 else ""))
+    print(f"  (load average {os.getloadavg()[0]:.2f} at the end; peak RSS: one run in a fresh process, VmHWM)")
+
+
 def machine() -> str:
     """CPU model (as lscpu names it), cores and the checkout's commit, for the settings line."""
     model = "unknown CPU"
@@ -400,39 +464,8 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, commit {commit}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=Path, help="an events.h5 (default: generate a synthetic sequence)")
-    ap.add_argument("--rectify-map", type=Path, help="its rectify_map.h5")
-    ap.add_argument("--frames", type=int, default=80, help="images of the generated sequence (20 Hz)")
-    ap.add_argument("--rate", type=float, default=6.6e6, help="events/s of the generated sequence")
-    ap.add_argument("--bins", type=int, nargs="+", default=[1, 5, 15])
-    ap.add_argument("--kernel-events", type=int, default=3_000_000,
-                    help="the kernels, tonic and evlib run on the windows in this many first events (0: all)")
-    ap.add_argument("--baseline-events", type=int, default=500_000,
-                    help="prefix of events torch put_ is timed on")
-    ap.add_argument("--real", action="store_true",
-                    help="also time the kernels on the real Prophesee recording in ../shared (or $CMDA_SHARED)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls per method (after one warm-up)")
-    ap.add_argument("--pairs", type=int, default=9, help="alternating preprocess/read pairs (0: skip that part)")
-    ap.add_argument("--stages", action="store_true", help="also time each preprocess stage on one thread")
-    ap.add_argument("--read-profile", action="store_true", help="split EventFile.read's CPU time by part")
-    ap.add_argument("--workdir", type=Path, help="keep generated data here (default: a temp folder)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)  # one thread for every method: the kernel figure is per thread
-    libs = optional_libraries()  # imported here, never inside a timed call
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="cmda-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    cfg_path = None
-    if args.events is None:
-        cfg_path = work / "datasets.yaml"
-        if not cfg_path.exists():  # --workdir keeps a generated sequence for the next run
-            print(f"generating a {args.frames}-frame sequence at {args.rate / 1e6:.1f} M events/s in {work} ...")
-            make_sequence(work, args.frames, args.rate)
-        seq = work / "sample" / "DSEC_Night" / "zurich_city_09_a" / "events" / "left"
-        args.events, args.rectify_map = seq / "events.h5", seq / "rectify_map.h5"
-
+def measure_tables(args, libs) -> None:
+    """The read table, the kernel tables (and --real's), --read-profile and --stages."""
     rec = Recording.load(f"{args.events}", args.events, args.rectify_map)
     n = len(rec.t)
     print(f"settings: {machine()}; events {args.events} ({n:,} events, {len(rec.starts)} windows), bins "
@@ -456,51 +489,54 @@ def main() -> None:
 
     if args.stages:
         rect = rectifier(rec.rmap)
-        spent = stage_breakdown(args.events, rect, rec.starts, rec.stops, 1, 3, "lz4")
-        total = sum(w for w, _ in spent.values())
-        print("\npreprocess stages on one thread, bins 1, lz4-3, whole sequence, wall (CPU): " + ", ".join(
-            f"{k} {w * 1e3:.0f} ms ({c * 1e3:.0f}; {w / total:.0%})" for k, (w, c) in spent.items()))
+        for bins in args.preprocess_bins:
+            spent = stage_breakdown(args.events, rect, rec.starts, rec.stops, bins, 3, "lz4")
+            total = sum(w for w, _ in spent.values())
+            print(f"\npreprocess stages on one thread, bins {bins}, lz4-3, whole sequence, wall (CPU): " + ", ".join(
+                f"{k} {w * 1e3:.0f} ms ({c * 1e3:.0f}; {w / total:.0%})" for k, (w, c) in spent.items()))
 
-    # ---- cmda preprocess end to end vs reading
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=Path, help="an events.h5 (default: generate a synthetic sequence)")
+    ap.add_argument("--rectify-map", type=Path, help="its rectify_map.h5")
+    ap.add_argument("--frames", type=int, default=80, help="images of the generated sequence (20 Hz)")
+    ap.add_argument("--rate", type=float, default=6.6e6, help="events/s of the generated sequence")
+    ap.add_argument("--bins", type=int, nargs="+", default=[1, 5, 15])
+    ap.add_argument("--kernel-events", type=int, default=3_000_000,
+                    help="the kernels, tonic and evlib run on the windows in this many first events (0: all)")
+    ap.add_argument("--baseline-events", type=int, default=500_000,
+                    help="prefix of events torch put_ is timed on")
+    ap.add_argument("--real", action="store_true",
+                    help="also time the kernels on the real Prophesee recording in ../shared (or $CMDA_SHARED)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per method (after one warm-up)")
+    ap.add_argument("--pairs", type=int, default=9, help="alternating preprocess/read pairs (0: skip that part)")
+    ap.add_argument("--preprocess-bins", type=int, nargs="+", default=[1, 5, 15], help="bins of the preprocess part")
+    ap.add_argument("--preprocess-only", action="store_true",
+                    help="only the preprocess part (no kernel or read tables: nothing loads the whole sequence)")
+    ap.add_argument("--stages", action="store_true", help="also time each preprocess stage on one thread")
+    ap.add_argument("--read-profile", action="store_true", help="split EventFile.read's CPU time by part")
+    ap.add_argument("--workdir", type=Path, help="keep generated data here (default: a temp folder)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # one thread for every method: the kernel figure is per thread
+    libs = optional_libraries()  # imported here, never inside a timed call
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="cmda-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path = None
+    if args.events is None:
+        cfg_path = work / "datasets.yaml"
+        if not cfg_path.exists():  # --workdir keeps a generated sequence for the next run
+            print(f"generating a {args.frames}-frame sequence at {args.rate / 1e6:.1f} M events/s in {work} ...")
+            make_sequence(work, args.frames, args.rate)
+        seq = work / "sample" / "DSEC_Night" / "zurich_city_09_a" / "events" / "left"
+        args.events, args.rectify_map = seq / "events.h5", seq / "rectify_map.h5"
+
+    if not args.preprocess_only:
+        measure_tables(args, libs)
     if cfg_path is not None and args.pairs > 0:
-        from pipeline.config import load_config
-        from pipeline.preprocess import preprocess_sequence
-
-        cfg = load_config(cfg_path)
-        print(f"\ncmda preprocess on the same sequence ({os.cpu_count()} cores, dask threads, bins 1):")
-
-        def fresh():
-            # Outside the timing: remove the previous run's store and flush its dirty pages, so a
-            # run does not pay for the previous one's writeback (it still writes its own ~1 MB/frame).
-            shutil.rmtree(work / "processed", ignore_errors=True)
-            os.sync()
-
-        def preprocess():
-            preprocess_sequence(cfg, "zurich_city_09_a")
-
-        reads = {"h5py, 1 thread": functools.partial(read_plain, args.events),
-                 "EventFile.read, 1 thread": functools.partial(read_direct, args.events, 1),
-                 "EventFile.read, 2 threads": functools.partial(read_direct, args.events, 2)}
-        fresh()
-        preprocess()  # warm: imports, Numba cache load
-        for read in reads.values():
-            read()
-        # Alternate preprocess with each read so a ratio compares runs taken moments apart (this
-        # VM's speed drifts by +-15% over minutes); report the median ratio and its range.
-        ratios: dict[str, list[float]] = {k: [] for k in reads}
-        t_pres = []
-        for _ in range(args.pairs):
-            t_pre = timings(preprocess, 1, setup=fresh, warm=False)[0]
-            t_pres.append(t_pre)
-            for name, read in reads.items():
-                ratios[name].append(timings(read, 1, setup=os.sync, warm=False)[0] / t_pre)
-        print(f"  preprocess {n / statistics.median(t_pres) / 1e6:.1f} M events/s (median of {args.pairs} runs)")
-        for name, rs in ratios.items():
-            print(f"  vs read ({name}): ratio {statistics.median(rs):.3f} (range {min(rs):.2f}-{max(rs):.2f})")
-        fresh()
-        t_one, peak = peak_memory_of_preprocess(cfg_path, 0)
-        print(f"  one run in a fresh process: {t_one:.2f} s, peak resident memory {peak / 2**20:.0f} MiB "
-              "(VmHWM, or getrusage ru_maxrss where /proc is absent)")
+        preprocess_table(cfg_path, work, args.events, args.preprocess_bins, args.pairs)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

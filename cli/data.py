@@ -118,13 +118,15 @@ def cityscapes(
 
     Writes gtFine/{split}/<city>/<name>_gtFine_labelTrainIds.png from the polygons,
     leftImg8bit_IC1/{split}/... from each annotated frame and its previous frame (leftImg8bit_sequence),
-    train.txt/val.txt and DAFormer's three RCS JSON files (train split). The raw root is never written;
-    finished files are skipped, so an interrupted run resumes.
+    train.txt/val.txt and DAFormer's three RCS JSON files (train split), and resized/<w>x<h>/ copies of
+    image, label and IC1 at cityscapes.resize (CMDA's PIL resampling; the training loader reads them).
+    The raw root is never written; finished files are skipped, so an interrupted run resumes.
     """
 
     cfg = load_config(config)
     summary = convert_cityscapes(
-        cfg.cityscapes.root, cfg.cityscapes.out, scheduler=scheduler, workers=workers, cmda_compat=cmda_compat
+        cfg.cityscapes.root, cfg.cityscapes.out, scheduler=scheduler, workers=workers, cmda_compat=cmda_compat,
+        resize=cfg.cityscapes.resize,
     )
     typer.echo(
         f"cityscapes: {summary.train} train + {summary.val} val samples in {summary.seconds:.1f} s "

@@ -8,6 +8,7 @@ the output folder::
     train.txt, val.txt                                        # one '<city>/<name>' per line (DAFormer's form)
     samples_with_class.json, sample_class_stats_dict.json,
     sample_class_stats.json                                   # RCS statistics, train split (written last)
+    resized/<w>x<h>/{leftImg8bit,gtFine,leftImg8bit_IC1}/{split}/<city>/...  # cityscapes.resize copies
 
 ``<name>`` is ``<city>_<seq>_<frame>``. Labels are drawn by cityscapesscripts itself
 (``createLabelImage(..., "trainIds")``, PIL polygon fill), so they equal its ``json2labelImg`` output
@@ -17,6 +18,13 @@ each output is written atomically and skipped when present, so an interrupted ru
 lists and statistics are deleted at the start and written only after every sample succeeded, so the
 presence of ``sample_class_stats.json`` means the folder is complete. Images stay in the raw root
 (:func:`sample_paths` finds them).
+
+The ``resized/<w>x<h>`` copies (datasets.yaml ``cityscapes.resize``, CMDA's 1024x512 by default) are
+the image, label and IC1 shrunk once with CMDA's PIL resampling (:mod:`pipeline.resample`), so the
+training loader reads 4x fewer pixels and resizes nothing: decoding and resizing the 2048x1024 PNGs
+was most of a DACS batch's loader time. Image and IC1 are stored PNGs (no compression: decoding is
+little more than a copy; ~2 MB a sample), labels deflated. A copy is rewritten whenever its
+full-size label or IC1 is, so the two never disagree.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from pipeline.errors import InputError
 from pipeline.image_change import ic1, ic1_to_uint8
 from pipeline.parallel import run_tasks
 from pipeline.rcs_stats import count_classes, remove_stats, write_stats
+from pipeline.resample import resize_pil_bilinear, resize_pil_nearest
 
 SPLITS = ("train", "val")
 _NAME = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})$")
@@ -82,6 +91,30 @@ def sample_paths(root: Path, out: Path, s: Sample) -> SamplePaths:
         prev_image=root / "leftImg8bit_sequence" / s.split / s.city / f"{s.prev_name}_leftImg8bit.png",
         label=out / s.label_rel(),
         ic1=out / "leftImg8bit_IC1" / s.split / s.city / f"{s.name}_leftImg8bit.png",
+    )
+
+
+@dataclass(frozen=True)
+class ResizedPaths:
+    """A sample's image, label and IC1 at one ``cityscapes.resize`` size, in the output folder."""
+
+    image: Path
+    label: Path
+    ic1: Path
+
+
+def resized_dir(out: Path, size: tuple[int, int]) -> Path:
+    """``out/resized/<w>x<h>``: where the copies at ``size`` = (w, h) live."""
+    return Path(out) / "resized" / f"{size[0]}x{size[1]}"
+
+
+def resized_paths(out: Path, s: Sample, size: tuple[int, int]) -> ResizedPaths:
+    """Paths of a sample's copies at ``size``: the full-size tree's layout under :func:`resized_dir`."""
+    d = resized_dir(out, size)
+    return ResizedPaths(
+        image=d / "leftImg8bit" / s.split / s.city / f"{s.name}_leftImg8bit.png",
+        label=d / s.label_rel(),
+        ic1=d / "leftImg8bit_IC1" / s.split / s.city / f"{s.name}_leftImg8bit.png",
     )
 
 
@@ -160,30 +193,64 @@ def draw_train_ids(ann) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
-def convert_sample(root: Path, out: Path, s: Sample, cmda_compat: bool = False) -> dict[int, int] | None:
-    """Write one sample's label and IC1 (each skipped when present); return its class counts (train only)."""
+def _read_label(path: Path) -> np.ndarray:
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None or label.ndim != 2:
+        raise InputError(path, "existing label is not a readable grey PNG (delete it to regenerate)")
+    return label
+
+
+def _read_ic1(path: Path) -> np.ndarray:
+    ic1_img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if ic1_img is None or ic1_img.ndim != 2:
+        raise InputError(path, "existing IC1 is not a readable grey PNG (delete it to regenerate)")
+    return ic1_img
+
+
+def write_resized(p: SamplePaths, r: ResizedPaths, size: tuple[int, int], *, image: np.ndarray | None = None,
+                  label: np.ndarray | None = None, ic1_img: np.ndarray | None = None) -> None:
+    """Write the copies of one sample at ``size`` = (w, h), as the loader's PIL path computes them.
+
+    An array passed in was just written at full size: its copy is (re)written from it. A copy that
+    is missing is made from the full-size file; one that is present and has no fresh array is kept.
+    """
+    if image is not None or not r.image.exists():
+        image = _read_rgb(p.image) if image is None else image
+        write_png(r.image, resize_pil_bilinear(image, size), stored=True)
+    if label is not None or not r.label.exists():
+        label = _read_label(p.label) if label is None else label
+        write_png(r.label, resize_pil_nearest(label, size))
+    if ic1_img is not None or not r.ic1.exists():
+        ic1_img = _read_ic1(p.ic1) if ic1_img is None else ic1_img
+        write_png(r.ic1, resize_pil_bilinear(ic1_img, size), stored=True)
+
+
+def convert_sample(root: Path, out: Path, s: Sample, cmda_compat: bool = False,
+                   resize: tuple[int, int] = (0, 0)) -> dict[int, int] | None:
+    """Write one sample's label and IC1 (each skipped when present) and its copies at ``resize`` (w, h;
+    (0, 0): none); return its class counts (train only)."""
     p = sample_paths(root, out, s)
     ann = None
     if not p.label.exists():
         ann = load_annotation(p.polygons)  # validate before writing anything for this sample
+    now = ic1_img = None
     if not p.ic1.exists():
         now, prev = _read_rgb(p.image), _read_rgb(p.prev_image)
         if now.shape != prev.shape:
             raise InputError(p.prev_image, f"size {prev.shape[1]}x{prev.shape[0]} differs from {p.image}")
         if ann is not None and (ann.imgWidth, ann.imgHeight) != (now.shape[1], now.shape[0]):
             raise InputError(p.polygons, f"image size {ann.imgWidth}x{ann.imgHeight} differs from {p.image}")
-        write_png(p.ic1, ic1_to_uint8(ic1(now, prev, cmda_compat)))
+        ic1_img = ic1_to_uint8(ic1(now, prev, cmda_compat))
+        write_png(p.ic1, ic1_img)
     label = None
     if ann is not None:
         label = draw_train_ids(ann)
         write_png(p.label, label)
+    if min(resize) > 0:
+        write_resized(p, resized_paths(out, s, resize), resize, image=now, label=label, ic1_img=ic1_img)
     if s.split != "train":
         return None
-    if label is None:
-        label = cv2.imread(str(p.label), cv2.IMREAD_UNCHANGED)
-        if label is None or label.ndim != 2:
-            raise InputError(p.label, "existing label is not a readable grey PNG (delete it to regenerate)")
-    return count_classes(label)
+    return count_classes(_read_label(p.label) if label is None else label)
 
 
 # ----------------------------------------------------------------------------- whole tree
@@ -215,6 +282,7 @@ def convert_cityscapes(
     scheduler: str | None = None,
     workers: int = 0,
     cmda_compat: bool = False,
+    resize: tuple[int, int] = (1024, 512),
 ) -> ConvertSummary:
     """Convert the Cityscapes tree at ``root`` into ``out`` (see module docstring); resumable."""
 
@@ -231,7 +299,7 @@ def convert_cityscapes(
         for split in SPLITS:
             (out / f"{split}.txt").unlink(missing_ok=True)
 
-        tasks = [functools.partial(convert_sample, root, out, s, cmda_compat) for s in samples]
+        tasks = [functools.partial(convert_sample, root, out, s, cmda_compat, tuple(resize)) for s in samples]
         counts = run_tasks(tasks, desc="cityscapes", scheduler=scheduler, workers=workers, unit="file")
 
         for split in SPLITS:

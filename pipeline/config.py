@@ -74,6 +74,9 @@ class Representation:
 class CityscapesConfig:
     root: Path = Path("data/sample/cityscapes")
     out: Path = Path("data/processed/cityscapes")
+    # (w, h) of the copies `cmda cityscapes` writes with CMDA's PIL resampling, which the training
+    # loader reads instead of resizing every sample when data.source_resize matches; [0, 0]: none.
+    resize: tuple[int, int] = (1024, 512)
 
 
 @dataclass(frozen=True)
@@ -411,6 +414,9 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
     if rep.compressor not in ("lz4", "lz4hc", "zstd", "zlib", "blosclz"):
         raise InputError(path, f"representation.compressor must be a Blosc codec name, got {rep.compressor!r}")
     _check_ranges(cfg, path)
+    if min(cfg.cityscapes.resize) < 0 or (min(cfg.cityscapes.resize) == 0 < max(cfg.cityscapes.resize)):
+        raise InputError(path, f"cityscapes.resize must be [width, height] >= 1, or [0, 0] for no resized "
+                         f"copies, got {list(cfg.cityscapes.resize)}")
     cfg = dataclasses.replace(cfg, representation=dataclasses.replace(rep, kinds=_parse_kinds(rep, path)))
     _check_semantic(cfg, path)
     for key in ("darkzurich", "acdc"):

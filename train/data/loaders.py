@@ -4,9 +4,9 @@
   with :func:`pipeline.voxel.events_norm` (3 channels for 1 bin). Train: random 400x400 crop at
   x in [0, 240], y in [0, 80], flip, resize to 512. Test: top 440 rows, no augmentation, + label.
 * Source (Cityscapes day): image resized 2048x1024 -> 1024x512 as PIL's antialiased bilinear
-  (label: PIL's nearest), random 512 crop (DAFormer's cat_max_ratio rule only when set), flip;
-  trainId label; IC1 image-change input. Rare Class Sampling picks the file and re-crops until
-  the sampled class is present.
+  (label: PIL's nearest; read from ``cmda cityscapes``'s resized copies when they are at that
+  size), random 512 crop (DAFormer's cat_max_ratio rule only when set), flip; trainId label; IC1
+  image-change input. Rare Class Sampling picks the file and re-crops until the sampled class is present.
 
 Randomness is a pure function of (seed, iteration, slot): :class:`PairedBatches` returns the whole
 source + target batch of iteration ``it`` from ``np.random.default_rng([seed, it, ...])``. Any
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.cityscapes import Sample, read_split, sample_paths
+from pipeline.cityscapes import ResizedPaths, Sample, read_split, resized_paths, sample_paths
 from pipeline.config import DatasetsConfig
 from pipeline.errors import InputError
+from pipeline.resample import resize_pil_bilinear, resize_pil_nearest
 from pipeline.splits import Row, read_index
 from train import common
 from train.common import IGNORE
@@ -84,39 +85,6 @@ def resize(a: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.nd
     """Resize an HW or HWC image to ``size`` = (w, h) with cv2 (bilinear: half-pixel centres, no
     antialiasing). Used where the picture is enlarged (the target crops), where that is PIL's result too."""
     return cv2.resize(a, size, interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
-
-
-def resize_pil_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 HW / HWC image -> ``size`` = (w, h) as ``PIL.Image.resize(size, BILINEAR)`` computes it.
-
-    CMDA's loader shrinks Cityscapes with PIL, whose bilinear filter widens with the scale when
-    shrinking (antialiased: at 2x the taps are [1, 3, 3, 1] / 8), unlike cv2's INTER_LINEAR, which
-    samples 2 of every 4 pixels. torch's uint8 ``interpolate(antialias=True)`` implements PIL's
-    filter (equal at 2x, within 1 grey level at other scales; tested against Pillow) and is ~2x
-    faster than Pillow on one thread.
-    """
-    # a read-only array (np.asarray of a PIL image) would make torch warn on every run: copy it then
-    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
-    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    out = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="bilinear", antialias=True,
-                                          align_corners=False)[0]
-    return out[0].numpy() if a.ndim == 2 else np.ascontiguousarray(out.permute(1, 2, 0).numpy())
-
-
-def _pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
-    # Pillow walks the source coordinate from a/2 in steps of a = n_in/n_out, adding in doubles, and
-    # truncates: an exact multiple can land just below the integer (at scale 3.2, 24 -> 23).
-    step = n_in / n_out
-    pos = np.cumsum(np.concatenate([[step * 0.5], np.full(n_out - 1, step)]))
-    return np.minimum(pos.astype(np.int64), n_in - 1)
-
-
-def resize_pil_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """HW label map -> ``size`` = (w, h) as ``PIL.Image.resize(size, NEAREST)``: output pixel x takes
-    input ``~ floor((x + 0.5) * W / w)`` (the odd pixels at 2x; cv2's INTER_NEAREST takes the even ones)."""
-    ys = _pil_nearest_index(a.shape[0], size[1])
-    xs = _pil_nearest_index(a.shape[1], size[0])
-    return np.ascontiguousarray(a[ys[:, None], xs[None, :]])
 
 
 def resize_channels(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -275,21 +243,47 @@ class NightTest(Dataset):
 # ---------------------------------------------------------------------- source domain
 @dataclass(frozen=True)
 class SourceFile:
+    """A Cityscapes sample's full-size files and, when ``cmda cityscapes`` wrote them, its copies at
+    ``resized_size`` (w, h): image, label and IC1 already shrunk with CMDA's PIL resampling."""
+
     image: Path
     label: Path
     ic1: Path
+    resized: ResizedPaths | None = None
+    resized_size: tuple[int, int] = (0, 0)
+
+
+def source_file(root: Path, out: Path, s: Sample, resize: tuple[int, int]) -> SourceFile:
+    """A sample's files; its ``resize`` copies are used only when all three exist (trees converted
+    before they were written, or with ``cityscapes.resize: [0, 0]``, resize every sample)."""
+    p = sample_paths(root, out, s)
+    r = resized_paths(out, s, resize) if min(resize) > 0 else None
+    if r is None or not (r.image.exists() and r.label.exists() and r.ic1.exists()):
+        return SourceFile(p.image, p.label, p.ic1)
+    return SourceFile(p.image, p.label, p.ic1, r, tuple(resize))
+
+
+def _load_resized(f: SourceFile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r = f.resized
+    assert r is not None
+    image, label, ic1 = read_rgb(r.image), check_label(read_grey(r.label), r.label), read_grey(r.ic1)
+    want = f.resized_size[::-1]
+    for path, a in ((r.image, image), (r.label, label), (r.ic1, ic1)):
+        if a.shape[:2] != want:
+            raise InputError(path, f"resized copy is {a.shape[1]}x{a.shape[0]}, its folder says "
+                             f"{want[1]}x{want[0]} (delete it and rerun `cmda cityscapes`)")
+    return image, label, ic1
 
 
 class CityscapesTrain:
-    """Cityscapes train files from ``cmda cityscapes`` output (labels, IC1) and the raw images."""
+    """Cityscapes train files from ``cmda cityscapes`` output (labels, IC1, resized copies) and the raw images."""
 
     def __init__(self, cfg: DatasetsConfig):
         root, out = cfg.cityscapes.root, cfg.cityscapes.out
         self.files: list[SourceFile] = []
         for entry in read_split(out, "train"):
             city, name = entry.split("/", 1)
-            p = sample_paths(root, out, Sample("train", city, name))
-            self.files.append(SourceFile(p.image, p.label, p.ic1))
+            self.files.append(source_file(root, out, Sample("train", city, name), cfg.cityscapes.resize))
         if not self.files:
             raise InputError(out / "train.txt", "no training samples")
         self.by_label = {f.label.resolve(): f for f in self.files}
@@ -300,14 +294,17 @@ class CityscapesTrain:
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image (h, w, 3) uint8, label (h, w) uint8, IC1 (h, w) uint8, resized to ``resize_to`` (w, h).
 
-        ``source_resize_impl="pil"`` (CMDA's): image and IC1 as PIL's bilinear, label as PIL's nearest.
+        ``source_resize_impl="pil"`` (CMDA's): image and IC1 as PIL's bilinear, label as PIL's nearest;
+        read from the copies ``cmda cityscapes`` made with the same functions when they are at ``resize_to``.
         """
+        if source_resize_impl not in ("pil", "cv2"):
+            raise InputError(None, f"data.source_resize_impl must be 'pil' or 'cv2', not {source_resize_impl!r}")
+        if source_resize_impl == "pil" and f.resized is not None and tuple(resize_to) == f.resized_size:
+            return _load_resized(f)
         image, label, ic1 = read_rgb(f.image), check_label(read_grey(f.label), f.label), read_grey(f.ic1)
         if label.shape != image.shape[:2] or ic1.shape != image.shape[:2]:
             raise InputError(f.label, f"label/IC1 size {label.shape}/{ic1.shape} differs from the image "
                              f"{image.shape[:2]} ({f.image})")
-        if source_resize_impl not in ("pil", "cv2"):
-            raise InputError(None, f"data.source_resize_impl must be 'pil' or 'cv2', not {source_resize_impl!r}")
         if source_resize_impl == "cv2":  # the earlier cmda loader (not antialiased); not CMDA's
             return resize(image, resize_to), resize(label, resize_to, nearest=True), resize(ic1, resize_to)
         return (resize_pil_bilinear(image, resize_to), resize_pil_nearest(label, resize_to),
@@ -322,7 +319,8 @@ class CityscapesVal(Dataset):
         """``channels``: the event encoder's input channels (the grey IC1 repeated to as many)."""
         root, out = cfg.cityscapes.root, cfg.cityscapes.out
         entries = read_split(out, "val")
-        self.files = [sample_paths(root, out, Sample("val", *e.split("/", 1))) for e in entries]
+        self.files = [source_file(root, out, Sample("val", *e.split("/", 1)), cfg.cityscapes.resize)
+                      for e in entries]
         if limit:
             self.files = self.files[:limit]
         if not self.files:
@@ -336,8 +334,7 @@ class CityscapesVal(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
         f = self.files[i]
-        image, label, ic1 = CityscapesTrain.load(SourceFile(f.image, f.label, f.ic1), self.size,
-                                               self.resize_impl)
+        image, label, ic1 = CityscapesTrain.load(f, self.size, self.resize_impl)
         events = ic1_to_input(ic1)
         if self.channels != 3:
             events = np.repeat(events[:1], self.channels, axis=0)
