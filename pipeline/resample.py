@@ -20,7 +20,8 @@ def resize_pil_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     ``interpolate(antialias=True)`` implements PIL's filter (equal at 2x, within 1 grey level at other
     scales; tested against Pillow) and is ~2x faster than Pillow on one thread.
     """
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    # a read-only array (np.asarray of a PIL image) would make torch warn on every run: copy it then
+    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
     t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
     out = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="bilinear", antialias=True,
                                           align_corners=False)[0]
