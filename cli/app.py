@@ -3,12 +3,16 @@
 Each command module (:mod:`cli.data`, :mod:`cli.train`, :mod:`cli.evaluate`, :mod:`cli.deploy`,
 :mod:`cli.tools`) is a thin layer: it parses options, calls one function of ``pipeline`` or ``train`` and
 prints. Bad input raises ``pipeline.errors.InputError``; :func:`reports_input_errors` turns it into one
-line on stderr and exit code 2, never a traceback.
+line on stderr and exit code 2, never a traceback. Anything unexpected is one line too (exit 1), with the
+traceback kept in a file that the line names (``CMDA_TRACEBACK=1`` prints it instead).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -67,8 +71,38 @@ def reports_input_errors(fn: F) -> F:
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM (train.common.stopping): partial files already removed
             typer.echo("stopped by a signal before the end: what was finished is kept, nothing partial", err=True)
             raise typer.Exit(STOPPED_EXIT) from None
+        except Exception as exc:  # a bug or a resource limit: one line, the traceback in a file
+            if os.environ.get("CMDA_TRACEBACK") == "1":
+                raise
+            typer.echo(f"error: {unexpected_error_line(exc)}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+OUT_OF_MEMORY_HINT = ("out of GPU memory: try a memory preset (--preset 24gb, 16gb or 11gb), --accum 2, "
+                      "or a smaller --crop or --batch")
+
+
+def unexpected_error_line(exc: BaseException) -> str:
+    """One line for an exception cmda did not expect, naming a file that keeps its traceback.
+
+    A research tool's user needs the traceback to report a bug, but not 60 lines of it on every screen (and
+    not between the progress bars of a run): it goes to ``<tmp>/cmda-error-<pid>.txt``. Running out of GPU
+    memory is not a bug: its line says what to change.
+    """
+    message = (str(exc).strip().splitlines() or [""])[0][:300]
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
+        message = f"{OUT_OF_MEMORY_HINT} ({message})"
+    else:
+        message = f"unexpected {type(exc).__name__}: {message}"
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"cmda-error-{os.getpid()}-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    except OSError:  # a full disk: the line alone
+        return f"{message} (CMDA_TRACEBACK=1 prints the traceback)"
+    return f"{message} (traceback in {path}; CMDA_TRACEBACK=1 prints it)"
 
 
 def sequences(cfg: Any, seq: list[str] | None, all_: bool) -> list[str]:

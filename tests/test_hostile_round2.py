@@ -51,7 +51,47 @@ def test_an_error_in_the_step_ends_the_process_and_its_loader_workers(training_t
     res = run_patched(tmp_path, patch, *tiny_train_args(training_tree, tmp_path, tmp_path / "run"),
                       "--set", "data.workers=2", timeout=120)
     assert res.returncode == 1, res.stderr[-2000:]
-    assert "boom in the step" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unexpected RuntimeError: boom in the step (traceback in "), last
+    assert "Traceback" not in res.stderr
+    kept = Path(last.split("(traceback in ")[1].split(";")[0])
+    assert "Traceback" in kept.read_text() and "boom in the step" in kept.read_text()
+    kept.unlink()
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, monkeypatch, capsys):
+    """1: any error ends with one line: an unexpected one names the file keeping its traceback (exit 1);
+    CMDA_TRACEBACK=1 lets it through; running out of GPU memory says what to change."""
+    import typer
+
+    from cli.app import reports_input_errors
+
+    def fails(exc: Exception):
+        @reports_input_errors
+        def command():
+            raise exc
+        return command
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with pytest.raises(typer.Exit) as stop:
+        fails(KeyError("weights"))()
+    assert stop.value.exit_code == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: unexpected KeyError: 'weights' (traceback in ") and "\n" not in line
+    (kept,) = tmp_path.glob("cmda-error-*.txt")
+    assert "KeyError: 'weights'" in kept.read_text() and "Traceback" in kept.read_text()
+
+    class OutOfMemoryError(RuntimeError):  # torch.OutOfMemoryError's name
+        pass
+
+    with pytest.raises(typer.Exit):
+        fails(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))()
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: out of GPU memory: try a memory preset (--preset 24gb") and "2.00 GiB" in line
+
+    monkeypatch.setenv("CMDA_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        fails(KeyError("weights"))()
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_file_and_ends(training_tree, tmp_path):
