@@ -525,6 +525,61 @@ def test_preprocess_restores_its_index_removed_while_it_ran(tmp_path, monkeypatc
     assert index.read_text() == expected
 
 
+@pytest.mark.slow
+def test_a_real_dvc_repro_racing_a_running_preprocess_leaves_its_index(tmp_path):
+    """6, with DVC itself: `dvc repro preprocess@SEQ` started while `cmda preprocess --seq SEQ` holds the
+    store's lock fails on the lock, the running preprocess ends with its index in place, and a later
+    `dvc repro` of the stage succeeds with `dvc status` clean."""
+    import time
+
+    import yaml
+
+    from tests.raw_tree import SEQ, datasets_yaml, write_raw_sequence
+
+    proj = tmp_path / "proj"
+    write_raw_sequence(proj)
+    datasets_yaml(proj)
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    (proj / "dvc.yaml").write_text(yaml.safe_dump({"vars": pipeline["vars"],
+                                                   "stages": {"preprocess": pipeline["stages"]["preprocess"]}}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=proj, env=env, text=True,
+                              capture_output=True, timeout=300)
+
+    assert dvc("init", "--no-scm", "-q").returncode == 0
+    assert dvc("config", "core.analytics", "false").returncode == 0
+    script = tmp_path / "slow_preprocess.py"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
+                      "import pipeline.preprocess as P\nreal = P._build_store\n"
+                      "def slow(*a, **k):\n"  # hold the lock until the test has raced DVC against it
+                      f"    while not __import__('os').path.exists({str(tmp_path / 'release')!r}):\n"
+                      "        time.sleep(0.1)\n    return real(*a, **k)\n"
+                      "P._build_store = slow\nfrom cli import app\napp()\n")
+    writer = subprocess.Popen([sys.executable, str(script), "preprocess", "--seq", SEQ], cwd=proj, env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    index = proj / "processed" / SEQ / "images_to_events_index.txt"
+    deadline = time.monotonic() + 120
+    while not index.exists() and writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert index.exists() and writer.poll() is None, "the writer should be inside its store build by now"
+    try:
+        racing = dvc("repro", "--single-item", f"preprocess@{SEQ}")
+    finally:
+        (tmp_path / "release").touch()
+    _, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    assert racing.returncode != 0, racing.stdout + racing.stderr
+    assert index.exists() and index.read_text().strip()
+    again = dvc("repro", "--single-item", f"preprocess@{SEQ}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert index.exists()
+    status = dvc("status")
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+
 # ---------------------------------------------------------------------- 12: every departure from CMDA switchable
 
 # CMDA's rule, as its code writes it (XiaRho/CMDA 9d25129): a table indexed by two parities.
