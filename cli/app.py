@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 
 from pipeline.errors import STOPPED_EXIT, InputError
@@ -71,6 +72,8 @@ def reports_input_errors(fn: F) -> F:
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM (train.common.stopping): partial files already removed
             typer.echo("stopped by a signal before the end: what was finished is kept, nothing partial", err=True)
             raise typer.Exit(STOPPED_EXIT) from None
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # how a command ends on purpose (typer.Exit is a RuntimeError) or click reports bad usage
         except Exception as exc:  # a bug or a resource limit: one line, the traceback in a file
             if os.environ.get("CMDA_TRACEBACK") == "1":
                 raise

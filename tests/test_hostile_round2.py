@@ -89,6 +89,11 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path, monk
     line = capsys.readouterr().err.strip()
     assert line.startswith("error: out of GPU memory: try a memory preset (--preset 24gb") and "2.00 GiB" in line
 
+    for deliberate in (typer.Exit(2), typer.Exit(0)):  # typer.Exit is a RuntimeError: a command's own exit
+        with pytest.raises(typer.Exit) as stop:
+            fails(deliberate)()
+        assert stop.value.exit_code == deliberate.exit_code and not capsys.readouterr().err
+
     monkeypatch.setenv("CMDA_TRACEBACK", "1")
     with pytest.raises(KeyError):
         fails(KeyError("weights"))()
