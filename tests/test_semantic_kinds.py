@@ -81,7 +81,7 @@ def test_default_store_holds_label_window_bytes(tmp_path, kind):
 # ---------------------------------------------------------------------------------------------- other kinds
 @pytest.mark.parametrize("kind, dtype", [(HIST, np.uint8), ("{kind: time_surface, tau_us: 5000}", np.float32),
                                          ("{kind: mdes, bins: 3}", np.int8),
-                                         ("{kind: voxel_dsec, bins: 2}", np.float32)])
+                                         ("{kind: voxel_dsec, bins: 2}", np.float32), ("ergo12", np.float32)])
 def test_kind_window_is_build_per_chunk_stacked(tmp_path, kind, dtype):
     cfg = kind_tree(tmp_path, kind, mode="duration", duration_us=30_000)
     w = cfg.dsec_semantic.window
