@@ -156,13 +156,17 @@ class SemanticWindow:
     """The event input of one DSEC-Semantic label, as ESS builds it (config/settings_DSEC.yaml, DSEC/dataset/
     sequence.py): ``mode: events`` = the last ``events`` events strictly before the label time, cut into
     ``chunks`` runs of equal count; ``mode: duration`` = the ``duration_us`` before the label time, cut into
-    ``chunks`` equal spans. Each chunk is a ``bins``-bin DSEC voxel grid with its own time normalisation."""
+    ``chunks`` equal spans. Each chunk is a ``bins``-bin DSEC voxel grid with its own time normalisation, or
+    (``kind``: any ``representation.kinds`` entry) that kind's frame of the chunk's events."""
 
     mode: str = "events"
     events: int = 2_000_000  # ESS: nr_events_data 20 x nr_events_window 100,000
     duration_us: int = 1_000_000  # ESS: 20 x delta_t_per_data 50 ms
     chunks: int = 20
     bins: int = 5
+    # None (or "voxel"): ESS's DSEC voxel grid of `bins` bins, unnormalised; load_config turns any other
+    # entry ({kind: histogram, bins: 10, cutoff: 10}, time_surface, ...) into its settings object.
+    kind: Any = None
 
 
 @dataclass(frozen=True)
@@ -379,6 +383,19 @@ def _parse_kinds(rep: Representation, path: Path) -> tuple[Any, ...]:
     return tuple(kinds)
 
 
+def _window_kind(entry: Any, path: Path) -> Any:
+    """``dsec_semantic.window.kind`` as a settings object, or None for ESS's voxel grid (absent or ``voxel``)."""
+    where = "dsec_semantic.window.kind"
+    if entry is None or entry == "voxel" or (isinstance(entry, dict) and entry == {"kind": "voxel"}):
+        return None
+    if isinstance(entry, dict) and entry.get("kind") == "voxel":
+        raise InputError(path, f"{where}: voxel takes its bins from dsec_semantic.window.bins")
+    try:
+        return parse_kind(entry, where)
+    except InputError as exc:
+        raise InputError(path, exc.problem) from None
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's multi-line message as one line: 'line L, column C: problem'."""
     mark = getattr(exc, "problem_mark", None)
@@ -418,6 +435,9 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> DatasetsConfig:
         raise InputError(path, f"cityscapes.resize must be [width, height] >= 1, or [0, 0] for no resized "
                          f"copies, got {list(cfg.cityscapes.resize)}")
     cfg = dataclasses.replace(cfg, representation=dataclasses.replace(rep, kinds=_parse_kinds(rep, path)))
+    sem = cfg.dsec_semantic
+    window = dataclasses.replace(sem.window, kind=_window_kind(sem.window.kind, path))
+    cfg = dataclasses.replace(cfg, dsec_semantic=dataclasses.replace(sem, window=window))
     _check_semantic(cfg, path)
     for key in ("darkzurich", "acdc"):
         t = getattr(cfg, key)

@@ -16,12 +16,19 @@ grids are stacked to ``S*B`` channels and the bottom 40 rows dropped (640x440, t
 this for every sample it draws (2 M events sliced per sample); here it is done once per label.
 
 The voxel kernel is :func:`pipeline.voxel.accumulate_voxels` with B bins, which is DSEC's formula (it is
-CMDA's kernel too). A separate ``voxel_dsec`` kernel is being written elsewhere for
-``pipeline/representations.py``; the two can be unified there, this module only needs ``grids[k]`` of
-events ``starts[k]..stops[k]-1`` normalised by ``t_first[k]``/``t_last[k]``.
+CMDA's kernel too).
+
+Other representations (``dsec_semantic.window.kind``: any entry ``representation.kinds`` accepts, e.g.
+``{kind: histogram, bins: 10, cutoff: 10}``): each chunk becomes that kind's frame of the chunk's events
+(:func:`pipeline.representations.build_in_pieces`, the chunk's own first and last event setting its time
+normalisation, as for the voxel grid), rows 0-439 kept, stacked oldest chunk first to
+``chunks * channels(kind)`` channels in the kind's dtype (histogram uint8, MDES int8, the others float32; the
+loader scales them as :func:`train.data.events_input.network_events` does). The store's settings then carry
+``kind`` (the kind and its parameters) and ``dtype``; a store without ``kind`` holds the voxel grid.
 
 Store layout ``<dsec_semantic.out>/<seq>/windows.zarr`` (:mod:`pipeline.store`'s format: resumable, rebuilt
-when settings or sources change): ``voxels`` float32 (labels, S*B, 440, 640), one label per chunk (an all-zero
+when settings or sources change): ``voxels`` float32 (labels, S*B, 440, 640) (another kind: its channels and
+dtype), one label per chunk (an all-zero
 label, e.g. one without events, has no chunk file and reads as zeros); the per-label arrays of
 :data:`pipeline.store.INDEX_ARRAYS` (``timestamps`` = label times; ``event_index`` = last event strictly before
 the label; ``window_start``/``window_stop`` = first and last event used, inclusive; ``event_count``; ``valid``);
@@ -43,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import lock
+from pipeline import representations as reps
 from pipeline import store as zstore
 from pipeline.atomic import write_json, write_text
 from pipeline.config import DatasetsConfig, SemanticWindow
@@ -182,6 +190,32 @@ def label_window(ef: EventFile, rect: Rectifier, start: np.ndarray, stop: np.nda
     return out
 
 
+def kind_window(ef: EventFile, rect: Rectifier, start: np.ndarray, stop: np.ndarray, kind: reps.Settings,
+                path: Path | None = None) -> np.ndarray:
+    """One label's input in another representation: (chunks * channels(kind), 440, 640) in the kind's dtype,
+    chunk k = the kind's frame of events ``start[k]..stop[k]-1`` (rows 0-439); a chunk without events is 0."""
+    c = reps.channels(kind)
+    out = np.zeros((len(start) * c, LABEL_HEIGHT, LABEL_WIDTH), reps.frame_dtype(kind))
+    for k in range(len(start)):
+        a, b = int(start[k]), int(stop[k])
+        if b <= a:
+            continue
+        ev = ef.read(a, b)
+        if len(ev["t"]) != b - a:
+            raise InputError(path or ef.path, f"events {a}..{b - 1} lie past the end of the file")
+        _check_events(path or ef.path, ev, a)
+        t = ev["t"]
+        frame = reps.build_in_pieces(kind, [(ev["x"], ev["y"], ev["p"], t)], b - a, rect, int(t[0]), int(t[-1]),
+                                     checked=True)
+        out[k * c:(k + 1) * c] = frame[:, :LABEL_HEIGHT, :LABEL_WIDTH]
+    return out
+
+
+def chunk_channels(window: SemanticWindow) -> int:
+    """Channels of one chunk: ``bins`` of the voxel grid, or the channels of ``window.kind``."""
+    return window.bins if window.kind is None else reps.channels(window.kind)
+
+
 def store_path(cfg: DatasetsConfig, seq: str) -> Path:
     return cfg.dsec_semantic.out / seq / "windows.zarr"
 
@@ -196,17 +230,24 @@ def window_settings(window: SemanticWindow, compressor: str, clevel: int, sampli
     """What the store's content depends on besides its sources (its identity, with the fingerprints).
 
     ``sampling`` is part of it: the store holds only the labels the index will list (ESS's sampling
-    halves the store, ~33 MB per label at ESS's setting), so changing it rebuilds the store."""
+    halves the store, ~33 MB per label at ESS's setting), so changing it rebuilds the store. The voxel grid's
+    settings carry no ``kind`` (those of every store built before kinds existed); another kind's carry
+    ``kind`` and ``dtype`` instead of ``voxel``."""
     rule = ("last `events` events with t + t_offset < label time, `chunks` runs of n // chunks from the oldest"
             if window.mode == "events" else
             "`chunks` spans of duration_us / chunks ending at the label time, start <= t + t_offset < end")
-    return {"mode": window.mode, "events": window.events if window.mode == "events" else None,
-            "duration_us": window.duration_us if window.mode == "duration" else None,
-            "chunks": window.chunks, "bins_per_chunk": window.bins, "bins": window.chunks * window.bins,
-            "height": LABEL_HEIGHT, "width": LABEL_WIDTH, "rows": "0-439 of the 640x480 rectified event frame",
-            "sampling": sampling, "window": rule,
-            "voxel": "DSEC VoxelGrid: trunc corners, tn = (bins-1)(t-t0)/(t1-t0) float32, no normalisation",
-            "compressor": f"blosc {compressor} clevel {clevel} noshuffle"}
+    per_chunk = chunk_channels(window)
+    out = {"mode": window.mode, "events": window.events if window.mode == "events" else None,
+           "duration_us": window.duration_us if window.mode == "duration" else None,
+           "chunks": window.chunks, "bins_per_chunk": per_chunk, "bins": window.chunks * per_chunk,
+           "height": LABEL_HEIGHT, "width": LABEL_WIDTH, "rows": "0-439 of the 640x480 rectified event frame",
+           "sampling": sampling, "window": rule,
+           "voxel": "DSEC VoxelGrid: trunc corners, tn = (bins-1)(t-t0)/(t1-t0) float32, no normalisation",
+           "compressor": f"blosc {compressor} clevel {clevel} noshuffle"}
+    if window.kind is not None:
+        del out["voxel"]
+        out.update(kind=reps.describe(window.kind), dtype=reps.frame_dtype(window.kind).name)
+    return out
 
 
 def _digest(data: bytes) -> str:
@@ -214,11 +255,12 @@ def _digest(data: bytes) -> str:
 
 
 def _run_label(k: int, *, events: Path, rectify: Path, rect_digest: str, out: Path, writer: zstore.FrameChunks,
-               start: np.ndarray, stop: np.ndarray, bins: int) -> int:
+               start: np.ndarray, stop: np.ndarray, bins: int, kind: reps.Settings | None = None) -> int:
     """Compute and write label ``k``'s window; returns its event count (recorded in the progress marker)."""
     rect = _rectifier(rectify, rect_digest)
     with EventFile(events, check=False) as ef:
-        grid = label_window(ef, rect, start[k], stop[k], bins, events)
+        grid = (label_window(ef, rect, start[k], stop[k], bins, events) if kind is None
+                else kind_window(ef, rect, start[k], stop[k], kind, events))
     writer.write(k, grid)
     n = int((stop[k] - start[k]).sum())
     zstore.mark_done(out, k, k, events=n)
@@ -267,7 +309,7 @@ def _preprocess_locked(cfg: DatasetsConfig, paths: SemanticSequence, out: Path, 
     n = len(labels.files)
     group, done, complete = zstore.open_for_writing(
         out, identity, frames=n, bins=settings["bins"], height=LABEL_HEIGHT, width=LABEL_WIDTH,
-        cname=sem.compressor, clevel=sem.clevel)
+        cname=sem.compressor, clevel=sem.clevel, dtype=settings.get("dtype", "float32"))
     arrays = win.arrays(labels.timestamps)
     stored = np.zeros(n, bool)
     stored[sampled_labels(n, sem.sampling)] = True
@@ -289,7 +331,8 @@ def _preprocess_locked(cfg: DatasetsConfig, paths: SemanticSequence, out: Path, 
     todo = np.flatnonzero(stored & ~done)
     task = functools.partial(_run_label, events=paths.events, rectify=paths.rectify_map,
                              rect_digest=identity["source"]["rectify_map"], out=out, writer=zstore.FrameChunks(out),
-                             start=arrays["chunk_start"], stop=arrays["chunk_stop"], bins=sem.window.bins)
+                             start=arrays["chunk_start"], stop=arrays["chunk_stop"], bins=sem.window.bins,
+                             kind=sem.window.kind)
     run_tasks([functools.partial(task, int(k)) for k in todo], desc=f"windows {seq}", unit="label",
               scheduler=scheduler, workers=workers)
     zstore.check_written(out, stored, summary["events_in_windows"])
@@ -323,10 +366,10 @@ def open_store(cfg: DatasetsConfig, seq: str) -> zstore.VoxelStore:
     """A finished window store built with the configured window (else one line: rerun preprocessing)."""
     sem = cfg.dsec_semantic
     path = store_path(cfg, seq)
-    st = zstore.VoxelStore.open(path, bins=sem.window.chunks * sem.window.bins)
+    st = zstore.VoxelStore.open(path, bins=sem.window.chunks * chunk_channels(sem.window))
     want = window_settings(sem.window, sem.compressor, sem.clevel, sem.sampling)
     if st.settings != want:
-        changed = sorted(k for k in want if st.settings.get(k) != want[k])
+        changed = sorted(k for k in {**st.settings, **want} if st.settings.get(k) != want.get(k))
         raise InputError(path, f"store was built with other window settings ({', '.join(changed)}): rerun "
                                "`cmda preprocess --dataset dsec-semantic` (or `dvc repro`)")
     return st
@@ -384,6 +427,7 @@ def read_semantic_index(path: str | Path, split: str | None = None) -> list[Sema
 
 
 def read_window(store: zstore.VoxelStore, label: int, chunks: int) -> np.ndarray:
-    """A label's input as the loader wants it: float32 (chunks, bins, 440, 640), oldest chunk first."""
+    """A label's stored input (chunks, channels per chunk, 440, 640), oldest chunk first (float32 for the voxel
+    grid, else the kind's dtype)."""
     grid = store.voxels(label)
     return grid.reshape(chunks, grid.shape[0] // chunks, *grid.shape[1:])

@@ -1,11 +1,12 @@
 """DSEC-Semantic as training and evaluation data for an event-only model (docs/dsec-semantic.md).
 
 Each sample is a label of ``dsec_semantic.out/index.csv`` and its precomputed window (ESS's input: ``chunks x
-bins`` voxel channels, 640x440, from ``cmda preprocess --dataset dsec-semantic``), so a sample is one
-decompression instead of ESS's 2 M-event slicing. Training crops a ``data.target_crop`` square (at most the
-440 rows) at a uniform position, flips it and resizes it to ``data.crop`` (labels: nearest), the target
-augmentation cmda uses on DSEC night; evaluation takes the whole 640x440 window and its label unchanged
-(ESS compares at 640x440).
+bins`` voxel channels, 640x440, from ``cmda preprocess --dataset dsec-semantic``; with ``dsec_semantic.window.kind``
+``chunks x channels`` of that kind, scaled as :func:`train.data.events_input.network_events` scales the kind's
+frames), so a sample is one decompression instead of ESS's 2 M-event slicing. Training crops a
+``data.target_crop`` square (at most the 440 rows) at a uniform position, flips it and resizes it to ``data.crop``
+(labels: nearest), the target augmentation cmda uses on DSEC night; evaluation takes the whole 640x440 window
+and its label unchanged (ESS compares at 640x440).
 
 :class:`SemanticBatches` is the run's batch source for ``data.target=dsec-semantic``:
 
@@ -29,16 +30,25 @@ from torch.utils.data import Dataset
 from pipeline.config import DatasetsConfig
 from pipeline.dsec_semantic import LABEL_HEIGHT, LABEL_WIDTH, cityscapes_lut, read_label
 from pipeline.errors import InputError
-from pipeline.ess_windows import SemanticRow, index_path, open_store, read_semantic_index
+from pipeline.ess_windows import SemanticRow, chunk_channels, index_path, open_store, read_semantic_index
 from pipeline.store import VoxelStore
 from train.config import DataConfig
+from train.data.events_input import network_events
 from train.data.loaders import hflip, index_base, resize_channels
 
 
 def window_channels(cfg: DatasetsConfig) -> int:
-    """Channels of one window (``chunks x bins`` of ``dsec_semantic.window``): the event encoder's input."""
+    """Channels of one window (``chunks x bins`` of ``dsec_semantic.window``, or ``chunks x`` the channels of its
+    ``kind``): the event encoder's input."""
     w = cfg.dsec_semantic.window
-    return w.chunks * w.bins
+    return w.chunks * chunk_channels(w)
+
+
+def window_input(cfg: DatasetsConfig, window: np.ndarray) -> np.ndarray:
+    """A stored window as network input: the voxel grid as stored (ESS feeds it unnormalised); another kind
+    float32, scaled as its night frames are (histogram counts / cutoff, MDES sums / cutoff, the rest as stored)."""
+    kind = cfg.dsec_semantic.window.kind
+    return window if kind is None else network_events(kind, window, 0)
 
 
 class SemanticWindows:
@@ -59,9 +69,10 @@ class SemanticWindows:
         return self.stores[seq]  # type: ignore[return-value]
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, SemanticRow]:
-        """Window float32 (chunks*bins, 440, 640) and label uint8 (440, 640) of row ``i``."""
+        """Window float32 (chunks*channels, 440, 640), as :func:`window_input` gives it, and label uint8 (440, 640)
+        of row ``i``."""
         row = self.rows[i]
-        window = self.store(row.sequence).voxels(row.label)
+        window = window_input(self.cfg, self.store(row.sequence).voxels(row.label))
         label = read_label(self.base / row.label_file)
         if window.shape[1:] != label.shape:
             raise InputError(self.store(row.sequence).path, f"window is {window.shape[2]}x{window.shape[1]}, "

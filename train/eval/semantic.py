@@ -61,13 +61,14 @@ def semantic_table(s: dict[str, Any]) -> str:
 
 
 def check_channels(model: torch.nn.Module, dcfg) -> None:
-    """The model's input channels must be the window's (``chunks x bins`` of ``dsec_semantic.window``)."""
+    """The model's input channels must be the window's (``chunks x bins`` of ``dsec_semantic.window``, or ``chunks
+    x`` its kind's channels)."""
     want = getattr(model, "in_chans", None)
     if want is not None and want != window_channels(dcfg):
         w = dcfg.dsec_semantic.window
         raise InputError(dcfg.source, f"the model takes {want} event channels, dsec_semantic.window gives "
-                                      f"{w.chunks} x {w.bins} = {window_channels(dcfg)}: use the datasets.yaml "
-                                      "the model was trained with (--config)")
+                                      f"{w.chunks} x {window_channels(dcfg) // w.chunks} = {window_channels(dcfg)}: "
+                                      "use the datasets.yaml the model was trained with (--config)")
 
 
 def write_semantic_eval(res: dict[str, Any], cfg: TrainConfig, state: dict[str, Any], checkpoint: Path, *,
