@@ -36,7 +36,8 @@ from pipeline.errors import InputError
 from pipeline.events_h5 import write_events_h5
 from pipeline.voxel import accumulate_voxels, events_norm, rectifier
 from train.checkpoints.inference import predict_logits
-from train.deploy.export import DeploymentGraph, _export_onnx, ort_session
+from train.deploy.export import DeploymentGraph, _export_onnx
+from train.deploy.onnx_runtime import ort_session
 from train.models import CMDAModel
 
 DSEC_RATE = 6.6e6  # events/s, DSEC night (as pipeline/config.py SampleConfig notes)

@@ -21,7 +21,8 @@ from pipeline.cityscapes import convert_cityscapes
 from pipeline.config import load_config
 from pipeline.dsec import SequencePaths
 from pipeline.errors import InputError
-from pipeline.ess_windows import preprocess_semantic_sequence, write_semantic_index
+from pipeline.ess_index import write_semantic_index
+from pipeline.ess_windows import preprocess_semantic_sequence
 from pipeline.ess_windows import store_path as semantic_store_path
 from pipeline.preprocess import preprocess_sequence
 from pipeline.preprocess import store_path as preprocess_store_path

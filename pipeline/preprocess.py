@@ -7,15 +7,13 @@ events span at most ``chunk_events`` (and whose output grids fit a memory budget
 independent task: read its event span once, check timestamps are ordered, run the Numba kernel for
 all its frames, write one Zarr chunk per frame, drop a progress marker. Tasks run on dask threads
 (HDF5 reads serialise on h5py's lock while other threads run the nogil kernel and compression) or
-on a dask.distributed cluster.
+on a dask.distributed cluster. The checks on the raw inputs and the per-worker caches (rectifier,
+events.h5 handles) are in :mod:`pipeline.raw_inputs`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +29,18 @@ from pipeline.config import DatasetsConfig
 from pipeline.dsec import EventFile, SequencePaths, load_rectify_map, load_timestamps, window_bounds
 from pipeline.errors import InputError, warn
 from pipeline.parallel import default_workers, run_tasks
-from pipeline.voxel import (
-    Rectifier,
-    accumulate_voxels,
-    accumulate_window_in_pieces,
-    first_decrease,
-    invalid_events,
-    rectifier,
+from pipeline.raw_inputs import (
+    blake_digest,
+    check_image_count,
+    check_rectify_map,
+    close_event_files,
+    event_file,
+    file_token,
+    read_checked,
+    sequence_rectifier,
+    window_pieces,
 )
+from pipeline.voxel import accumulate_voxels, accumulate_window_in_pieces
 
 MAX_FRAMES_PER_TASK = 64  # tasks stay small enough for a smooth progress bar and resume
 WINDOW_RULE = "cmda: events idx[i-1]..idx[i] inclusive; idx = last event with t + t_offset <= image timestamp"
@@ -107,104 +109,6 @@ def plan_batches(
     return batches
 
 
-def _check_ordered(path: Path, t: np.ndarray, offset: int) -> None:
-    i = int(first_decrease(t))
-    if i >= 0:
-        k = offset + i
-        raise InputError(path, f"events/t is not monotonic: event {k} ({int(t[i])} us) comes before "
-                         f"event {k - 1} ({int(t[i - 1])} us)")
-
-
-def _check_events(path: Path, ev: dict[str, np.ndarray], offset: int, rect: Rectifier) -> None:
-    """The streaming pass over every event read: timestamps ordered, x/y on the rectify map's
-    sensor, p in {0, 1}. The kernels have no bounds checks, so nothing reaches them unchecked."""
-    _check_ordered(path, ev["t"], offset)
-    sensor_h, sensor_w = rect.map_x.shape
-    bad = invalid_events(ev["x"], ev["y"], ev["p"], sensor_w, sensor_h)
-    if bad is not None:
-        raise InputError(path, bad.describe(offset))
-
-
-_RECTIFIERS: dict[tuple[str, str, int, int], Rectifier] = {}
-_RECTIFIERS_LOCK = threading.Lock()
-
-
-def _rectifier(path: Path, digest: str, height: int, width: int) -> Rectifier:
-    """The sequence's rectifier, loaded once per worker process (tasks carry a path, not 12 MB)."""
-    key = (str(path), digest, height, width)
-    with _RECTIFIERS_LOCK:
-        if key not in _RECTIFIERS:
-            rmap = load_rectify_map(path, height, width)
-            if _digest(rmap.tobytes()) != digest:
-                raise InputError(path, "rectify map changed while the sequence was being preprocessed")
-            rect = rectifier(rmap, height, width)
-            _ = rect.splat  # build the 1-bin splat table once, under the lock
-            _RECTIFIERS.clear()  # one sequence at a time: keep memory flat
-            _RECTIFIERS[key] = rect
-        return _RECTIFIERS[key]
-
-
-_HANDLES = threading.local()
-_OPENED: list[EventFile] = []  # every handle the threads of this process hold, to close after a run
-_OPENED_LOCK = threading.Lock()
-_GENERATION = [0]  # bumped when the handles are closed: a thread's cached handle is then stale
-
-
-def _event_file(path: Path, token: str) -> EventFile:
-    """This thread's open handle on the sequence's events.h5 (re-opened when ``token`` changes).
-
-    Opening costs ~1.5 ms, a tenth of a task; ``token`` (size, mtime, content fingerprint) makes a
-    handle opened by an earlier run on a since-modified file unusable. The handles are closed at
-    the end of every successful run (:func:`_close_event_files`), so no file stays open once
-    :func:`preprocess_sequence` returns (an open HDF5 handle stops the same process from opening
-    the file for writing).
-    """
-    key = (str(path), token, _GENERATION[0])
-    cur = getattr(_HANDLES, "file", None)
-    if cur is not None and cur[0] == key:
-        return cur[1]
-    ef = EventFile(path, check=False)
-    with _OPENED_LOCK:
-        _OPENED.append(ef)
-    _HANDLES.file = (key, ef)
-    return ef
-
-
-def _close_event_files() -> None:
-    """Close every handle opened by :func:`_event_file` in this process (no task may be running)."""
-    with _OPENED_LOCK:
-        _GENERATION[0] += 1
-        while _OPENED:
-            _OPENED.pop().close()
-
-
-def _read_checked(ef: EventFile, events_path: Path, rect: Rectifier, first: int, stop: int) -> dict[str, np.ndarray]:
-    """Events ``first..stop-1``, checked (ordered, on the sensor, p in {0, 1}) before any kernel sees them."""
-    ev = ef.read(first, stop)
-    if len(ev["t"]) != stop - first:
-        raise InputError(events_path, f"events {first}..{stop - 1} lie past the end "
-                         "of the file (was it changed while being preprocessed?)")
-    _check_events(events_path, ev, first, rect)
-    return ev
-
-
-def _window_pieces(ef: EventFile, events_path: Path, rect: Rectifier, first: int, stop: int, chunk_events: int):
-    """Events ``first..stop-1`` as checked consecutive ``(x, y, p, t)`` pieces of ``chunk_events``
-    (one window longer than a streaming chunk, in bounded memory)."""
-    prev_t = None
-    for pos in range(first, stop, chunk_events):
-        end = min(pos + chunk_events, stop)
-        ev = ef.read(pos, end)
-        if len(ev["t"]) != end - pos:
-            raise InputError(events_path, f"events {pos}..{end - 1} lie past the end of the file "
-                             "(was it changed while being preprocessed?)")
-        if prev_t is not None and ev["t"][0] < prev_t:
-            _check_ordered(events_path, np.array([prev_t, ev["t"][0]]), pos - 1)
-        _check_events(events_path, ev, pos, rect)
-        prev_t = ev["t"][-1]
-        yield ev["x"], ev["y"], ev["p"], ev["t"]
-
-
 def _run_batch(
     batch: Batch,
     *,
@@ -226,18 +130,18 @@ def _run_batch(
     Frames are computed one at a time into one reused buffer and encoded straight away, while
     the buffer is still in cache (a fresh 1.2 MB grid per frame costs more than the kernel).
     """
-    rect = _rectifier(rectify_map, rectify_digest, height, width)
+    rect = sequence_rectifier(rectify_map, rectify_digest, height, width)
     frames = np.asarray(batch.frames)
     buf = np.zeros((1, bins, height, width), dtype=np.float32)
     w_start = start[frames]
     w_stop = stop[frames] + 1  # exclusive
-    ef = _event_file(events_path, events_token)
+    ef = event_file(events_path, events_token)
     span = batch.stop_event - batch.first_event
     fed = 0  # events given to the kernel, summed over frames: recorded with the frames' marker
     if chunk_events < 1:
         raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
     if span <= chunk_events:
-        ev = _read_checked(ef, events_path, rect, batch.first_event, batch.stop_event)
+        ev = read_checked(ef, events_path, rect, batch.first_event, batch.stop_event)
         t = ev["t"]
         lo, hi = w_start - batch.first_event, w_stop - batch.first_event
         t_first, t_last = t[lo].astype(np.int64), t[hi - 1].astype(np.int64)
@@ -252,46 +156,12 @@ def _run_batch(
         # pieces, normalising time with the window's own first and last event times.
         t_first = int(ef.read_t(batch.first_event, batch.first_event + 1)[0])
         t_last = int(ef.read_t(batch.stop_event - 1, batch.stop_event)[0])
-        pieces = _window_pieces(ef, events_path, rect, batch.first_event, batch.stop_event, chunk_events)
+        pieces = window_pieces(ef, events_path, rect, batch.first_event, batch.stop_event, chunk_events)
         accumulate_window_in_pieces(pieces, span, rect, t_first, t_last, buf, checked=True)
         fed += span
         writer.write(int(frames[0]), buf[0])
     zstore.mark_done(store, int(frames[0]), int(frames[-1]), events=fed)
     return span
-
-
-def _file_token(path: Path, fingerprint: dict[str, Any]) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}:{fingerprint['digest']}"
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _check_rectify_map(path: Path, rmap: np.ndarray, height: int, width: int) -> None:
-    """A map that sends every pixel off the grid would give all-zero grids: an error. One that keeps
-    less than half of them is suspicious (a map for another resolution?): a warning with the count."""
-    xf, yf = rmap[..., 0], rmap[..., 1]
-    on_grid = int(np.count_nonzero((xf > -1) & (xf < width) & (yf > -1) & (yf < height)))
-    if on_grid == 0:
-        raise InputError(path, f"rectify_map sends every one of its {xf.size} pixels off the {width}x{height} "
-                         "voxel grid (wrong map, or wrong representation.width/height?)")
-    if on_grid * 2 < xf.size:
-        warn(path, f"rectify_map sends {xf.size - on_grid} of {xf.size} pixels off the {width}x{height} voxel grid")
-
-
-def _check_image_count(paths: SequencePaths, n_timestamps: int) -> None:
-    """DSEC has one timestamp per image: more images than timestamps would silently drop images."""
-    if not paths.images_dir.is_dir():
-        return  # events-only trees (the images are only needed by `cmda warp`)
-    n_images = sum(1 for e in os.scandir(paths.images_dir)
-                   if e.name.endswith(".png") and len(e.name) == 10 and e.name[:6].isdigit())
-    if n_images > n_timestamps:
-        raise InputError(paths.timestamps, f"{n_timestamps} timestamps for {n_images} images in "
-                         f"{paths.images_dir}: {n_images - n_timestamps} image(s) would have no timestamp")
-    if 0 < n_images < n_timestamps:
-        warn(paths.timestamps, f"{n_timestamps} timestamps but only {n_images} images in {paths.images_dir}")
 
 
 RECTIFY_NEAREST = "nearest rectified pixel: floor(rectify_map[y, x] + 0.5); events off the grid dropped"
@@ -342,9 +212,9 @@ def _read_source(cfg: DatasetsConfig, seq: str, workers: int) -> tuple[_Source, 
     paths = SequencePaths(cfg.dsec.root, seq)
     rep = cfg.representation
     timestamps = load_timestamps(paths.timestamps)
-    _check_image_count(paths, len(timestamps))
+    check_image_count(paths, len(timestamps))
     rmap = load_rectify_map(paths.rectify_map, rep.height, rep.width)
-    _check_rectify_map(paths.rectify_map, rmap, rep.height, rep.width)
+    check_rectify_map(paths.rectify_map, rmap, rep.height, rep.width)
     with EventFile(paths.events) as ef:
         index = ef.index_of_time(timestamps, workers=workers or default_workers())
         fingerprint = ef.fingerprint(workers=workers or default_workers())
@@ -361,8 +231,8 @@ def _read_source(cfg: DatasetsConfig, seq: str, workers: int) -> tuple[_Source, 
         listed = ", ".join(f"{i:06d}" for i in outside[:8]) + (" ..." if outside.size > 8 else "")
         warn(paths.timestamps, f"{outside.size} image(s) lie outside the event stream (index -1), skipped: {listed}")
     count = np.where(valid, stop - start + 1, 0)
-    identity = {"events": fingerprint, "rectify_map": _digest(rmap.tobytes()),
-                "timestamps": _digest(timestamps.tobytes())}
+    identity = {"events": fingerprint, "rectify_map": blake_digest(rmap.tobytes()),
+                "timestamps": blake_digest(timestamps.tobytes())}
     summary = {
         "sequence": seq,
         "frames": len(timestamps),
@@ -439,7 +309,7 @@ def _build_store(cfg: DatasetsConfig, src: _Source, out: Path, identity: dict[st
 
     batches = plan_batches(src.start, src.stop, src.valid & ~done, rep.chunk_events, MAX_FRAMES_PER_TASK)
     task = functools.partial(
-        run, events_path=src.paths.events, events_token=_file_token(src.paths.events, src.fingerprint),
+        run, events_path=src.paths.events, events_token=file_token(src.paths.events, src.fingerprint),
         store=out, writer=zstore.FrameChunks(out, array),
         rectify_map=src.paths.rectify_map, rectify_digest=src.identity["rectify_map"],
         start=src.start, stop=src.stop, height=rep.height, width=rep.width, chunk_events=rep.chunk_events,
@@ -451,7 +321,7 @@ def _build_store(cfg: DatasetsConfig, src: _Source, out: Path, identity: dict[st
         index_written.result()  # waits, and re-raises the side thread's error if it had one
     # Every task has finished (after an error some may still run on the pool's threads, so the
     # handles are then left to the next run, which closes them the same way).
-    _close_event_files()
+    close_event_files()
     zstore.check_written(out, src.valid, int(src.count.sum()))
     zstore.mark_complete(group, out, summary)
     return int(sum(len(b.frames) for b in batches))
@@ -474,14 +344,14 @@ def _run_kind_batch(
     chunk_events: int,
 ) -> int:
     """Build one batch's frames of a representation store (the twin of :func:`_run_batch`)."""
-    rect = _rectifier(rectify_map, rectify_digest, height, width)
-    ef = _event_file(events_path, events_token)
+    rect = sequence_rectifier(rectify_map, rectify_digest, height, width)
+    ef = event_file(events_path, events_token)
     span = batch.stop_event - batch.first_event
     fed = 0
     if chunk_events < 1:
         raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
     if span <= chunk_events:
-        ev = _read_checked(ef, events_path, rect, batch.first_event, batch.stop_event)
+        ev = read_checked(ef, events_path, rect, batch.first_event, batch.stop_event)
         for frame in batch.frames:
             lo, hi = int(start[frame]) - batch.first_event, int(stop[frame]) + 1 - batch.first_event
             piece = tuple(ev[k][lo:hi] for k in ("x", "y", "p", "t"))
@@ -492,7 +362,7 @@ def _run_kind_batch(
     else:  # one window longer than a streaming chunk (plan_batches isolates those)
         t_first = int(ef.read_t(batch.first_event, batch.first_event + 1)[0])
         t_last = int(ef.read_t(batch.stop_event - 1, batch.stop_event)[0])
-        pieces = _window_pieces(ef, events_path, rect, batch.first_event, batch.stop_event, chunk_events)
+        pieces = window_pieces(ef, events_path, rect, batch.first_event, batch.stop_event, chunk_events)
         writer.write(int(batch.frames[0]), reps.build_in_pieces(settings, pieces, span, rect, t_first, t_last,
                                                                 checked=True))
         fed += span

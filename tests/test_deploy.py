@@ -26,7 +26,8 @@ from train.checkpoints.files import save_checkpoint
 from train.checkpoints.inference import predict_logits
 from train.config import TrainConfig, apply_variant, to_dict
 from train.data.loaders import NightTest
-from train.deploy.export import DeploymentGraph, fold_event_channels, open_onnx
+from train.deploy.export import DeploymentGraph, fold_event_channels
+from train.deploy.onnx_runtime import open_onnx
 from train.deploy.stream import window_grids
 from train.models import CMDAModel
 
@@ -335,7 +336,7 @@ def test_an_image_only_checkpoint_exports_with_an_isr_input_and_stream_refuses_i
     from train.config import apply_target
     from train.data.image_only import night_isr
     from train.data.loaders import normalize_image
-    from train.deploy.export import ort_session
+    from train.deploy.onnx_runtime import ort_session
 
     cfg = apply_target(TrainConfig(), "darkzurich")
     cfg.model.backbone, cfg.model.head_channels = "mit_b0", 32

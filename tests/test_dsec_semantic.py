@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import ess_index as ei
 from pipeline import ess_windows as ew
 from pipeline.atomic import write_png
 from pipeline.config import SemanticWindow, load_config
@@ -214,11 +215,11 @@ def test_store_matches_numpy_reference(tmp_path, source, mode):
         from pipeline.dsec import load_rectify_map
 
         rmap = load_rectify_map(paths.rectify_map)
-        st = ew.open_store(cfg, name)
+        st = ei.open_store(cfg, name)
         with EventFile(paths.events) as ef:
             ev, off = ef.read(0, ef.n_events), ef.t_offset
         for k in (0, 3, len(labels.files) - 1):
-            got = ew.read_window(st, k, w.chunks)
+            got = ei.read_window(st, k, w.chunks)
             assert got.shape == (w.chunks, w.bins, 440, 640)
             want = ref_window(ev, off, rmap, int(labels.timestamps[k]), w)
             np.testing.assert_allclose(got.reshape(want.shape), want, atol=2e-4)
@@ -243,22 +244,22 @@ def test_store_resumes_and_rebuilds_on_new_settings(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ew.preprocess_semantic_sequence(cfg, TRAIN, workers=1)
     with pytest.raises(InputError, match="incomplete"):
-        ew.open_store(cfg, TRAIN)
+        ei.open_store(cfg, TRAIN)
     monkeypatch.setattr(ew, "_run_label", real)
     resumed = ew.preprocess_semantic_sequence(cfg, TRAIN, workers=1)
     assert resumed["status"] == "built" and resumed["labels_written"] == resumed["labels_with_window"] - 2
     again = ew.preprocess_semantic_sequence(cfg, TRAIN, workers=1)
     assert again["status"] == "already complete"
-    resumed_grid = ew.open_store(cfg, TRAIN).voxels(4).copy()
+    resumed_grid = ei.open_store(cfg, TRAIN).voxels(4).copy()
 
     other = load_config(write_yaml(tmp_path, window={"bins": 2}))
     with pytest.raises(InputError, match="bins=12") as exc:
-        ew.open_store(other, TRAIN)
+        ei.open_store(other, TRAIN)
     assert "\n" not in str(exc.value)
     rebuilt = ew.preprocess_semantic_sequence(other, TRAIN, workers=1)
     assert rebuilt["labels_written"] == rebuilt["labels_with_window"]
     fresh = ew.preprocess_semantic_sequence(cfg, TRAIN, workers=1)  # back: rebuilt from scratch
-    np.testing.assert_array_equal(ew.open_store(cfg, TRAIN).voxels(4), resumed_grid)
+    np.testing.assert_array_equal(ei.open_store(cfg, TRAIN).voxels(4), resumed_grid)
     assert fresh["status"] == "built"
 
 
@@ -268,17 +269,17 @@ def test_index_lists_sampled_labels(tmp_path, sampling):
     for name in (TRAIN, TEST):
         ew.preprocess_semantic_sequence(cfg, name, workers=1)
     assert ew.summary_path(cfg, TRAIN).is_file()  # what dvc.yaml's index stage depends on
-    counts = ew.write_semantic_index(cfg)
-    rows = ew.read_semantic_index(ew.index_path(cfg))
+    counts = ei.write_semantic_index(cfg)
+    rows = ei.read_semantic_index(ei.index_path(cfg))
     want = list(range(8)) if sampling == "all" else [6]
     assert counts == {"train": {TRAIN: len(want)}, "test": {TEST: len(want)}}
     assert [r.label for r in rows if r.sequence == TRAIN] == want
-    test_rows = ew.read_semantic_index(ew.index_path(cfg), "test")
+    test_rows = ei.read_semantic_index(ei.index_path(cfg), "test")
     assert {r.split for r in test_rows} == {"test"}
     base = cfg.source.parent
     r = test_rows[-1]
     assert read_label(base / r.label_file).shape == (440, 640)
-    st = ew.open_store(cfg, TEST)
+    st = ei.open_store(cfg, TEST)
     assert (base / r.store).resolve() == st.path.resolve()
     assert r.event_count == st.index("event_count")[r.label] == WINDOW["events"]
     stored = st.index("stored")
@@ -286,7 +287,7 @@ def test_index_lists_sampled_labels(tmp_path, sampling):
     if sampling == "ess":
         assert not st.voxels(5).any() and st.voxels(6).any()
         with pytest.raises(InputError, match="sampling"):
-            ew.open_store(load_config(write_yaml(tmp_path)), TEST)
+            ei.open_store(load_config(write_yaml(tmp_path)), TEST)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic tree
@@ -326,9 +327,9 @@ def test_synthetic_labels_correlate_with_events(sample_cfg):
     cfg = sample_cfg
     ew.preprocess_semantic_sequence(cfg, TRAIN, workers=1)
     labels = load_labels(sequence_paths(cfg, TRAIN))
-    st = ew.open_store(cfg, TRAIN)
+    st = ei.open_store(cfg, TRAIN)
     k = len(labels.files) - 1
-    active = np.abs(ew.read_window(st, k, WINDOW["chunks"])).sum(axis=(0, 1)) > 0
+    active = np.abs(ei.read_window(st, k, WINDOW["chunks"])).sum(axis=(0, 1)) > 0
     lab = read_label(labels.files[k])
     flat = np.isin(lab, [0, 5])
     textured = np.isin(lab, [1, 2, 4, 7, 8])
@@ -471,7 +472,7 @@ def test_index_refuses_a_malformed_table(tmp_path):
     path = tmp_path / "index.csv"
     path.write_text("split,sequence\ntrain,x\n")
     with pytest.raises(InputError, match="unexpected columns") as exc:
-        ew.read_semantic_index(path)
+        ei.read_semantic_index(path)
     _one_line(exc, path)
 
 

@@ -93,7 +93,7 @@ def test_predict_and_stream_agree_on_a_histogram_checkpoint(tree, ckpt, tmp_path
 
 def test_export_carries_the_representation_and_streams(tree, ckpt, tmp_path):
     pytest.importorskip("onnxruntime", reason="deploy extra not installed")
-    from train.deploy.export import open_onnx
+    from train.deploy.onnx_runtime import open_onnx
 
     onnx = tmp_path / "hist.onnx"
     _ok(["export", ckpt, "--out", onnx, "--config", tree])

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline import ess_index as ei
 from pipeline import ess_windows as ew
 from pipeline import representations as reps
 from pipeline.config import SemanticWindow, load_config
@@ -49,7 +50,7 @@ def chunk_events(cfg, seq: str):
     """Per stored label: the raw events of each chunk (from the store's chunk bounds) and the rectifier."""
     paths = sequence_paths(cfg, seq)
     rect = rectifier(load_rectify_map(paths.rectify_map), 480, 640)
-    st = ew.open_store(cfg, seq)
+    st = ei.open_store(cfg, seq)
     start, stop = st.index("chunk_start"), st.index("chunk_stop")
     with EventFile(paths.events) as ef:
         ev = ef.read(0, ef.n_events)
@@ -96,13 +97,13 @@ def test_kind_window_is_build_per_chunk_stacked(tmp_path, kind, dtype):
                 else np.zeros((c, 440, 640), dtype) for a, b in zip(start[k], stop[k], strict=True)]
         np.testing.assert_array_equal(got, np.concatenate(want))
         assert got.any()
-        assert ew.read_window(st, k, w.chunks).shape == (w.chunks, c, 440, 640)
+        assert ei.read_window(st, k, w.chunks).shape == (w.chunks, c, 440, 640)
 
 
 def test_histogram_window_is_scaled_as_night_frames(tmp_path):
     cfg = kind_tree(tmp_path, HIST)
-    ew.write_semantic_index(cfg)
-    st = ew.open_store(cfg, TEST)
+    ei.write_semantic_index(cfg)
+    st = ei.open_store(cfg, TEST)
     item = SemanticTest(cfg, "test")[3]
     assert item["name"] == f"{TEST}_000003"
     raw = st.voxels(3)
@@ -116,12 +117,12 @@ def test_store_of_another_kind_is_refused_then_rebuilt(tmp_path):
     hist = load_config(write_yaml(tmp_path, window={"chunks": 4, "bins": 4, "kind": HIST}))
     assert window_channels(hist) == window_channels(cfg) == 16
     with pytest.raises(InputError, match="kind") as exc:
-        ew.open_store(hist, TRAIN)
+        ei.open_store(hist, TRAIN)
     assert "\n" not in str(exc.value)
     assert ew.preprocess_semantic_sequence(hist, TRAIN, workers=1)["status"] == "built"
-    assert ew.open_store(hist, TRAIN).voxels(2).dtype == np.uint8
+    assert ei.open_store(hist, TRAIN).voxels(2).dtype == np.uint8
     with pytest.raises(InputError, match="kind"):
-        ew.open_store(cfg, TRAIN)
+        ei.open_store(cfg, TRAIN)
     assert ew.preprocess_semantic_sequence(hist, TRAIN, workers=1)["status"] == "already complete"
 
 

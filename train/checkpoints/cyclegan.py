@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import InputError
-from train.checkpoints.cmda_layout import CYCLEGAN, describe_layout, is_cmda_mmcv, read_checkpoint_object, state_dict_of
+from train.checkpoints.cmda_keys import CYCLEGAN
+from train.checkpoints.cmda_layout import describe_layout, is_cmda_mmcv, read_checkpoint_object, state_dict_of
 from train.checkpoints.files import FORMAT
 from train.models.cyclegan import ResnetGenerator
 from train.models.weights import check_state_dict

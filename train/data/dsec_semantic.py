@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 from pipeline.config import DatasetsConfig
 from pipeline.dsec_semantic import LABEL_HEIGHT, LABEL_WIDTH, cityscapes_lut, read_label
 from pipeline.errors import InputError
-from pipeline.ess_windows import SemanticRow, chunk_channels, index_path, open_store, read_semantic_index
+from pipeline.ess_index import SemanticRow, index_path, open_store, read_semantic_index
+from pipeline.ess_windows import chunk_channels
 from pipeline.store import VoxelStore
 from train.config import DataConfig
 from train.data.events_input import network_events

@@ -19,12 +19,12 @@ the padded rows and change the logits.
 The exporter is ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript, opset 20), which
 handles SDPA and the bilinear resizes; weights are stored inside the one ``.onnx`` file. Before the
 file is renamed into place the model is run on one frame with onnxruntime and compared with PyTorch.
+Opening and running an export (and importing the optional deploy packages) is :mod:`train.deploy.onnx_runtime`.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import os
@@ -50,22 +50,13 @@ from train.config import TrainConfig, event_only, image_only
 from train.data.events_input import from_record
 from train.data.image_only import night_isr
 from train.data.loaders import NightFrames, normalize_image
+from train.deploy.onnx_runtime import META_PREFIX, ort_session, require
 from train.models import CMDAModel
 
-DEPLOY_HINT = "install the deploy extra: pip install -e '.[deploy]'"
 OPSET = 20
 FP32_MAX_DIFF = 1e-3  # max |logit difference| an fp32 export may show against PyTorch
 FP32_AGREEMENT = 0.999  # argmax agreement, fp32
 FP16_AGREEMENT = 0.99  # argmax agreement, fp16
-META_PREFIX = "cmda."
-
-
-def require(module: str) -> Any:
-    """Import an optional deploy package or say which extra provides it (InputError, exit 2)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise InputError(None, f"{module} is not installed; {DEPLOY_HINT}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, image_only_ok: bool = False
@@ -243,20 +234,6 @@ def _export_onnx(graph: DeploymentGraph, example: tuple[torch.Tensor, torch.Tens
         quiet.setLevel(level)
 
 
-def ort_session(path: str | Path, threads: int = 0) -> Any:
-    """An onnxruntime CPU session (``threads`` 0 = onnxruntime's default)."""
-    ort = require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-        raise InputError(path, f"onnxruntime cannot load it as a model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, *, config: str | Path | None = None,
                       height: int = 0, width: int = 0, bins: int = 0, argmax: bool = False, fp16: bool = False,
                       dynamic: bool = False) -> ExportReport:
@@ -378,53 +355,5 @@ def _check_agreement(checkpoint: Path, frame: str, got: np.ndarray, expected: np
     return diff, agreement
 
 
-@dataclass(frozen=True)
-class OnnxModel:
-    """An exported model as ``cmda stream`` and the benchmark use it: a session plus what it expects."""
-
-    session: Any
-    height: int | None  # None: dynamic
-    width: int | None
-    event_channels: int
-    output: str
-    metadata: dict[str, str]
-
-    @property
-    def representation(self) -> dict[str, Any] | None:
-        """The event representation record the export carries (None: an older export, CMDA's voxel grid)."""
-        try:
-            record = json.loads(self.metadata.get("representation", "null"))
-        except ValueError:
-            return None
-        return record if isinstance(record, dict) else None
-
-    def __call__(self, image: np.ndarray, events: np.ndarray) -> np.ndarray:
-        """Labels [H, W] (uint8) for one normalised frame."""
-        out = self.session.run(None, {"image": image, "events": events})[0]
-        return out[0] if self.output == "labels" else out[0].argmax(0).astype(np.uint8)
-
-
-def open_onnx(path: str | Path, threads: int = 0) -> OnnxModel:
-    """Open an exported model (InputError when it is not one of ours or onnxruntime is missing)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "model file not found")
-    session = ort_session(path, threads)
-    inputs = {i.name: i for i in session.get_inputs()}
-    if set(inputs) == {"image", "isr"}:
-        raise InputError(path, "an image + ISR model (inputs image and isr): `cmda stream` replays events, which "
-                         "it never saw; feed it the image's ISR (train.data.image_only.night_isr) yourself")
-    if set(inputs) != {"image", "events"}:
-        raise InputError(path, f"not a cmda export: inputs are {sorted(inputs)}, expected image and events")
-    shape_i, shape_e = inputs["image"].shape, inputs["events"].shape
-    if len(shape_i) != 4 or len(shape_e) != 4 or shape_i[1] != 3 or not isinstance(shape_e[1], int):
-        raise InputError(path, f"not a cmda export: input shapes {shape_i} and {shape_e}")
-    h, w = shape_i[2], shape_i[3]
-    meta = {k.removeprefix(META_PREFIX): v for k, v in session.get_modelmeta().custom_metadata_map.items()
-            if k.startswith(META_PREFIX)}
-    return OnnxModel(session, h if isinstance(h, int) else None, w if isinstance(w, int) else None, shape_e[1],
-                     session.get_outputs()[0].name, meta)
-
-
-__all__ = ["DEPLOY_HINT", "DeploymentGraph", "ExportReport", "OnnxModel", "compare", "event_channels",
-           "export_checkpoint", "fold_event_channels", "load_model", "open_onnx", "require", "scaled_size"]
+__all__ = ["DeploymentGraph", "ExportReport", "compare", "event_channels", "export_checkpoint", "fold_event_channels",
+           "load_model", "scaled_size"]

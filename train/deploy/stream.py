@@ -48,7 +48,8 @@ from train.common.device import resolve_device
 from train.common.stopping import FrameStop
 from train.data.events_input import EventInput, from_record, network_events, voxel_input
 from train.data.loaders import normalize_image, three_channels
-from train.deploy.export import load_model, open_onnx
+from train.deploy.export import load_model
+from train.deploy.onnx_runtime import open_onnx
 from train.eval.predict import frame_panel
 from train.eval.visualize import colorize
 
