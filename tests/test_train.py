@@ -232,3 +232,16 @@ def test_same_seed_same_run(training_tree, tmp_path):
                       load_checkpoint(tmp_path / "b" / "checkpoints" / "iter_000005.pt"))
     dacs.train(tiny_config(training_tree, tmp_path / "c", iters=1, seed=1))
     assert _losses(tmp_path / "c" / "metrics.jsonl")[1] != a[1]
+
+
+def test_the_final_line_is_the_quickstarts_documented_form():
+    """README and docs/quickstart.md show `final night mIoU (fusion): 13.09`; DSEC-Semantic says which mean."""
+    import re
+
+    from cli.train import final_score_line
+
+    assert final_score_line("dsec", 0.130949) == "final night mIoU (fusion): 13.09"
+    assert final_score_line("darkzurich", 0.5) == "final night mIoU (fusion): 50.00"
+    assert final_score_line("dsec-semantic", 0.2045).endswith("cmda's mean over annotated classes): 20.45")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert re.search(r"^final night mIoU \(fusion\): \d+\.\d\d$", readme, re.M)
