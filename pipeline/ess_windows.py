@@ -164,6 +164,15 @@ def _check_events(path: Path, ev: dict[str, np.ndarray], offset: int) -> None:
         raise InputError(path, bad.describe(offset))
 
 
+def _chunk_events(ef: EventFile, a: int, b: int, path: Path | None) -> dict[str, np.ndarray]:
+    """Events ``a..b-1`` of a chunk, read and checked (a file shorter than its index says is an InputError)."""
+    ev = ef.read(a, b)
+    if len(ev["t"]) != b - a:
+        raise InputError(path or ef.path, f"events {a}..{b - 1} lie past the end of the file")
+    _check_events(path or ef.path, ev, a)
+    return ev
+
+
 def label_window(ef: EventFile, rect: Rectifier, start: np.ndarray, stop: np.ndarray, bins: int,
                  path: Path | None = None) -> np.ndarray:
     """One label's input: float32 (chunks*bins, 440, 640), chunk k = DSEC voxel grid of events
@@ -175,10 +184,7 @@ def label_window(ef: EventFile, rect: Rectifier, start: np.ndarray, stop: np.nda
         a, b = int(start[k]), int(stop[k])
         if b <= a:
             continue
-        ev = ef.read(a, b)
-        if len(ev["t"]) != b - a:
-            raise InputError(path or ef.path, f"events {a}..{b - 1} lie past the end of the file")
-        _check_events(path or ef.path, ev, a)
+        ev = _chunk_events(ef, a, b, path)
         t = ev["t"]
         buf.fill(0)
         accumulate_voxels(ev["x"], ev["y"], ev["p"], t, rect, np.zeros(1, np.int64), np.array([b - a], np.int64),
@@ -197,10 +203,7 @@ def kind_window(ef: EventFile, rect: Rectifier, start: np.ndarray, stop: np.ndar
         a, b = int(start[k]), int(stop[k])
         if b <= a:
             continue
-        ev = ef.read(a, b)
-        if len(ev["t"]) != b - a:
-            raise InputError(path or ef.path, f"events {a}..{b - 1} lie past the end of the file")
-        _check_events(path or ef.path, ev, a)
+        ev = _chunk_events(ef, a, b, path)
         t = ev["t"]
         frame = reps.build_in_pieces(kind, [(ev["x"], ev["y"], ev["p"], t)], b - a, rect, int(t[0]), int(t[-1]),
                                      checked=True)
