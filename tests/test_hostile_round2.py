@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from tests.test_hostile_train import assert_one_line_error, tiny_settings
+from tests.test_voxel import reference_norm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -337,16 +338,14 @@ def test_compare_passes_the_thread_share_to_its_runs(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- 7: partial files on a full disk
 
 
-def test_a_full_disk_leaves_no_partial_submission_zip(tmp_path):
-    """7: `predict --split test --target darkzurich` on a full disk left `.darkzurich_test.zip.partial`:
-    closing the zip (its central directory) failed before the partial file was removed."""
+def submission_on_a_full_disk(tmp_path: Path, name: str):
+    """A Dark Zurich submission whose first zip close (its central directory) fails with a full disk."""
     import errno
 
     from pipeline.night_targets import DarkZurichSubmission, TargetImage
 
-    item = TargetImage(tmp_path / "GOPR0356_frame_000001_rgb_anon.png", "GOPR0356_frame_000001", "GOPR0356")
+    item = TargetImage(tmp_path / f"{name}_rgb_anon.png", name, "GOPR0356")
     sub = DarkZurichSubmission(tmp_path / "darkzurich_test.zip", [item])
-
     real, calls = sub.zip.close, []
 
     def full():
@@ -356,26 +355,18 @@ def test_a_full_disk_leaves_no_partial_submission_zip(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     sub.zip.close = full
-    sub.abort()
+    return sub
+
+
+def test_a_full_disk_leaves_no_partial_submission_zip(tmp_path):
+    """7: `predict --split test --target darkzurich` on a full disk left `.darkzurich_test.zip.partial`:
+    closing the zip (its central directory) failed before the partial file was removed."""
+    submission_on_a_full_disk(tmp_path, "GOPR0356_frame_000001").abort()
     assert not list(tmp_path.iterdir())
 
 
 def test_a_full_disk_while_closing_the_zip_names_it_and_removes_the_partial(tmp_path):
-    import errno
-
-    from pipeline.night_targets import DarkZurichSubmission, TargetImage
-
-    item = TargetImage(tmp_path / "x_rgb_anon.png", "x", "GOPR0356")
-    sub = DarkZurichSubmission(tmp_path / "darkzurich_test.zip", [item])
-    real, calls = sub.zip.close, []
-
-    def full():
-        calls.append(1)
-        real()
-        if len(calls) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    sub.zip.close = full
+    sub = submission_on_a_full_disk(tmp_path, "x")
     with pytest.raises(OSError, match="No space left") as exc:
         sub.close()
     assert exc.value.filename == str(tmp_path / "darkzurich_test.zip")
@@ -593,17 +584,7 @@ CMDA_DIRECTION_TABLE = [["leftdown", "leftup"], ["rightdown", "rightup"]]
 
 def cmda_events_norm(grid, finish_minus_start):
     """CMDA's events_norm literally (float64): both parts min-maxed even when empty (-1 everywhere)."""
-    import numpy as np
-
-    g = grid.astype(np.float64)
-    clip = finish_minus_start / 500000 * 1.5
-    nz = g != 0
-    if nz.sum():
-        mean = g.sum() / nz.sum()
-        std = np.sqrt((g ** 2).sum() / nz.sum() - mean ** 2)
-        g = nz * (g - mean) / (std + 1e-8)
-    pos, neg = np.clip(g, 0, clip), np.clip(g, -clip, 0)
-    return (pos - pos.min()) / (pos.max() - pos.min() + 1e-8) + (neg - neg.min()) / (neg.max() - neg.min() + 1e-8) - 1
+    return reference_norm(grid, finish_minus_start, cmda_empty_part=True)
 
 
 def test_cmda_exact_combines_with_another_preset_and_dry_run_shows_it(tmp_path, monkeypatch):

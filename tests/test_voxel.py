@@ -51,8 +51,9 @@ def assert_within_magnitude(got, ref, mag, rel=1e-5):
                            f"{mag[bad][np.argmax(err[bad])]:.3g}")
 
 
-def reference_norm(grid, n):
-    """CMDA's events_norm literally, float64, including CMDA's min-max with 1e-8."""
+def reference_norm(grid, n, cmda_empty_part=False):
+    """CMDA's events_norm, float64, including CMDA's min-max with 1e-8; a part with no cell of its sign stays 0
+    (cmda's default) or, with ``cmda_empty_part``, is min-maxed too as CMDA's code does (-1 everywhere)."""
     g = grid.astype(np.float64)
     clip = n / 500000 * 1.5
     nz = g != 0
@@ -63,9 +64,9 @@ def reference_norm(grid, n):
     pos = np.clip(g, 0, clip)
     neg = np.clip(g, -clip, 0)
     out = np.zeros_like(g)
-    if (pos > 0).any():
+    if cmda_empty_part or (pos > 0).any():
         out += (pos - pos.min()) / (pos.max() - pos.min() + 1e-8)
-    if (neg < 0).any():
+    if cmda_empty_part or (neg < 0).any():
         out += (neg - neg.min()) / (neg.max() - neg.min() + 1e-8) - 1
     return out
 
